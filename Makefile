@@ -1,0 +1,35 @@
+# The two commands. Each creates .venv when missing and installs what it needs (CPU JAX).
+#   make train   pretrain a tiny BERT on the builtin corpus (Python's own docs), on the CPU
+#   make test    the test suite (CPU, 8 fake devices)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/tiny
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k model -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: train test clean
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "bertjax needs Python 3.11 or newer: run make PYTHON=python3.11 (or newer)")'
+	$(PYTHON) -m venv $(VENV)
+
+# Stamps re-run the install when the dependency list changes.
+$(VENV)/.train-deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+# The test environment pins torch to a small CPU build (constraints-test.txt).
+$(VENV)/.test-deps: pyproject.toml constraints-test.txt | $(PY)
+	$(PY) -m pip install -q -c constraints-test.txt -e '.[dev,hf]'
+	@touch $@
+
+train: $(VENV)/.train-deps
+	$(PY) -m bertjax train --config configs/tiny.py --workdir $(WORKDIR)
+
+test: $(VENV)/.test-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

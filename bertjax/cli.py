@@ -1,0 +1,202 @@
+"""`bertjax <command>`: parses, validates, dispatches. No logic lives here.
+
+A user error (a BertjaxError, a bad flag) prints one line and exits with status 2; nothing
+else is printed, no traceback.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bertjax.errors import BertjaxError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse, but a bad command line is one line naming the problem and where help is."""
+
+  def error(self, message):
+    raise BertjaxError(f"{self.prog.removeprefix('bertjax ')}: {message} (see {self.prog} --help)")
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+  p.add_argument("--config", required=required, metavar="FILE[:ARG]",
+                 help="config file, e.g. configs/base.py:phase=2 (or a packaged name: tiny, base, large); "
+                      "then any number of --config.KEY=VALUE overrides, e.g. --config.train.steps=1000")
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-process (default: auto-detect a TPU pod or SLURM, else one process)")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+  g.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the job")
+  g.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="bertjax", description="Pretrain BERT with JAX/Flax, from one CPU to a TPU pod.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+  p = sub.add_parser("train", help="pretrain (resumes from WORKDIR's newest checkpoint)")
+  _add_config(p)
+  p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
+  p.add_argument("--step", type=int, help="restore this checkpoint step instead of the newest")
+  p.add_argument("--dry-run", action="store_true", help="print mesh, memory and expected step time; do not train")
+  _add_distributed(p)
+
+  p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
+  p.add_argument("--workdir", required=True)
+  _add_config(p, required=False)
+  p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  _add_distributed(p)
+
+  p = sub.add_parser("export", help="write a checkpoint as a transformers BERT folder or as plain params")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--format", required=True, choices=("hf", "params"))
+  p.add_argument("--out", help="output folder (default: WORKDIR/export)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+
+  p = sub.add_parser("import-hf", help="make a workdir from a transformers BERT folder")
+  p.add_argument("--hf", required=True, help="folder with config.json and model.safetensors or pytorch_model.bin")
+  p.add_argument("--workdir", required=True)
+
+  p = sub.add_parser("tokenizer", help="tokenizer tools")
+  tok = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=_Parser, required=True)
+  t = tok.add_parser("train", help="train a sentencepiece tokenizer on the configured corpus")
+  _add_config(t)
+  t.add_argument("--out", required=True, help="folder to write the tokenizer into")
+
+  p = sub.add_parser("data", help="input-pipeline tools")
+  data = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser, required=True)
+  t = data.add_parser("preview", help="write N batches as .npz and print decoded examples")
+  _add_config(t)
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--batches", type=int, default=1, metavar="N")
+  t.add_argument("--out", required=True, metavar="FILE.npz")
+  t = data.add_parser("bench", help="input-pipeline and tokenizer throughput; prints one JSON line")
+  _add_config(t)
+  t.add_argument("--workdir", required=True, help="where the run's tokenizer is (trained there if missing)")
+  t.add_argument("--seconds", type=float, default=10.0, help="how long to time the pipeline")
+
+  p = sub.add_parser("bench", help="time the compiled train step on synthetic batches; one JSON line per shape")
+  _add_config(p)
+  p.add_argument("--steps", type=int, default=20, metavar="N")
+  _add_distributed(p)
+
+  p = sub.add_parser("plot", help="render loss and accuracy curves to a PNG")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
+
+  p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint on classification or QA")
+  p.add_argument("--task", required=True, choices=("classification", "qa"))
+  _add_config(p)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--init", required=True, help="pretrained workdir or export to start from")
+  _add_distributed(p)
+  return parser
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separate `--config.KEY=VALUE` (or `--config.KEY VALUE`) from the other arguments."""
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise BertjaxError(f"{arg}: missing value; write {arg}=VALUE")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _loaded_config(args, overrides):
+  from bertjax import config as config_lib
+
+  config = config_lib.load_config(args.config, overrides)
+  config_lib.validate(config)
+  return config
+
+
+def _tokenizer_train(args, overrides) -> int:
+  from bertjax.data import tokenizer as tokenizer_lib
+
+  tokenizer = tokenizer_lib.train_tokenizer(_loaded_config(args, overrides), args.out)
+  print(f"wrote {tokenizer} to {args.out}")
+  return 0
+
+
+def _data_preview(args, overrides) -> int:
+  from bertjax.data import pipeline
+
+  if args.batches < 1:
+    raise BertjaxError(f"--batches {args.batches}: give at least 1")
+  pipeline.preview(_loaded_config(args, overrides), args.workdir, args.batches, args.out)
+  return 0
+
+
+def _data_bench(args, overrides) -> int:
+  import json
+
+  from bertjax.data import bench
+
+  print(json.dumps(bench.run(_loaded_config(args, overrides), args.workdir, args.seconds)))
+  return 0
+
+
+# The issue that builds each command; until it lands the command says so and exits 2.
+_PENDING = {
+    "train": "the pretraining loop (issue #4)",
+    "eval": "the pretraining loop (issue #4)",
+    "bench": "the pretraining loop (issue #4)",
+    "plot": "the pretraining loop's metrics (issue #4)",
+    "export": "transformers interop (issue #6)",
+    "import-hf": "transformers interop (issue #6)",
+    "finetune": "fine-tuning, which has no issue yet",
+}
+
+
+def _pending(name: str) -> Callable:
+  def run(args, overrides) -> int:
+    if getattr(args, "config", None):
+      _loaded_config(args, overrides)  # a bad config is still reported as such
+    raise BertjaxError(f"{name}: not available yet; it arrives with {_PENDING[name]}")
+
+  return run
+
+
+COMMANDS: dict[str, Callable] = {
+    **{name: _pending(name) for name in _PENDING},
+    "tokenizer train": _tokenizer_train,
+    "data preview": _data_preview,
+    "data bench": _data_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    rest, overrides = _split_overrides(argv)
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    if args.command is None:
+      parser.print_help()
+      return EXIT_USER_ERROR
+    name = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None),
+                                  getattr(args, "data_command", None))))
+    if overrides and not hasattr(args, "config"):
+      raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
+    return COMMANDS[name](args, overrides) or 0
+  except BertjaxError as e:
+    print(f"bertjax: error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+  except KeyboardInterrupt:
+    print("bertjax: interrupted", file=sys.stderr)
+    return 130

@@ -1,0 +1,1 @@
+"""Experiment configs: `common.py` holds every default, the other files are deltas."""

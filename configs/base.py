@@ -1,0 +1,31 @@
+"""BERT-base (L12/H768/A12) with BERT's recipe: batch 256, 1M steps, seq 128 then 512.
+
+`configs/base.py:phase=1` (default) trains steps 0-900k at seq 128 with 20 predictions;
+`phase=2` continues to 1M at seq 512 with 80, started from phase 1 with
+`--config.train.init_from=PHASE1_WORKDIR`; both phases share one learning-rate schedule.
+The optimizer and batch defaults in configs/common.py are BERT's already.
+"""
+
+from configs import common
+
+TOTAL_STEPS = 1_000_000
+PHASE1_STEPS = 900_000  # 90% of the steps at seq 128
+
+
+def get_config(arg: str | None = None):
+  args = common.parse_arg(arg)
+  phase = args.pop("phase", "1")
+  if args:
+    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes phase=1 or phase=2")
+  if phase not in ("1", "2"):
+    raise ValueError(f"phase={phase} is not a phase; use phase=1 (seq 128) or phase=2 (seq 512)")
+  c = common.get_config()
+  c.model.variant = "base"
+  c.optim.schedule_steps = TOTAL_STEPS
+  if phase == "1":
+    c.train.steps = PHASE1_STEPS
+  else:
+    c.train.steps = TOTAL_STEPS
+    c.data.seq_len = 512
+    c.data.max_predictions = 80
+  return c

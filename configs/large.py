@@ -1,0 +1,9 @@
+"""BERT-large (L24/H1024/A16): BERT-base's recipe and phases with the larger encoder."""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_config(arg)
+  c.model.variant = "large"
+  return c

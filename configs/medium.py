@@ -1,0 +1,9 @@
+"""BERT-medium (L8/H512), one of Google's compact BERTs, on BERT-base's recipe and phases."""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_config(arg)
+  c.model.variant = "medium"
+  return c
