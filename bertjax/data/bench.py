@@ -1,0 +1,69 @@
+"""Input-pipeline throughput: batches from the cached corpus, and tokenisation of raw text.
+
+    python -m bertjax.data.bench --config configs/tiny.py [--workdir DIR] [--seconds S]
+
+prints one JSON line. `pipeline_tokens_per_s` counts the non-padding tokens of finished,
+masked global batches taken from the prefetching iterator by one process (the train loop's view);
+`tokenize_tokens_per_s` is one process encoding raw sentences of the corpus.
+"""
+
+import time
+
+from etils import epath
+
+from bertjax.data.corpus import load_corpus
+from bertjax.data.pipeline import Pipeline
+from bertjax.data.tokenizer import tokenizer_for_run
+
+
+def _tokenize_rate(corpus, tokenizer, max_chars: int = 4_000_000) -> dict:
+  sentences, chars = [], 0
+  for doc in corpus.documents():
+    sentences.extend(doc)
+    chars += sum(map(len, doc))
+    if chars >= max_chars:
+      break
+  start = time.perf_counter()
+  tokens = sum(map(len, tokenizer.encode_batch(sentences)))
+  seconds = time.perf_counter() - start
+  return {"tokenize_tokens_per_s": round(tokens / seconds), "tokenize_chars_per_s":
+          round(chars / seconds), "tokenize_sentences": len(sentences)}
+
+
+def _pipeline_rate(pipeline: Pipeline, seconds: float, start_step: int = 0) -> dict:
+  pipeline.batch(start_step)  # builds the first epoch's pair index outside the timing
+  tokens = masked = steps = 0
+  start = time.perf_counter()
+  with pipeline.iterator(start_step) as it:
+    for _, batch in it:
+      tokens += int(batch["attention_mask"].sum())
+      masked += int(batch["masked_weights"].sum())
+      steps += 1
+      if time.perf_counter() - start >= seconds:
+        break
+  elapsed = time.perf_counter() - start
+  direct = time.perf_counter()
+  n_direct = max(3, steps // 4)
+  for s in range(n_direct):
+    pipeline.batch(start_step + steps + s)
+  direct = (time.perf_counter() - direct) / n_direct
+  return {"pipeline_tokens_per_s": round(tokens / elapsed),
+          "pipeline_masked_per_s": round(masked / elapsed),
+          "pipeline_steps_per_s": round(steps / elapsed, 2),
+          "batch_ms": round(direct * 1000, 2), "steps_timed": steps}
+
+
+def run(config, workdir, seconds: float = 10.0) -> dict:
+  """Measures both throughputs for `config`; returns one flat dict of figures."""
+  workdir = epath.Path(workdir)
+  tokenizer = tokenizer_for_run(config, workdir)
+  start = time.perf_counter()
+  pipeline = Pipeline(config, tokenizer, workdir)
+  setup_s = time.perf_counter() - start
+  result = {"source": config.data.source, "seq_len": int(config.data.seq_len),
+            "batch_size": int(config.train.batch_size), "vocab_size": tokenizer.vocab_size,
+            "whole_word_mask": bool(config.data.whole_word_mask),
+            "corpus_tokens": pipeline.stats["tokens"], "pipeline_setup_s": round(setup_s, 2)}
+  result.update(_pipeline_rate(pipeline, seconds))
+  result.update(_tokenize_rate(load_corpus(config), tokenizer))
+  return result

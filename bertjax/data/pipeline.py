@@ -1,0 +1,300 @@
+"""Deterministic, per-process, resumable global batches for pretraining.
+
+Data order is global. All pairs of epoch e are drawn from (seed, e) and shuffled; the epochs are
+laid end to end into one stream of examples, and step s takes positions [s B, (s + 1) B) of it.
+Example (e, i) is masked with keys from (seed, e, i). So the batch of step s depends only on the
+seed, the corpus and s; any subset of its rows can be built alone (a process builds just the rows
+its devices hold), and the iterator's state is just the consumer's next step.
+
+Held-out documents (data.eval_fraction of them, chosen from the seed) never reach training; their
+pairs and masks are drawn once (epoch 0) so every evaluation sees the same batches.
+"""
+
+import logging
+import queue
+import threading
+
+import numpy as np
+
+from bertjax import config as config_lib
+from bertjax.data import keyed_random
+from bertjax.data import masking
+from bertjax.data import pairs as pairs_lib
+from bertjax.data.corpus import load_corpus
+from bertjax.data.token_store import cache_root, open_token_store
+from bertjax.errors import BertjaxError
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_TRAIN, _EVAL = 0, 1  # pair-index streams
+
+
+class Pipeline:
+  """Global batches of training step s (or chosen rows of them), eval batches, and an iterator."""
+
+  def __init__(self, config, tokenizer, workdir=None):
+    del workdir  # the tokenised cache is shared between runs: data.cache_dir or the user cache
+    config_lib.validate(config)
+    d = config.data
+    if d.streaming:
+      raise BertjaxError("data.streaming=True is not supported by this pipeline yet: save the "
+                         "dataset with save_to_disk and use data.source=disk:DIR")
+    self.config = config
+    self.tokenizer = tokenizer
+    self.seed = int(config.train.seed)
+    self.batch_size = int(config.train.batch_size)
+    self.seq_len = int(d.seq_len)
+    self.corpus = load_corpus(config)
+    self.store = open_token_store(self.corpus, tokenizer, cache_root(d), int(d.num_proc))
+    if self.store.meta["tokenizer"] != tokenizer.fingerprint:
+      raise BertjaxError("tokenised cache does not match the tokenizer: clear data.cache_dir")
+    self.masking = masking.MaskingSpec.from_config(d, tokenizer)
+    self.train_docs, self.eval_docs = _split_documents(
+        self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source)
+    self._epoch_sizes: list[int] = []
+    self._epochs: dict[int, pairs_lib.PairIndex] = {}
+    self._lock = threading.Lock()
+    self._eval_index: pairs_lib.PairIndex | None = None
+
+  # -- sizes and positions ------------------------------------------------------------------
+  @property
+  def stats(self) -> dict:
+    m = self.store.meta
+    return {"source": m["source"], "corpus": m["corpus"], "tokenizer": m["tokenizer"],
+            "documents": m["documents"], "sentences": m["sentences"], "tokens": m["tokens"],
+            "train_documents": len(self.train_docs), "eval_documents": len(self.eval_docs),
+            "pairs_per_epoch": self._epoch_size(0), "warnings": m["warnings"]}
+
+  def _pair_index(self, docs, epoch: int, split: int) -> pairs_lib.PairIndex:
+    d = self.config.data
+    rng = _rng(self.seed, epoch, split, 0x9A1)
+    return pairs_lib.build_pair_index(
+        self.store.sent_start, self.store.doc_start, docs, self.seq_len,
+        float(d.short_seq_prob), float(d.pair_random_next_prob), rng)
+
+  def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
+    """The shuffled pairs of one training epoch (the last few are kept)."""
+    with self._lock:
+      if epoch not in self._epochs:
+        index = self._pair_index(self.train_docs, epoch, _TRAIN)
+        perm = _rng(self.seed, epoch, 0x5F1).permutation(len(index))
+        if len(self._epochs) >= 3:
+          self._epochs.pop(min(self._epochs))
+        self._epochs[epoch] = index.take(perm)
+      return self._epochs[epoch]
+
+  def _epoch_size(self, epoch: int) -> int:
+    while len(self._epoch_sizes) <= epoch:
+      self._epoch_sizes.append(len(self._epoch(len(self._epoch_sizes))))
+    return self._epoch_sizes[epoch]
+
+  def _locate(self, positions: np.ndarray):
+    """(epoch, index within the epoch) of global example positions."""
+    last = int(positions.max()) if len(positions) else 0
+    while sum(self._epoch_sizes) <= last:
+      self._epoch_size(len(self._epoch_sizes))
+    ends = np.cumsum(self._epoch_sizes)
+    epochs = np.searchsorted(ends, positions, side="right")
+    starts = ends[epochs] - np.asarray(self._epoch_sizes)[epochs]
+    return epochs, positions - starts
+
+  def epoch_of(self, step: int) -> float:
+    """The epoch (fractional) that step `step`'s first example belongs to, for logging."""
+    epoch, index = self._locate(np.array([step * self.batch_size]))
+    return float(epoch[0] + index[0] / self._epoch_sizes[int(epoch[0])])
+
+  # -- batches ------------------------------------------------------------------------------
+  def _rows(self, rows) -> np.ndarray:
+    if rows is None:
+      return np.arange(self.batch_size)
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= self.batch_size):
+      raise ValueError(f"rows must lie in [0, {self.batch_size}), got {rows.min()}..{rows.max()}")
+    return rows
+
+  def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
+    """The global batch of training step `step`, or just its rows `rows` (global indices)."""
+    rows = self._rows(rows)
+    epochs, index = self._locate(int(step) * self.batch_size + rows)
+    parts = []
+    for e in np.unique(epochs):  # a batch straddles at most two epochs
+      sel = epochs == e
+      parts.append((sel, self._epoch(int(e)).take(index[sel]),
+                    keyed_random.row_keys(self.seed, int(e), index[sel])))
+    if len(parts) == 1:
+      return self._make(parts[0][1], parts[0][2])
+    out = {}
+    made = [(sel, self._make(p, k)) for sel, p, k in parts]
+    for name, first in made[0][1].items():
+      arr = np.empty((len(rows),) + first.shape[1:], first.dtype)
+      for sel, b in made:
+        arr[sel] = b[name]
+      out[name] = arr
+    return out
+
+  def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
+    t = self.tokenizer
+    ids, segment_ids, attention_mask = pairs_lib.assemble(
+        self.store.tokens, pair_index, self.seq_len, t.cls_id, t.sep_id, t.pad_id)
+    out = masking.mask_batch(ids, attention_mask, keys, self.masking)
+    out["segment_ids"] = segment_ids
+    out["attention_mask"] = attention_mask
+    out["nsp_labels"] = pair_index.label.astype(np.int32)
+    return out
+
+  def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
+    """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
+    if len(self.eval_docs) == 0:
+      return []
+    if self._eval_index is None:  # pairs drawn once; masks are keyed, so they repeat exactly
+      self._eval_index = self._pair_index(self.eval_docs, 0, _EVAL)
+    rows = self._rows(rows)
+    out = []
+    for k in range(int(self.config.train.eval_batches)):
+      pos = (k * self.batch_size + rows) % len(self._eval_index)  # wraps when the split is small
+      out.append(self._make(self._eval_index.take(pos),
+                            keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos)))
+    return out
+
+  # -- iteration and state ------------------------------------------------------------------
+  def iterator(self, start_step: int = 0, rows=None) -> "BatchIterator":
+    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
+    return BatchIterator(self, int(start_step), None if rows is None else self._rows(rows),
+                         int(self.config.data.prefetch))
+
+  def state_for(self, step: int) -> dict:
+    """The iterator state to checkpoint with the train state at `step`: the next step to consume."""
+    return {"version": STATE_VERSION, "step": int(step), "seed": self.seed,
+            "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.fingerprint,
+            "batch_size": self.batch_size}
+
+  def restore(self, state: dict) -> int:
+    """Checks a saved state against this pipeline; returns the step to start from."""
+    if state.get("tokenizer") != self.tokenizer.fingerprint:
+      raise BertjaxError(f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
+                         f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer")
+    if state.get("batch_size") != self.batch_size or state.get("seed") != self.seed:
+      raise BertjaxError(
+          f"the checkpoint's data order used train.batch_size={state.get('batch_size')} and "
+          f"train.seed={state.get('seed')}: resume with the same values")
+    if state.get("corpus") != self.corpus.fingerprint:
+      log.warning("corpus fingerprint changed (%s -> %s): resumed data order differs",
+                  state.get("corpus"), self.corpus.fingerprint)
+    return int(state["step"])
+
+  def iterator_from_state(self, state: dict, rows=None) -> "BatchIterator":
+    return self.iterator(self.restore(state), rows)
+
+
+class BatchIterator:
+  """A background thread computes batches ahead; `state()` is the consumer's position."""
+
+  def __init__(self, pipeline: Pipeline, start_step: int, rows, prefetch: int):
+    self._pipeline = pipeline
+    self._next = start_step
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(start_step, rows), daemon=True,
+                                    name="bertjax-data")
+    self._thread.start()
+
+  def _produce(self, step, rows):
+    while not self._stop.is_set():
+      try:
+        item = (step, self._pipeline.batch(step, rows))
+      except BaseException as e:  # hand it to the consumer, who re-raises it
+        item = e
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+      step += 1
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    self._next = item[0] + 1
+    return item
+
+  def state(self) -> dict:
+    return self._pipeline.state_for(self._next)
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _rng(*key: int) -> np.random.Generator:
+  """A generator seeded from a tuple of integers (seed, epoch, purpose, ...); never global."""
+  return np.random.Generator(np.random.Philox(np.random.SeedSequence(list(key))))
+
+
+def rows_for_sharding(sharding, batch_size: int) -> np.ndarray:
+  """The global batch rows this process's devices hold under `sharding` (sorted, unique)."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((batch_size, 1)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return np.array(sorted(rows), np.int64)
+
+
+def _split_documents(n_docs: int, fraction: float, seed: int, source: str):
+  """Train and eval document ids: whole documents held out, chosen from the seed alone."""
+  if n_docs < 2:
+    raise BertjaxError(f"corpus {source} has {n_docs} document(s): NSP needs at least two "
+                       "(separate documents with a blank line)")
+  n_eval = int(round(n_docs * fraction))
+  if fraction > 0:
+    n_eval = max(n_eval, 2)
+    if n_docs - n_eval < 2:
+      log.warning("corpus %s: %d documents are too few to hold out an eval split", source, n_docs)
+      n_eval = 0
+  perm = _rng(seed, 0xE7A1).permutation(n_docs)
+  return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
+
+
+def preview(config, workdir, num_batches: int, out_path, show: int = 3) -> None:
+  """Writes `num_batches` training batches to `out_path` (.npz) and prints a few examples."""
+  from etils import epath
+  from bertjax.data.tokenizer import tokenizer_for_run
+  pipeline = Pipeline(config, tokenizer_for_run(config, workdir), workdir)
+  batches = [pipeline.batch(s) for s in range(int(num_batches))]
+  arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  out_path = epath.Path(out_path)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  with out_path.open("wb") as f:
+    np.savez(f, **arrays)
+  print(f"wrote {len(arrays['nsp_labels'])} sequences of {num_batches} batches to {out_path}")
+  for r in range(min(show, len(arrays["nsp_labels"]))):
+    print(f"--- example {r}: nsp_label={arrays['nsp_labels'][r]}")
+    print(describe_example(pipeline.tokenizer, {k: v[r] for k, v in arrays.items()}))
+
+
+def describe_example(tokenizer, ex: dict) -> str:
+  """One example as text: each masked position shown as [MASK=original] / {replaced->original}."""
+  original = ex["input_ids"].copy()
+  w = ex["masked_weights"] > 0
+  original[ex["masked_positions"][w]] = ex["masked_ids"][w]
+  masked_at = {int(p): int(i) for p, i in zip(ex["masked_positions"][w], ex["masked_ids"][w])}
+  words = []
+  for pos in range(int(ex["attention_mask"].sum())):
+    piece = tokenizer.id_to_piece(int(ex["input_ids"][pos]))
+    if pos in masked_at:
+      truth = tokenizer.id_to_piece(masked_at[pos])
+      piece = f"[MASK={truth}]" if int(ex["input_ids"][pos]) == tokenizer.mask_id else (
+          f"{{{piece}->{truth}}}")
+    words.append(piece)
+  return " ".join(words)

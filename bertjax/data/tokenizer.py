@@ -1,0 +1,268 @@
+"""Tokenizers: sentencepiece models bertjax trains, and WordPiece vocabularies it imports.
+
+One `Tokenizer` class hides which library is underneath. Everything downstream reads the special
+token ids from it (a sentencepiece model bertjax trains has [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4;
+bert-base-uncased's vocab.txt has 0/100/101/102/103), never from constants.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import sentencepiece as spm
+import tokenizers
+from etils import epath
+
+from bertjax.errors import BertjaxError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPM_FILE = "spm.model"
+INFO_FILE = "tokenizer_info.json"
+_WORD_START = "\u2581"  # sentencepiece's word-boundary marker
+
+log = logging.getLogger(__name__)
+
+
+class Tokenizer:
+  """A sentencepiece- or WordPiece-backed tokenizer with BERT's five special tokens."""
+
+  def __init__(self, kind: str, data: bytes, lowercase: bool = False, source: str = "<memory>"):
+    # `data` is the whole model (spm proto, or a tokenizers JSON) so the object pickles cheaply
+    # into `datasets.map` workers and its fingerprint is a hash of exactly what encodes.
+    self.kind = kind
+    self._data = data
+    self._lowercase = lowercase
+    self._source = source
+    self._build()
+
+  def _build(self):
+    if self.kind == "sentencepiece":
+      self._sp = spm.SentencePieceProcessor(model_proto=self._data)
+      size = self._sp.get_piece_size()
+      self._pieces = [self._sp.id_to_piece(i) for i in range(size)]
+    elif self.kind == "wordpiece":
+      self._tk = tokenizers.Tokenizer.from_str(self._data.decode("utf-8"))
+      size = self._tk.get_vocab_size(with_added_tokens=True)
+      vocab = self._tk.get_vocab(with_added_tokens=True)
+      self._pieces = [""] * size
+      for piece, i in vocab.items():
+        self._pieces[i] = piece
+    else:
+      raise ValueError(f"unknown tokenizer kind {self.kind!r}")
+    self._index = {p: i for i, p in enumerate(self._pieces)}
+    missing = [t for t in SPECIAL_TOKENS if t not in self._index]
+    if missing:
+      raise BertjaxError(
+          f"tokenizer {self._source} lacks the special tokens {' '.join(missing)}: "
+          "use a BERT vocabulary with [PAD] [UNK] [CLS] [SEP] [MASK], or let bertjax train one "
+          "(data.tokenizer='')")
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+        self._index[t] for t in SPECIAL_TOKENS)
+    self.fingerprint = hashlib.sha256(self.kind.encode() + self._data).hexdigest()[:16]
+
+  def __getstate__(self):
+    return {"kind": self.kind, "data": self._data, "lowercase": self._lowercase,
+            "source": self._source}
+
+  def __setstate__(self, state):
+    self.kind, self._data = state["kind"], state["data"]
+    self._lowercase, self._source = state["lowercase"], state["source"]
+    self._build()
+
+  def __repr__(self):
+    return f"Tokenizer({self.kind}, vocab={self.vocab_size}, fingerprint={self.fingerprint})"
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self._pieces)
+
+  @property
+  def special_ids(self) -> np.ndarray:
+    return np.array([self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id], np.int32)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without special tokens."""
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    if self.kind == "sentencepiece":
+      return self._sp.encode(list(texts), out_type=int)
+    if self._lowercase:
+      texts = [t.lower() for t in texts]
+    return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids) -> str:
+    ids = [int(i) for i in ids]
+    if self.kind == "sentencepiece":
+      return self._sp.decode(ids)
+    return self._tk.decode(ids, skip_special_tokens=False)
+
+  def id_to_piece(self, i: int) -> str:
+    return self._pieces[int(i)]
+
+  def word_start_mask(self) -> np.ndarray:
+    """bool [vocab]: True where a piece begins a word (whole-word masking groups the rest onto it).
+
+    sentencepiece marks word starts with '▁'; WordPiece marks continuations with '##'. Special
+    tokens count as word starts so that no word ever spans one.
+    """
+    if self.kind == "sentencepiece":
+      starts = np.array([p.startswith(_WORD_START) for p in self._pieces])
+    else:
+      starts = np.array([not p.startswith("##") for p in self._pieces])
+    starts[self.special_ids] = True
+    starts[[i for i, p in enumerate(self._pieces) if p.startswith("<") and p.endswith(">")]] = True
+    return starts
+
+  def save(self, directory) -> epath.Path:
+    """Writes the tokenizer's files into `directory` (spm.model, or tokenizer.json + vocab.txt)."""
+    directory = epath.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if self.kind == "sentencepiece":
+      (directory / SPM_FILE).write_bytes(self._data)
+    else:
+      (directory / "tokenizer.json").write_bytes(self._data)
+      (directory / "vocab.txt").write_text("".join(p + "\n" for p in self._pieces))
+    info = {"kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
+            "lowercase": self._lowercase,
+            "special_ids": dict(zip(SPECIAL_TOKENS, self.special_ids.tolist()))}
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return directory
+
+
+def load_tokenizer(path) -> Tokenizer:
+  """Loads a tokenizer: a folder holding spm.model / tokenizer.json / vocab.txt, or such a file."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise BertjaxError(f"tokenizer {path} does not exist: set data.tokenizer to a tokenizer folder "
+                       "or file, or leave it empty to train one")
+  lowercase = None
+  if path.is_dir():
+    info = path / INFO_FILE
+    if info.exists():
+      lowercase = json.loads(info.read_text()).get("lowercase")
+    for name in (SPM_FILE, "tokenizer.json", "vocab.txt"):
+      if (path / name).exists():
+        path = path / name
+        break
+    else:
+      models = sorted(path.glob("*.model"))
+      if not models:
+        raise BertjaxError(f"tokenizer folder {path} holds no spm.model, tokenizer.json or "
+                           "vocab.txt: point data.tokenizer at a tokenizer bertjax or "
+                           "transformers saved")
+      path = models[0]
+  name = path.name
+  if name.endswith(".model"):
+    data = path.read_bytes()
+    try:
+      spm.SentencePieceProcessor(model_proto=data)
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError on junk
+      raise BertjaxError(f"tokenizer {path} is not a sentencepiece model ({e}): "
+                         "give a valid .model file") from e
+    return Tokenizer("sentencepiece", data, source=str(path))
+  if name.endswith(".json"):
+    text = path.read_text()
+    try:
+      tokenizers.Tokenizer.from_str(text)
+    except Exception as e:
+      raise BertjaxError(f"tokenizer {path} is not a tokenizers JSON file ({e}): "
+                         "give a transformers tokenizer.json") from e
+    return Tokenizer("wordpiece", text.encode("utf-8"), lowercase=False, source=str(path))
+  if name.endswith(".txt"):
+    return _from_vocab_txt(path, lowercase)
+  raise BertjaxError(f"tokenizer {path} is neither a .model, a tokenizer.json nor a vocab.txt: "
+                     "give one of those")
+
+
+def _from_vocab_txt(path: epath.Path, lowercase: bool | None) -> Tokenizer:
+  """Wraps a BERT vocab.txt in a tokenizers WordPiece pipeline, as transformers' BertTokenizer."""
+  words = [w.rstrip("\r") for w in path.read_text().split("\n")]
+  while words and not words[-1]:
+    words.pop()
+  if lowercase is None:
+    # An uncased vocabulary has no upper-case word pieces besides the bracketed specials.
+    lowercase = not any(any(c.isupper() for c in w) for w in words
+                        if not (w.startswith("[") and w.endswith("]")))
+  model = tokenizers.models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
+  tk = tokenizers.Tokenizer(model)
+  tk.normalizer = tokenizers.normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+  tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+  tk.decoder = tokenizers.decoders.WordPiece(prefix="##")
+  return Tokenizer("wordpiece", tk.to_str().encode("utf-8"), lowercase=False, source=str(path))
+
+
+def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """Refuses a tokenizer whose vocabulary differs from the model's embedding rows (unpadded)."""
+  if tokenizer.vocab_size != model_vocab_size:
+    raise BertjaxError(
+        f"tokenizer {tokenizer.fingerprint} has {tokenizer.vocab_size} pieces but the model "
+        f"expects {model_vocab_size}: set data.vocab_size={tokenizer.vocab_size} or use the "
+        "tokenizer the model was trained with")
+
+
+def sample_sentences(corpus, limit: int, seed: int) -> list[str]:
+  """At most `limit` sentences of `corpus`, a uniform sample (reservoir), deterministic in `seed`."""
+  rng = np.random.Generator(np.random.Philox(np.random.SeedSequence([seed, 0x70CE])))
+  reservoir: list[str] = []
+  seen = 0
+  for doc in corpus.documents():
+    for sentence in doc:
+      seen += 1
+      if len(reservoir) < limit:
+        reservoir.append(sentence)
+      else:
+        j = int(rng.integers(seen))
+        if j < limit:
+          reservoir[j] = sentence
+  return reservoir
+
+
+def train_tokenizer(config, out_dir) -> Tokenizer:
+  """Trains a sentencepiece model on the configured corpus and saves it into `out_dir`."""
+  from bertjax.data.corpus import load_corpus  # corpus imports nothing from here; keep it lazy
+  d = config.data
+  if d.tokenizer_model not in ("unigram", "bpe"):
+    raise BertjaxError(f"data.tokenizer_model={d.tokenizer_model!r} is unknown: use unigram or bpe")
+  sentences = sample_sentences(load_corpus(config), int(d.tokenizer_sentences), config.train.seed)
+  if not sentences:
+    raise BertjaxError(f"corpus {d.source} has no sentences to train a tokenizer on: "
+                       "point data.source at some text")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=int(d.vocab_size),
+        model_type=d.tokenizer_model, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+        pad_piece="[PAD]", unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        normalization_rule_name="nmt_nfkc_cf" if d.lowercase else "nmt_nfkc",
+        input_sentence_size=len(sentences), shuffle_input_sentence=False,
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise BertjaxError(f"sentencepiece could not train {d.vocab_size} pieces on {d.source} "
+                       f"({str(e).splitlines()[0]}): lower data.vocab_size or give more text") from e
+  tokenizer = Tokenizer("sentencepiece", model.getvalue(), source=f"trained on {d.source}")
+  tokenizer.save(out_dir)
+  log.info("trained %s on %d sentences into %s", tokenizer, len(sentences), out_dir)
+  return tokenizer
+
+
+
+def tokenizer_for_run(config, workdir) -> Tokenizer:
+  """The run's tokenizer: data.tokenizer if set (copied into WORKDIR/tokenizer), else the one in
+  WORKDIR/tokenizer, trained there on first use and reused afterwards."""
+  target = epath.Path(workdir) / "tokenizer"
+  if config.data.tokenizer:
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if not (target / INFO_FILE).exists():
+      tokenizer.save(target)
+    elif load_tokenizer(target).fingerprint != tokenizer.fingerprint:
+      raise BertjaxError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
+                         f"{target} this workdir was trained with: use that one or a new workdir")
+    return tokenizer
+  if (target / INFO_FILE).exists():
+    return load_tokenizer(target)
+  return train_tokenizer(config, target)

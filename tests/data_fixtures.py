@@ -1,0 +1,92 @@
+"""Shared helpers and fixtures of the input-pipeline tests: a small English corpus, the micro config."""
+
+import numpy as np
+import pytest
+
+from configs.common import get_config
+
+_WORDS = """the river runs past an old mill where children play and fishermen talk about
+weather boats markets songs bread stone bridges gardens lanterns quiet mornings evening bells
+people walk slowly through narrow streets carrying baskets of apples pears onions and flowers
+merchants count coins while teachers explain numbers letters maps stars seasons""".split()
+
+
+_SYLLABLES = "ka lo mi ren tas vel or un pe sil dra con fe bi mor ta zu gan hel ost".split()
+
+
+def _lexicon(rng) -> list[str]:
+  """English words plus made-up ones of 1-3 syllables: enough variety for 256 pieces, and words
+  that split into several pieces (whole-word masking needs them)."""
+  made_up = {"".join(rng.choice(_SYLLABLES, size=int(rng.integers(1, 4)))) for _ in range(400)}
+  return _WORDS + sorted(made_up)
+
+
+def numbered_documents(n_docs: int = 60, seed: int = 0) -> list[list[str]]:
+  """Documents of plain sentences; sentence k of document d begins 'Doc d line k'."""
+  rng = np.random.default_rng(seed)
+  lexicon = _lexicon(rng)
+  docs = []
+  for d in range(n_docs):
+    sentences = []
+    for k in range(int(rng.integers(1 if d % 17 == 5 else 3, 12))):
+      words = rng.choice(lexicon, size=int(rng.integers(4, 14)))
+      sentences.append(f"Doc {d} line {k} says {' '.join(words)}.")
+    docs.append(sentences)
+  return docs
+
+
+def write_bert_text(path, docs) -> None:
+  """google-research/bert's format: one sentence per line, a blank line between documents."""
+  path.write_text("\n\n".join("\n".join(doc) for doc in docs) + "\n")
+
+
+def micro_config(source: str, cache_dir, **data):
+  """The test micro config's data shape: seq 32, vocab 256, 5 predictions, batch 8."""
+  c = get_config()
+  c.data.source = source
+  c.data.seq_len = 32
+  c.data.max_predictions = 5
+  c.data.vocab_size = 256
+  c.data.cache_dir = str(cache_dir)
+  c.data.num_proc = 1
+  c.data.tokenizer_sentences = 5000
+  c.data.eval_fraction = 0.1
+  c.train.batch_size = 8
+  c.train.eval_batches = 2
+  for key, value in data.items():
+    if key.startswith("train_"):
+      c.train[key[len("train_"):]] = value
+    else:
+      c.data[key] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  docs = numbered_documents()
+  write_bert_text(root / "part-0.txt", docs[:30])
+  write_bert_text(root / "part-1.txt", docs[30:])
+  return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def micro_tokenizer(corpus_dir, cache_dir, tmp_path_factory):
+  from bertjax.data.tokenizer import train_tokenizer
+  config = micro_config(f"files:{corpus_dir}/*.txt", cache_dir)
+  return train_tokenizer(config, tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def make_pipeline(corpus_dir, cache_dir, micro_tokenizer):
+  """Builds a micro pipeline over the session corpus (the tokenised cache is shared)."""
+  from bertjax.data.pipeline import Pipeline
+
+  def make(**data):
+    return Pipeline(micro_config(f"files:{corpus_dir}/*.txt", cache_dir, **data), micro_tokenizer)
+  return make
