@@ -90,3 +90,35 @@ def make_pipeline(corpus_dir, cache_dir, micro_tokenizer):
   def make(**data):
     return Pipeline(micro_config(f"files:{corpus_dir}/*.txt", cache_dir, **data), micro_tokenizer)
   return make
+
+
+def streaming_config(source: str, cache_dir, window_documents: int = 16, eval_documents: int = 6,
+                     **data):
+  """The micro config read as a stream: windows of 16 documents, the first 6 held out."""
+  c = micro_config(source, cache_dir, streaming=True, **data)
+  with c.unlocked():  # the streaming keys may not be in configs/common.py yet
+    c.data.streaming_window_documents = window_documents
+    c.data.streaming_eval_documents = eval_documents
+  return c
+
+
+def write_jsonl_hub(folder, docs, column: str = "text") -> None:
+  """A local dataset folder for `hf:FOLDER` (datasets' json builder): one document per line."""
+  import json
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "train.jsonl").write_text(
+      "".join(json.dumps({column: "\n".join(doc)}) + "\n" for doc in docs))
+
+
+@pytest.fixture(scope="session")
+def make_streaming(corpus_dir, cache_dir, micro_tokenizer, tmp_path_factory):
+  """Builds a streaming micro pipeline over the session corpus: `files:` (the .txt parts) or
+  `hf:` (the same documents as a local jsonl dataset folder, read with streaming=True)."""
+  from bertjax.data.pipeline import make_pipeline
+  hub = tmp_path_factory.mktemp("hub")
+  write_jsonl_hub(hub, numbered_documents())
+
+  def make(source: str = "files", **data):
+    path = f"files:{corpus_dir}/*.txt" if source == "files" else f"hf:{hub}"
+    return make_pipeline(streaming_config(path, cache_dir, **data), micro_tokenizer)
+  return make

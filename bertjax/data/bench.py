@@ -4,7 +4,9 @@
 
 prints one JSON line. `pipeline_tokens_per_s` counts the non-padding tokens of finished,
 masked global batches taken from the prefetching iterator by one process (the train loop's view);
-`tokenize_tokens_per_s` is one process encoding raw sentences of the corpus.
+`tokenize_tokens_per_s` is one process encoding raw sentences of the corpus. With
+`data.streaming=True` the pipeline figure includes reading, splitting and tokenising the stream
+(the windows after the first; see `streaming.py`).
 """
 
 import time
@@ -12,7 +14,7 @@ import time
 from etils import epath
 
 from bertjax.data.corpus import load_corpus
-from bertjax.data.pipeline import Pipeline
+from bertjax.data.pipeline import make_pipeline
 from bertjax.data.tokenizer import tokenizer_for_run
 
 
@@ -30,7 +32,7 @@ def _tokenize_rate(corpus, tokenizer, max_chars: int = 4_000_000) -> dict:
           round(chars / seconds), "tokenize_sentences": len(sentences)}
 
 
-def _pipeline_rate(pipeline: Pipeline, seconds: float, start_step: int = 0) -> dict:
+def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
   pipeline.batch(start_step)  # builds the first epoch's pair index outside the timing
   tokens = masked = steps = 0
   start = time.perf_counter()
@@ -58,12 +60,15 @@ def run(config, workdir, seconds: float = 10.0) -> dict:
   workdir = epath.Path(workdir)
   tokenizer = tokenizer_for_run(config, workdir)
   start = time.perf_counter()
-  pipeline = Pipeline(config, tokenizer, workdir)
+  pipeline = make_pipeline(config, tokenizer, workdir)
   setup_s = time.perf_counter() - start
   result = {"source": config.data.source, "seq_len": int(config.data.seq_len),
             "batch_size": int(config.train.batch_size), "vocab_size": tokenizer.vocab_size,
             "whole_word_mask": bool(config.data.whole_word_mask),
-            "corpus_tokens": pipeline.stats["tokens"], "pipeline_setup_s": round(setup_s, 2)}
+            "streaming": bool(config.data.streaming),
+            "corpus_tokens": pipeline.stats.get("tokens"), "pipeline_setup_s": round(setup_s, 2)}
   result.update(_pipeline_rate(pipeline, seconds))
+  if config.data.streaming:
+    result["stream_tokens_read"] = pipeline.stats["tokens_read"]  # one pass (epoch 0) so far
   result.update(_tokenize_rate(load_corpus(config), tokenizer))
   return result

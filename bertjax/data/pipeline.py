@@ -8,6 +8,9 @@ its devices hold), and the iterator's state is just the consumer's next step.
 
 Held-out documents (data.eval_fraction of them, chosen from the seed) never reach training; their
 pairs and masks are drawn once (epoch 0) so every evaluation sees the same batches.
+
+`make_pipeline(config, tokenizer)` is what the trainer calls: this `Pipeline`, or with
+data.streaming the `streaming.StreamingPipeline` (same interface, no tokenised cache).
 """
 
 import logging
@@ -37,8 +40,8 @@ class Pipeline:
     config_lib.validate(config)
     d = config.data
     if d.streaming:
-      raise BertjaxError("data.streaming=True is not supported by this pipeline yet: save the "
-                         "dataset with save_to_disk and use data.source=disk:DIR")
+      raise BertjaxError("data.streaming=True: build the pipeline with make_pipeline(config, ...), "
+                         "which returns a StreamingPipeline")
     self.config = config
     self.tokenizer = tokenizer
     self.seed = int(config.train.seed)
@@ -105,12 +108,7 @@ class Pipeline:
 
   # -- batches ------------------------------------------------------------------------------
   def _rows(self, rows) -> np.ndarray:
-    if rows is None:
-      return np.arange(self.batch_size)
-    rows = np.asarray(rows, np.int64).reshape(-1)
-    if len(rows) and (rows.min() < 0 or rows.max() >= self.batch_size):
-      raise ValueError(f"rows must lie in [0, {self.batch_size}), got {rows.min()}..{rows.max()}")
-    return rows
+    return check_rows(rows, self.batch_size)
 
   def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
     """The global batch of training step `step`, or just its rows `rows` (global indices)."""
@@ -121,26 +119,11 @@ class Pipeline:
       sel = epochs == e
       parts.append((sel, self._epoch(int(e)).take(index[sel]),
                     keyed_random.row_keys(self.seed, int(e), index[sel])))
-    if len(parts) == 1:
-      return self._make(parts[0][1], parts[0][2])
-    out = {}
-    made = [(sel, self._make(p, k)) for sel, p, k in parts]
-    for name, first in made[0][1].items():
-      arr = np.empty((len(rows),) + first.shape[1:], first.dtype)
-      for sel, b in made:
-        arr[sel] = b[name]
-      out[name] = arr
-    return out
+    return merge_parts([(sel, self._make(p, k)) for sel, p, k in parts], len(rows))
 
   def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
-    t = self.tokenizer
-    ids, segment_ids, attention_mask = pairs_lib.assemble(
-        self.store.tokens, pair_index, self.seq_len, t.cls_id, t.sep_id, t.pad_id)
-    out = masking.mask_batch(ids, attention_mask, keys, self.masking)
-    out["segment_ids"] = segment_ids
-    out["attention_mask"] = attention_mask
-    out["nsp_labels"] = pair_index.label.astype(np.int32)
-    return out
+    return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer,
+                         self.masking)
 
   def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
     """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
@@ -164,12 +147,15 @@ class Pipeline:
 
   def state_for(self, step: int) -> dict:
     """The iterator state to checkpoint with the train state at `step`: the next step to consume."""
-    return {"version": STATE_VERSION, "step": int(step), "seed": self.seed,
+    return {"version": STATE_VERSION, "kind": "cached", "step": int(step), "seed": self.seed,
             "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.fingerprint,
             "batch_size": self.batch_size}
 
   def restore(self, state: dict) -> int:
     """Checks a saved state against this pipeline; returns the step to start from."""
+    if state.get("kind", "cached") != "cached":
+      raise BertjaxError("the checkpoint's data position is a stream's (data.streaming=True): "
+                         "resume with --config.data.streaming=true")
     if state.get("tokenizer") != self.tokenizer.fingerprint:
       raise BertjaxError(f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
                          f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer")
@@ -186,10 +172,56 @@ class Pipeline:
     return self.iterator(self.restore(state), rows)
 
 
+def make_pipeline(config, tokenizer, workdir=None):
+  """The pipeline `config.data.streaming` asks for: `Pipeline` (tokenised cache, random access)
+  or `streaming.StreamingPipeline` (reads the corpus as a stream, no cache). Same interface."""
+  if config.data.streaming:
+    from bertjax.data.streaming import StreamingPipeline
+    return StreamingPipeline(config, tokenizer, workdir)
+  return Pipeline(config, tokenizer, workdir)
+
+
+def check_rows(rows, batch_size: int) -> np.ndarray:
+  """`rows` (global batch rows, None = all) as an int64 array, checked against the batch size."""
+  if rows is None:
+    return np.arange(batch_size)
+  rows = np.asarray(rows, np.int64).reshape(-1)
+  if len(rows) and (rows.min() < 0 or rows.max() >= batch_size):
+    raise ValueError(f"rows must lie in [0, {batch_size}), got {rows.min()}..{rows.max()}")
+  return rows
+
+
+def make_examples(tokens, pair_index: pairs_lib.PairIndex, keys: np.ndarray, seq_len: int,
+                  tokenizer, spec: masking.MaskingSpec) -> dict[str, np.ndarray]:
+  """Laid-out, masked examples of `pair_index` (spans into `tokens`), masked with `keys`."""
+  t = tokenizer
+  ids, segment_ids, attention_mask = pairs_lib.assemble(
+      tokens, pair_index, seq_len, t.cls_id, t.sep_id, t.pad_id)
+  out = masking.mask_batch(ids, attention_mask, keys, spec)
+  out["segment_ids"] = segment_ids
+  out["attention_mask"] = attention_mask
+  out["nsp_labels"] = pair_index.label.astype(np.int32)
+  return out
+
+
+def merge_parts(made, n_rows: int) -> dict[str, np.ndarray]:
+  """One batch from parts [(row selector, batch of those rows)] (a batch straddling epochs or
+  stream windows)."""
+  if len(made) == 1:
+    return made[0][1]
+  out = {}
+  for name, first in made[0][1].items():
+    arr = np.empty((n_rows,) + first.shape[1:], first.dtype)
+    for sel, b in made:
+      arr[sel] = b[name]
+    out[name] = arr
+  return out
+
+
 class BatchIterator:
   """A background thread computes batches ahead; `state()` is the consumer's position."""
 
-  def __init__(self, pipeline: Pipeline, start_step: int, rows, prefetch: int):
+  def __init__(self, pipeline, start_step: int, rows, prefetch: int):
     self._pipeline = pipeline
     self._next = start_step
     self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -270,7 +302,7 @@ def preview(config, workdir, num_batches: int, out_path, show: int = 3) -> None:
   """Writes `num_batches` training batches to `out_path` (.npz) and prints a few examples."""
   from etils import epath
   from bertjax.data.tokenizer import tokenizer_for_run
-  pipeline = Pipeline(config, tokenizer_for_run(config, workdir), workdir)
+  pipeline = make_pipeline(config, tokenizer_for_run(config, workdir), workdir)
   batches = [pipeline.batch(s) for s in range(int(num_batches))]
   arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   out_path = epath.Path(out_path)
