@@ -42,12 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
   p.add_argument("--step", type=int, help="restore this checkpoint step instead of the newest")
   p.add_argument("--dry-run", action="store_true", help="print mesh, memory and expected step time; do not train")
+  p.add_argument("--devices", type=int, metavar="N",
+                 help="with --dry-run: plan for N devices in all (a v5p-128 has 64; default: this machine's)")
+  p.add_argument("--device-kind", metavar="KIND",
+                 help='with --dry-run: the chip, for its peak FLOP/s, e.g. "TPU v5p", "H100" (default: this machine\'s)')
   _add_distributed(p)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
   p.add_argument("--workdir", required=True)
   _add_config(p, required=False)
-  p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
   _add_distributed(p)
 
   p = sub.add_parser("export", help="write a checkpoint as a transformers BERT folder or as plain params")
@@ -151,12 +155,106 @@ def _data_bench(args, overrides) -> int:
   return 0
 
 
+def _prepare_devices(args, config) -> None:
+  """Join the multi-process job (if any) and set up the compilation cache; then devices may be used."""
+  import jax
+
+  from bertjax import distributed
+
+  spec = distributed.ProcessSpec(args.coordinator, args.num_processes, args.process_id)
+  distributed.initialize(spec, config.train.distributed_timeout_s)
+  cache = config.train.compilation_cache
+  if cache != "off":
+    import os
+
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bertjax", "jax")
+    jax.config.update("jax_compilation_cache_dir", default if cache == "auto" else cache)
+
+
+def _setup_logging() -> None:
+  import logging
+
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "datasets", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train(args, overrides) -> int:
+  config = _loaded_config(args, overrides)
+  _setup_logging()
+  if args.dry_run:
+    from bertjax import dryrun
+
+    print(dryrun.format_report(dryrun.describe(config, args.devices, args.device_kind)), flush=True)
+    return 0
+  if args.devices is not None or args.device_kind is not None:
+    raise BertjaxError("train: --devices and --device-kind only describe hardware for --dry-run; add --dry-run")
+  from bertjax import pretrain
+
+  data = pretrain.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks
+  _prepare_devices(args, config)
+  import jax
+
+  result = pretrain.train(config, args.workdir, data=data, step=args.step)
+  if jax.process_index() == 0:
+    if result.stopped_by:
+      print(f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
+            f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume", flush=True)
+    else:
+      _print_summary(result.final, args.workdir)
+  return 0
+
+
+def _eval(args, overrides) -> int:
+  import json
+
+  from bertjax import config as config_lib
+  from bertjax import pretrain
+
+  if args.config:
+    config = _loaded_config(args, overrides)
+  else:
+    config = config_lib.read_config(args.workdir)
+    for override in overrides:
+      config_lib.apply_override(config, override)
+    config_lib.validate(config)
+  data = pretrain.prepare_data(config, args.workdir)
+  _prepare_devices(args, config)
+  print(json.dumps(pretrain.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
+  return 0
+
+
+def _print_summary(final: dict, workdir: str) -> None:
+  if final:
+    print(f"held-out MLM accuracy {final['mlm_accuracy']:.3f} (always the most frequent token: "
+          f"{final['mlm_baseline_accuracy']:.3f}), NSP accuracy {final['nsp_accuracy']:.3f} "
+          f"(always the majority label: {final['nsp_baseline_accuracy']:.3f}), "
+          f"MLM loss {final['mlm_loss']:.3f}, NSP loss {final['nsp_loss']:.3f}")
+  print(f"run folder {workdir}: config.json, tokenizer/, metrics.jsonl, tb/ (TensorBoard)")
+
+
+def _bench(args, overrides) -> int:
+  import json
+
+  config = _loaded_config(args, overrides)
+  if args.steps < 1:
+    raise BertjaxError(f"--steps {args.steps}: give at least 1")
+  _prepare_devices(args, config)
+  from bertjax import bench
+
+  print(json.dumps(bench.run(config, steps=args.steps)), flush=True)
+  return 0
+
+
+def _plot(args, overrides) -> int:
+  from bertjax import plot
+
+  print(f"wrote {plot.plot_curves(args.workdir, args.out)}")
+  return 0
+
+
 # The issue that builds each command; until it lands the command says so and exits 2.
 _PENDING = {
-    "train": "the pretraining loop (issue #4)",
-    "eval": "the pretraining loop (issue #4)",
-    "bench": "the pretraining loop (issue #4)",
-    "plot": "the pretraining loop's metrics (issue #4)",
     "export": "transformers interop (issue #6)",
     "import-hf": "transformers interop (issue #6)",
     "finetune": "fine-tuning, which has no issue yet",
@@ -174,6 +272,10 @@ def _pending(name: str) -> Callable:
 
 COMMANDS: dict[str, Callable] = {
     **{name: _pending(name) for name in _PENDING},
+    "train": _train,
+    "eval": _eval,
+    "bench": _bench,
+    "plot": _plot,
     "tokenizer train": _tokenizer_train,
     "data preview": _data_preview,
     "data bench": _data_bench,
@@ -191,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return EXIT_USER_ERROR
     name = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None),
                                   getattr(args, "data_command", None))))
-    if overrides and not hasattr(args, "config"):
+    if overrides and "config" not in vars(args):
       raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
     return COMMANDS[name](args, overrides) or 0
   except BertjaxError as e:

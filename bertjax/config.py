@@ -187,9 +187,12 @@ def validate(config: config_dict.ConfigDict, device_count: int | None = None) ->
   _positive(config, "data.prefetch", "data.max_sentence_chars")
   if d.num_proc < 0:
     _fail("data.num_proc", f"{d.num_proc} is negative", "set it to 0 (one process per core) or more")
-  if d.streaming:
-    _fail("data.streaming", "True is not supported yet",
-          "save the dataset with datasets' save_to_disk and use data.source=disk:DIR")
+  if d.streaming_window_documents < 2:
+    _fail("data.streaming_window_documents", f"{d.streaming_window_documents} leaves no other document for a "
+          "random next sentence", "set it to at least 2")
+  if d.streaming_eval_documents == 1 or d.streaming_eval_documents < 0:
+    _fail("data.streaming_eval_documents", f"{d.streaming_eval_documents} cannot make NSP pairs",
+          "set it to 0 (no held-out split) or at least 2")
 
   _positive(config, "train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "train.eval_every")
   if t.eval_batches < 0:
@@ -217,10 +220,7 @@ def validate(config: config_dict.ConfigDict, device_count: int | None = None) ->
       _fail("train.batch_size", f"{t.batch_size} does not split over mesh data*fsdp={data * fsdp} x grad_accum={t.grad_accum}",
             "make the global batch a multiple of data*fsdp*grad_accum")
   else:
-    for axis in sharding.MESH_AXES:
-      size = config.mesh[axis]
-      if size == 0 or size < -1:
-        _fail(f"mesh.{axis}", f"{size} is not a size", "use a positive size, or -1 to fill with the remaining devices")
+    sharding.check_mesh_config(config.mesh)
 
 
 def to_dict(config: config_dict.ConfigDict) -> dict:
@@ -235,7 +235,7 @@ def write_config(config: config_dict.ConfigDict, workdir) -> None:
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f".{CONFIG_FILENAME}.tmp"
   tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-  tmp.rename(target)
+  tmp.replace(target)
 
 
 def read_config(workdir) -> config_dict.ConfigDict:

@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.data.pair_random_next_prob = 0.5  # NSP: share of pairs whose B comes from another document
   c.data.mask_token_prob = 0.8  # of the chosen positions: share replaced by [MASK]
   c.data.random_token_prob = 0.1  # ... share replaced by a random token (the rest stay unchanged)
+  # data.streaming: documents per shuffle window (pairs, random B and shuffling stay within one)
+  c.data.streaming_window_documents = 10_000
+  c.data.streaming_eval_documents = 1_000  # streaming: the stream's first N documents are held out (0: none)
   # -- end data --
 
   c.train = config_dict.ConfigDict()
@@ -78,7 +81,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.train.init_from = ""
   c.train.init_params_only = False
   c.train.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of those steps
-  c.train.compilation_cache = "auto"  # auto | off | a folder
+  c.train.compilation_cache = "auto"  # auto (a user cache folder) | off | a folder
+  c.train.distributed_timeout_s = 300  # a process that cannot join the job fails after this
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"  # adamw | lamb
@@ -99,6 +103,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh.data = -1  # -1 fills with the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # A layout by name fills the devices: data | fsdp | fsdp_tensor (mesh.tensor is the tensor
+  # size, fsdp takes the rest); "" uses mesh.data/fsdp/tensor as given.
+  c.mesh.parallelism = ""
+  c.mesh.dcn_data = 1  # slices (TPU multislice) or nodes (GPU): data-parallel across the slow network
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every_steps = 1000

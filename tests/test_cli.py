@@ -63,11 +63,8 @@ def test_a_user_error_through_the_real_entry_point_has_no_traceback():
 
 
 @pytest.mark.parametrize("argv", [
-    ["eval", "--workdir", "w"],
     ["export", "--workdir", "w", "--format", "hf"],
     ["import-hf", "--hf", "h", "--workdir", "w"],
-    ["bench", "--config", "configs/tiny.py"],
-    ["plot", "--workdir", "w"],
     ["finetune", "--task", "qa", "--config", "configs/tiny.py", "--workdir", "w", "--init", "i"],
 ])
 def test_commands_not_yet_built_say_so(argv, capsys):

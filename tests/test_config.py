@@ -105,7 +105,8 @@ VALIDATION_ERRORS = [
     ({"data.source": "files:"}, "data.source='files:' is not understood"),
     ({"data.mask_prob": 0.0}, "data.mask_prob=0.0 is out of range"),
     ({"data.mask_token_prob": 0.95}, "exceeds 1"),
-    ({"data.streaming": True}, "data.streaming=True is not supported"),
+    ({"data.streaming_window_documents": 1}, "data.streaming_window_documents=1 leaves no other document"),
+    ({"data.streaming_eval_documents": 1}, "data.streaming_eval_documents=1 cannot make NSP pairs"),
     ({"mesh.fsdp": 0}, "mesh.fsdp=0 is not a size"),
     ({"checkpoint.keep": 0}, "checkpoint.keep=0 must be positive"),
 ]

@@ -1,0 +1,238 @@
+"""Checkpoints: round trips, exact resume after a real SIGTERM, other meshes, warm starts, faults."""
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bertjax import checkpoint, metrics, pretrain
+from bertjax.errors import BertjaxError
+from tests.test_pretrain import _config, _launch, _train_args, corpus_and_tokenizer  # noqa: F401
+from tests.test_train import _steps, synthetic_batch
+
+
+def _leaves_equal(a, b):
+  for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _trained_state(steps, n=2):
+  state = steps.init(0)
+  batch = {k: jax.device_put(v, steps.batch_sharding) for k, v in synthetic_batch(batch_size=8).items()}
+  for _ in range(n):
+    state, _ = steps.train(state, batch)
+  return state, batch
+
+
+class _CheckpointCfg(dict):
+  def __init__(self, keep=3, keep_period=0, async_=True):
+    super().__init__({"async": async_})
+    self.keep, self.keep_period = keep, keep_period
+
+
+def test_every_leaf_round_trips_and_lands_on_another_mesh(tmp_path):
+  saved_on = _steps((1, 4, 1))  # fsdp over 4 of the 8 devices
+  state, batch = _trained_state(saved_on)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    ckpts.save(state, {"data": {"step": 2}, "note": "x"})
+  restore_on = _steps((2, 1, 1), devices=jax.devices()[4:6])  # two other devices, data parallel
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(), read_only=True) as ckpts:
+    restored, meta = ckpts.restore(restore_on.abstract_state())
+  assert meta["step"] == 2 and meta["data"] == {"step": 2} and meta["note"] == "x"
+  assert meta["code_version"]
+  _leaves_equal(restored, state)
+  word = restored.params["embeddings"]["word"]
+  assert set(word.sharding.device_set) == set(jax.devices()[4:6])
+  # Training goes on with the same losses on the new mesh.
+  _, before = saved_on.train(state, batch)
+  _, after = restore_on.train(restored, {k: jax.device_put(jax.device_get(v), restore_on.batch_sharding)
+                                         for k, v in batch.items()})
+  np.testing.assert_allclose(after["loss"], before["loss"], rtol=1e-6)
+
+
+def test_params_restore_to_the_host_without_a_mesh(tmp_path):
+  steps = _steps((2, 2, 2))
+  state, _ = _trained_state(steps, n=1)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    ckpts.save(state, {})
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts:
+    params, meta = ckpts.restore_params()
+  assert isinstance(params["embeddings"]["word"], np.ndarray) and meta["step"] == 1
+  _leaves_equal(params, state.params)
+
+
+def test_retention_keeps_the_last_k_and_every_kth(tmp_path):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=2, keep_period=4)) as ckpts:
+    for s in range(1, 11):
+      ckpts.save(state.replace(step=state.step + s), {})
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts:
+    assert ckpts.steps() == [4, 8, 9, 10]
+    assert ckpts.good_steps() == [4, 8, 9, 10]
+
+
+def _truncate_a_file(step_dir):
+  biggest = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST),
+                key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+
+
+def test_a_corrupt_or_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=5)) as ckpts:
+    for s in (1, 2, 3):
+      ckpts.save(state.replace(step=state.step + s), {})
+  _truncate_a_file(tmp_path / "checkpoints" / "3")
+  for f in (tmp_path / "checkpoints" / "2" / "params").rglob("*"):
+    if f.is_file():
+      f.unlink()
+      break
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts, caplog.at_level(logging.WARNING):
+    assert ckpts.good_steps() == [1]
+    restored, meta = ckpts.restore(steps.abstract_state())
+  assert meta["step"] == 1
+  assert "skipping checkpoint step 3" in caplog.text and "skipping checkpoint step 2" in caplog.text
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts:
+    with pytest.raises(checkpoint.CheckpointError, match="step 3 .* cannot be restored"):
+      ckpts.restore(steps.abstract_state(), step=3)
+    with pytest.raises(checkpoint.CheckpointError, match="--step 7: no such checkpoint"):
+      ckpts.restore(steps.abstract_state(), step=7)
+
+
+def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  cfg = _CheckpointCfg(keep=2)
+  with checkpoint.Checkpoints(tmp_path, cfg) as ckpts:
+    for s in (1, 2):
+      ckpts.save(state.replace(step=state.step + s), {})
+  _truncate_a_file(tmp_path / "checkpoints" / "2")  # now only step 1 is good
+  with checkpoint.Checkpoints(tmp_path, cfg) as ckpts:
+    ckpts.save(state.replace(step=state.step + 3), {}, wait=True)
+    ckpts.save(state.replace(step=state.step + 4), {}, wait=True)
+    # orbax's max_to_keep=2 would have deleted step 1 by now; the good ones are 1, 3 and 4.
+    assert 3 in ckpts.steps() and 4 in ckpts.steps()
+    ckpts.save(state.replace(step=state.step + 5), {}, wait=True)
+    assert ckpts.good_steps() == [4, 5]  # two newer good ones: now 1 may go
+
+
+def test_a_failing_save_stops_the_run_loudly(tmp_path):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  ckpts = checkpoint.Checkpoints(tmp_path, _CheckpointCfg())
+  ckpts.save(state.replace(step=state.step + 1), {}, wait=True)
+  blocked = tmp_path / "checkpoints"
+  os.rename(blocked, tmp_path / "moved")
+  blocked.write_text("a file where the checkpoint folder was")
+  try:
+    with pytest.raises(checkpoint.CheckpointError, match="the run stops rather than go on without checkpoints"):
+      ckpts.save(state.replace(step=state.step + 2), {})
+      ckpts.wait()
+  finally:
+    with contextlib.suppress(Exception):
+      ckpts.manager.close()
+
+
+def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokenizer):
+  root = corpus_and_tokenizer
+  extra = ["--config.checkpoint.every_steps=5", "--config.data.cache_dir=" + str(root / "cache")]
+  whole = _launch(_train_args(root, tmp_path / "whole", steps=20) + extra, devices=2)
+  out, _ = whole.communicate(timeout=300)
+  assert whole.returncode == 0, out[-3000:]
+
+  killed = _launch(_train_args(root, tmp_path / "killed", steps=20) + extra, devices=2)
+  for line in killed.stdout:
+    if line.startswith("step 10/20"):
+      killed.send_signal(signal.SIGTERM)
+      break
+  out, _ = killed.communicate(timeout=300)
+  assert killed.returncode == 0, out[-3000:]
+  assert "stopped by SIGTERM after step" in out and "run the same command to resume" in out
+  stopped_at = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
+  assert 10 <= stopped_at < 20
+  with checkpoint.Checkpoints(tmp_path / "killed", read_only=True) as ckpts:
+    assert stopped_at in ckpts.good_steps()  # saved synchronously, complete before the exit
+
+  resumed = _launch(_train_args(root, tmp_path / "killed", steps=20) + extra, devices=2)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out[-3000:]
+  assert f"resumed from checkpoint step {stopped_at}" in out
+
+  def losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+
+  whole_losses, killed_losses = losses(tmp_path / "whole"), losses(tmp_path / "killed")
+  assert sorted(killed_losses) == list(range(1, 21))
+  assert killed_losses == whole_losses  # bit for bit
+
+
+def test_async_saves_are_complete_when_the_process_exits(tmp_path, corpus_and_tokenizer):
+  args = _train_args(corpus_and_tokenizer, tmp_path / "run", steps=6) + ["--config.checkpoint.every_steps=2"]
+  proc = _launch(args, devices=1)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
+    assert ckpts.good_steps() == [2, 4, 6]
+  assert not list((tmp_path / "run" / "checkpoints").glob("*.orbax-checkpoint-tmp*"))
+
+
+def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corpus_and_tokenizer):
+  first = pretrain.train(_config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100"), tmp_path / "a")
+  phase2 = _config(corpus_and_tokenizer, "train.steps=6", "train.eval_every=100", f"train.init_from={tmp_path / 'a'}")
+  second = pretrain.train(phase2, tmp_path / "b")
+  records = [r for r in metrics.read_metrics(tmp_path / "b") if r["split"] == "train"]
+  assert [r["step"] for r in records] == [5, 6]  # the global step continued
+  fresh = _config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100",
+                  f"train.init_from={tmp_path / 'a'}", "train.init_params_only=true")
+  run = pretrain.setup(fresh, tmp_path / "c")
+  with checkpoint.Checkpoints(tmp_path / "c", fresh.checkpoint) as ckpts:
+    state, position = pretrain.initial_state(run, ckpts)
+  assert int(state.step) == 0 and position is None
+  _leaves_equal(state.params, first.state.params)
+  consecutive, total = (int(x) for x in jax.device_get(pretrain.optim.nonfinite_counts(state.opt_state)))
+  assert (consecutive, total) == (0, 0)
+  assert int(second.state.step) == 6
+
+
+def test_resuming_with_another_model_or_tokenizer_is_refused(tmp_path, corpus_and_tokenizer):
+  pretrain.train(_config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100"), tmp_path / "run")
+  bigger = _config(corpus_and_tokenizer, "train.steps=4", "model.intermediate_size=64", "model.num_layers=3")
+  with pytest.raises(BertjaxError, match=r"differs from the checkpoint's \(num_layers 2 -> 3, intermediate_size 128 -> 64\)"):
+    pretrain.train(bigger, tmp_path / "run")
+  meta = {"model": checkpoint.model_sizes(pretrain.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
+          "tokenizer_fingerprint": "something-else"}
+  with pytest.raises(BertjaxError, match="the tokenizer .* differs from the one the checkpoint was trained with"):
+    checkpoint.check_compatible(meta, pretrain.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config,
+                                "mine", "--workdir run")
+
+
+def test_eval_reads_any_step(tmp_path, corpus_and_tokenizer):
+  config = _config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100", "checkpoint.every_steps=2")
+  pretrain.train(config, tmp_path / "run")
+  at_2 = pretrain.evaluate_checkpoint(config, tmp_path / "run", step=2)
+  newest = pretrain.evaluate_checkpoint(config, tmp_path / "run")
+  assert at_2["step"] == 2 and newest["step"] == 4
+  assert at_2["mlm_loss"] != newest["mlm_loss"]
+  for key in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"):
+    assert key in newest
+
+
+def test_bertjax_eval_prints_one_json_line(tmp_path, corpus_and_tokenizer):
+  config = _config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100")
+  pretrain.train(config, tmp_path / "run")
+  env = dict(os.environ, PYTHONPATH=os.getcwd())
+  out = subprocess.run([sys.executable, "-m", "bertjax", "eval", "--workdir", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  import json
+
+  line = json.loads(out.stdout.strip().splitlines()[-1])
+  assert line["step"] == 2 and {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(line)
