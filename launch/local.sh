@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Run N processes of one bertjax command on this machine, joined through a coordinator on
+# localhost: a multi-host job in miniature (tests, debugging a pod launch on a laptop).
+#
+#   launch/local.sh NUM_PROCESSES -- bertjax train --config configs/tiny.py --workdir runs/mp
+#
+# Process i runs `COMMAND... --coordinator localhost:PORT --num_processes N --process_id i`.
+# Every output line is prefixed with "[i] ". If any process fails, the others are stopped and
+# the script exits with the failed process's status; otherwise it exits 0.
+#
+# Hardware and placement (environment):
+#   LOCAL_DEVICES=K       K fake CPU devices per process (JAX_PLATFORMS=cpu)
+#   GPUS_PER_PROCESS=G    process i sees GPUs i*G .. i*G+G-1 (CUDA_VISIBLE_DEVICES)
+#   PORT=P                coordinator port (default: a free one)
+#   PYTHON=python3        the interpreter used to find a free port
+set -euo pipefail
+
+usage() {
+  echo "usage: $0 NUM_PROCESSES -- COMMAND [ARGS...]" >&2
+  exit 2
+}
+
+free_port() {
+  "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])'
+}
+
+# Per-process device placement, exported in the subshell that runs process $1.
+place_devices() {
+  local index=$1
+  if [[ -n ${LOCAL_DEVICES:-} ]]; then
+    export JAX_PLATFORMS=cpu
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${LOCAL_DEVICES}"
+  fi
+  if [[ -n ${GPUS_PER_PROCESS:-} ]]; then
+    local first=$((index * GPUS_PER_PROCESS)) ids=() g
+    for ((g = first; g < first + GPUS_PER_PROCESS; g++)); do ids+=("$g"); done
+    CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${ids[*]}")
+    export CUDA_VISIBLE_DEVICES
+  fi
+}
+
+# "[i] " before every line, and after every carriage return (progress bars redraw with one).
+prefix_lines() {
+  local line
+  while IFS= read -r line || [[ -n $line ]]; do
+    printf '[%s] %s\n' "$1" "${line//$'\r'/$'\r'"[$1] "}"
+  done
+}
+
+run_process() {
+  local index=$1
+  shift
+  place_devices "$index"
+  # Unbuffered Python output, so the prefixed lines of all processes interleave as they happen.
+  PYTHONUNBUFFERED=1 "$@" --coordinator "localhost:${port}" --num_processes "$num_processes" \
+    --process_id "$index" 2>&1 | prefix_lines "$index"
+}
+
+stop_all() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || true  # the process group: the command and its prefixer
+  done
+}
+
+[[ $# -ge 3 && $1 =~ ^[1-9][0-9]*$ && $2 == "--" ]] || usage
+num_processes=$1
+shift 2
+port=${PORT:-$(free_port)}
+
+# Job control gives every process its own process group, so stopping one stops its whole pipeline.
+pids=()
+trap 'stop_all; exit 130' INT TERM
+set -m
+for ((i = 0; i < num_processes; i++)); do
+  run_process "$i" "$@" &
+  pids+=("$!")
+done
+set +m  # groups made; without monitor mode bash prints no job notices ("Terminated") when stopping
+
+status=0
+for ((left = num_processes; left > 0; left--)); do
+  if wait -n; then
+    continue
+  else
+    status=$?
+  fi
+  echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+  stop_all
+  wait || true
+  break
+done
+exit "$status"

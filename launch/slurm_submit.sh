@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Submit launch/slurm_gpu.sbatch sized for N nodes x G GPUs (one process per GPU).
+#
+#   launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 [--partition P] [--account A] \
+#       [--time 2-00:00:00] [--dry-run] -- bertjax train --config configs/large.py --workdir /shared/runs/large
+#
+# The job inherits this shell's environment (activate bertjax's virtualenv first). Its log is
+# WORKDIR/slurm/bertjax-JOBID.out (./slurm-logs/ for a gs:// workdir), appended to on requeue.
+# --dry-run prints the commands instead of running them.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+die() {
+  echo "launch/slurm_submit.sh: $*" >&2
+  exit 2
+}
+
+# Words a shell reads back as the same arguments: plain when safe, else single-quoted.
+shell_quote() {
+  local arg words=()
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
+      words+=("$arg")
+    else
+      words+=("'${arg//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${words[*]}"
+}
+
+run() {
+  if [[ $dry_run == 1 ]]; then shell_quote "$@"; else "$@"; fi
+}
+
+workdir_of() {
+  local previous="" arg
+  for arg in "$@"; do
+    if [[ $arg == --workdir=* ]]; then echo "${arg#--workdir=}"; return; fi
+    if [[ $previous == --workdir ]]; then echo "$arg"; return; fi
+    previous=$arg
+  done
+}
+
+nodes="" gpus="" dry_run=0 extra=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --nodes) nodes=$2; shift 2 ;;
+    --gpus-per-node) gpus=$2; shift 2 ;;
+    --partition | --account | --time | --job-name) extra+=("$1=$2"); shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; break ;;
+    *) die "unknown argument $1 (see the top of $0 for usage)" ;;
+  esac
+done
+[[ $nodes =~ ^[1-9][0-9]*$ && $gpus =~ ^[1-9][0-9]*$ ]] || die "give --nodes N and --gpus-per-node G"
+[[ $# -gt 0 ]] || die "give the command after --, e.g. -- bertjax train --config ... --workdir ..."
+workdir=$(workdir_of "$@")
+[[ -n $workdir ]] || die "the command has no --workdir: give one on storage every node shares"
+
+log_dir="$workdir/slurm"
+[[ $workdir == *://* ]] && log_dir=slurm-logs  # SLURM writes logs to a file system only
+run mkdir -p "$log_dir"
+run sbatch "--nodes=$nodes" "--ntasks-per-node=$gpus" "--gpus-per-node=$gpus" \
+  "--output=$log_dir/%x-%j.out" "${extra[@]}" "$SCRIPT_DIR/slurm_gpu.sbatch" "$@"
