@@ -85,10 +85,3 @@ def initialize(spec: ProcessSpec, timeout_s: int) -> None:
   jax.distributed.initialize(**kwargs)
   joined.set()
 
-
-def barrier(name: str) -> None:
-  """Every process waits here until all have arrived (no-op for one process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)

@@ -16,18 +16,8 @@ die() {
   exit 2
 }
 
-# Words a shell reads back as the same arguments: plain when safe, else single-quoted.
-shell_quote() {
-  local arg words=()
-  for arg in "$@"; do
-    if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
-      words+=("$arg")
-    else
-      words+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${words[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=shell_quote.sh
+source "$SCRIPT_DIR/shell_quote.sh"
 
 run() {
   if [[ $dry_run == 1 ]]; then shell_quote "$@"; else "$@"; fi

@@ -85,7 +85,7 @@ def test_files_and_hub_streams_of_the_same_documents_agree(make_streaming, strea
   for s in range(0, STEPS, 9):
     assert_batches_equal(hub.batch(s), batches[s])
     assert_batches_equal(parallel.batch(s), batches[s])
-  assert parallel._pool is not None
+  assert parallel._tokeniser._pool is not None
 
 
 @pytest.mark.parametrize("processes", [1, 2, 4])

@@ -22,11 +22,8 @@ one window. A step whose window was never reached is found by reading forward fr
 start (O(steps)): `batch(step)` is random access, but only cheap near where the reader is.
 """
 
-import collections
 import dataclasses
-import itertools
 import logging
-import os
 import threading
 
 import numpy as np
@@ -36,6 +33,7 @@ from bertjax.data import keyed_random
 from bertjax.data import masking
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.corpus import load_corpus
+from bertjax.data.document_stream import DocumentStream, RecordTokeniser
 from bertjax.data.pipeline import (STATE_VERSION, BatchIterator, _rng, check_rows, make_examples,
                                    merge_parts)
 from bertjax.errors import BertjaxError
@@ -44,7 +42,6 @@ log = logging.getLogger(__name__)
 STATE_KIND = "streaming"
 _TRAIN, _EVAL = 0, 1  # pair-index streams, as in pipeline.py
 _KEEP_WINDOWS = 3     # built windows kept in memory (a batch straddles at most a few)
-_MAX_WORKERS = 8      # default cap on tokenising processes (each holds the tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,55 +53,6 @@ class _Window:
   size: int           # examples (pairs)
   documents: int      # documents read for it
   locator: dict       # {"docs": documents before it in the pass, "stream": state_dict or None}
-
-
-class _DocumentStream:
-  """One pass over the corpus's documents from a locator, with a resumable position.
-
-  A document is a record of the stream: a row's text for hf:/disk: sources (split into sentences
-  later, with the tokenisation, so in parallel when data.num_proc allows; a row whose text holds
-  no sentence still counts), a list of sentences for files: and builtin.
-  """
-
-  def __init__(self, corpus, locator: dict):
-    self.corpus = corpus
-    self.docs = 0
-    self.exhausted = False
-    self._ds = None
-    if corpus.kind in ("hf", "disk"):
-      import datasets  # only these sources need it
-      ds = corpus._load_hf_dataset()
-      if not isinstance(ds, datasets.IterableDataset):
-        ds = ds.to_iterable_dataset()  # disk: (and hf: without streaming) read as a stream too
-      if locator.get("stream") is not None:
-        ds.load_state_dict(locator["stream"])
-        self.docs = int(locator["docs"])
-      self._ds = ds
-      self._it = self._rows(ds)
-    else:
-      self._it = corpus.documents()
-    skip = int(locator["docs"]) - self.docs
-    if skip and len(self.take(skip)) < skip:
-      raise BertjaxError(f"corpus {corpus.source} ended before document {locator['docs']}: "
-                         "the stream changed since the checkpoint; resume with the same data")
-
-  def _rows(self, ds):
-    column = self.corpus.text_column
-    for row in ds:
-      if column not in row:
-        raise BertjaxError(f"data.source={self.corpus.source!r} has no column {column!r} (it "
-                           f"has {', '.join(row)}): set data.text_column")
-      yield row[column]  # split into sentences with the tokenisation, maybe in a worker
-
-  def position(self) -> dict:
-    """The locator of the next document (the stream's state is exact for hf:/disk: sources)."""
-    return {"docs": self.docs, "stream": self._ds.state_dict() if self._ds is not None else None}
-
-  def take(self, n: int) -> list:
-    out = list(itertools.islice(self._it, n))
-    self.docs += len(out)
-    self.exhausted = len(out) < n
-    return out
 
 
 class StreamingPipeline:
@@ -128,10 +76,7 @@ class StreamingPipeline:
     self._windows_per_epoch: int | None = None
     self._read = {"documents": 0, "tokens": 0, "windows": 0}
     self._eval = None
-    # Worker processes that split and tokenise records; 0 = one per core, at most _MAX_WORKERS.
-    self._num_proc = int(d.num_proc) or min(os.cpu_count() or 1, _MAX_WORKERS)
-    self._pool = None
-    self._pool_lock = threading.Lock()
+    self._tokeniser = RecordTokeniser(self.corpus, tokenizer, int(d.num_proc))
     self._ahead: threading.Thread | None = None
     self._generation = 0
     self._seek(0, 0, 0, None)
@@ -153,7 +98,7 @@ class StreamingPipeline:
     while True:
       epoch, index, first, locator = self._next
       if self._reader is None:
-        self._reader = _DocumentStream(self.corpus,
+        self._reader = DocumentStream(self.corpus,
                                        locator or {"docs": self.eval_documents, "stream": None})
       where = self._reader.position()
       docs = self._reader.take(self.window_documents)
@@ -195,7 +140,7 @@ class StreamingPipeline:
       self._built.pop(next(iter(self._built)))
 
   def _build_window(self, epoch: int, index: int, docs):
-    tokens, sent_start, doc_start = self._tokenise(docs)
+    tokens, sent_start, doc_start = self._tokeniser.tokenise(docs)
     d = self.config.data
     n_docs = len(doc_start) - 1
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
@@ -204,40 +149,6 @@ class StreamingPipeline:
         sent_start, doc_start, np.arange(n_docs), self.seq_len, float(d.short_seq_prob),
         float(d.pair_random_next_prob), _rng(self.seed, epoch, index, _TRAIN, 0x9A1))
     return tokens, index_.take(_rng(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
-
-  def _tokenise(self, docs):
-    """Flat tokens and sentence/document offsets of stream records (empty sentences and
-    documents dropped); split across `data.num_proc` worker processes, in order."""
-    workers = self._workers()
-    if workers is None or len(docs) < 2:
-      parts = [_tokenise_documents(self.corpus, self.tokenizer, docs)]
-    else:
-      cuts = np.linspace(0, len(docs), min(len(docs), 4 * self._num_proc) + 1).astype(int)
-      parts = list(workers.map(_worker_tokenise, [docs[a:b] for a, b in zip(cuts, cuts[1:])]))
-    for part in parts:
-      self.corpus.warnings.update(part[3])
-    tokens = np.concatenate([part[0] for part in parts])
-    lengths = np.concatenate([part[1] for part in parts])
-    per_doc = np.concatenate([part[2] for part in parts])
-    sent_start = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    doc_start = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64)
-    return tokens, sent_start, doc_start
-
-  def _workers(self):
-    """The worker processes (spawned once, on first use), or None for data.num_proc=1."""
-    if self._num_proc <= 1:
-      return None
-    with self._pool_lock:
-      if self._pool is None:
-        import concurrent.futures
-        import multiprocessing
-        import weakref
-        # spawn, not fork: the parent runs JAX's threads
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            self._num_proc, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(self.corpus, self.tokenizer))
-        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
-      return self._pool
 
   def _cover(self, last: int, first: int | None = None):
     """Extends (or restarts) the table until it holds example positions first..last."""
@@ -288,7 +199,7 @@ class StreamingPipeline:
       win = self._windows[w]
       key = (win.epoch, win.index)
       if key not in self._built:
-        docs = _DocumentStream(self.corpus, win.locator).take(win.documents)
+        docs = DocumentStream(self.corpus, win.locator).take(win.documents)
         tokens, pair_index = self._build_window(win.epoch, win.index, docs)
         if len(docs) != win.documents or len(pair_index) != win.size:
           raise BertjaxError(f"corpus {self.corpus.source} changed while reading it (window "
@@ -337,8 +248,8 @@ class StreamingPipeline:
     if self.eval_documents == 0:
       return []
     if self._eval is None:
-      docs = _DocumentStream(self.corpus, {"docs": 0, "stream": None}).take(self.eval_documents)
-      tokens, sent_start, doc_start = self._tokenise(docs)
+      docs = DocumentStream(self.corpus, {"docs": 0, "stream": None}).take(self.eval_documents)
+      tokens, sent_start, doc_start = self._tokeniser.tokenise(docs)
       if len(doc_start) < 3:
         raise BertjaxError(f"corpus {self.corpus.source}: the held-out documents hold fewer than "
                            "two with text; raise data.streaming_eval_documents")
@@ -402,35 +313,6 @@ class StreamingPipeline:
 
   def iterator_from_state(self, state: dict, rows=None) -> BatchIterator:
     return self.iterator(self.restore(state), rows)
-
-
-_WORKER: tuple = ()  # (corpus, tokenizer) in a worker process
-
-
-def _init_worker(corpus, tokenizer):
-  global _WORKER
-  _WORKER = (corpus, tokenizer)
-
-
-def _worker_tokenise(docs):
-  corpus, tokenizer = _WORKER
-  corpus.warnings.clear()  # the worker's copy: its repair counts go back to the parent's
-  out = _tokenise_documents(corpus, tokenizer, docs)
-  return out[:3] + (collections.Counter(corpus.warnings),)
-
-
-def _tokenise_documents(corpus, tokenizer, docs):
-  """Records -> (tokens int32, sentence lengths, sentences per document, repair counts to add),
-  without empty sentences and documents. Text records are split into sentences here."""
-  docs = [d if isinstance(d, list) else corpus.split_document(d) for d in docs]
-  sentences = [s for doc in docs for s in doc]
-  encoded = tokenizer.encode_batch(sentences) if sentences else []
-  lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
-  doc_of = np.repeat(np.arange(len(docs)), [len(doc) for doc in docs])[lengths > 0]
-  per_doc = np.bincount(doc_of, minlength=len(docs))
-  lengths = lengths[lengths > 0]
-  tokens = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum()))
-  return tokens, lengths, per_doc[per_doc > 0], collections.Counter()  # counted in `corpus`
 
 
 def _empty_pairs() -> pairs_lib.PairIndex:

@@ -1,0 +1,14 @@
+# Sourced by the launch scripts.
+# shell_quote ARGS...: words a shell reads back as the same arguments, plain when safe, else
+# single-quoted (commands printed by --dry-run, and commands sent to remote shells).
+shell_quote() {
+  local arg words=()
+  for arg in "$@"; do
+    if [[ $arg =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
+      words+=("$arg")
+    else
+      words+=("'${arg//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${words[*]}"
+}
