@@ -25,8 +25,11 @@ $(VENV)/.test-deps: pyproject.toml constraints-test.txt | $(PY)
 	$(PY) -m pip install -q -c constraints-test.txt -e '.[dev,hf]'
 	@touch $@
 
+# Tokenizer (trained on first use), pretraining, held-out evaluation, curves. A second run
+# resumes from the newest checkpoint, or just reports when the run is complete.
 train: $(VENV)/.train-deps
 	$(PY) -m bertjax train --config configs/tiny.py --workdir $(WORKDIR)
+	$(PY) -m bertjax plot --workdir $(WORKDIR)
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -230,7 +230,7 @@ def _print_summary(final: dict, workdir: str) -> None:
           f"{final['mlm_baseline_accuracy']:.3f}), NSP accuracy {final['nsp_accuracy']:.3f} "
           f"(always the majority label: {final['nsp_baseline_accuracy']:.3f}), "
           f"MLM loss {final['mlm_loss']:.3f}, NSP loss {final['nsp_loss']:.3f}")
-  print(f"run folder {workdir}: config.json, tokenizer/, metrics.jsonl, tb/ (TensorBoard)")
+  print(f"run folder {workdir}: config.json, tokenizer/, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
 
 
 def _bench(args, overrides) -> int:

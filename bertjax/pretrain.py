@@ -207,9 +207,12 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
     if state is None:
       state, data_position = initial_state(run, checkpoints, step)
     start = int(jax.device_get(state.step))
-    if start >= t.steps:
-      raise BertjaxError(f"--workdir {run.workdir}: the run is already at step {start} of train.steps={t.steps}; "
-                         "raise train.steps to train further")
+    if start >= t.steps:  # nothing left to train: report where the run stands
+      log.info("the run in %s is already at step %d of train.steps=%d; raise train.steps to train further",
+               run.workdir, start, t.steps)
+      eval_batches = [run.global_batch(b) for b in run.pipeline.eval_batches(run.rows)]
+      final = evaluate(run, state.params, eval_batches)
+      return TrainResult({**final, **baselines(run.pipeline.eval_batches())} if final else {}, state)
     guard = stack.enter_context(PreemptionGuard())
     result = _loop(run, state, start, data_position, checkpoints, guard, stack)
   return result

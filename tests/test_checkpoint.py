@@ -165,6 +165,9 @@ def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokeniz
   out, _ = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, out[-3000:]
   assert f"resumed from checkpoint step {stopped_at}" in out
+  again = _launch(_train_args(root, tmp_path / "killed", steps=20) + extra, devices=2)
+  out, _ = again.communicate(timeout=300)
+  assert again.returncode == 0 and "already at step 20" in out and "held-out MLM accuracy" in out, out[-2000:]
 
   def losses(workdir):
     return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
