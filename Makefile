@@ -25,11 +25,12 @@ $(VENV)/.test-deps: pyproject.toml constraints-test.txt | $(PY)
 	$(PY) -m pip install -q -c constraints-test.txt -e '.[dev,hf]'
 	@touch $@
 
-# Tokenizer (trained on first use), pretraining, held-out evaluation, curves. A second run
-# resumes from the newest checkpoint, or just reports when the run is complete.
+# Tokenizer (trained on first use), pretraining, held-out evaluation, curves, and an export that
+# transformers loads. A second run resumes from the newest checkpoint, or just reports.
 train: $(VENV)/.train-deps
 	$(PY) -m bertjax train --config configs/tiny.py --workdir $(WORKDIR)
 	$(PY) -m bertjax plot --workdir $(WORKDIR)
+	$(PY) -m bertjax export --workdir $(WORKDIR) --format hf
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -17,6 +17,8 @@ so it is off (max_to_keep=None) and this module prunes.
 import dataclasses
 import json
 import logging
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -224,6 +226,22 @@ class Checkpoints:
     _, items = self._first_restorable(step, make_args, check)
     params = items["params"] if abstract_params is not None else jax.tree.map(np.asarray, items["params"])
     return params, items["meta"]
+
+
+def checkpoint_bytes(abstract_state) -> int:
+  """About what one checkpoint of this state takes on disk (uncompressed array bytes)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+
+
+def check_room(workdir, abstract_state) -> None:
+  """Fail before training when a local workdir has no room for one more checkpoint."""
+  if "://" in str(workdir):
+    return  # object stores report no free space
+  needed = checkpoint_bytes(abstract_state)
+  free = shutil.disk_usage(os.fspath(workdir)).free
+  if free < needed:
+    raise BertjaxError(f"--workdir {workdir}: {free / 2**20:,.0f} MiB free, but one checkpoint needs about "
+                       f"{needed / 2**20:,.1f} MiB; free some space or choose another folder")
 
 
 def model_sizes(model_config) -> dict:

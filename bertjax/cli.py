@@ -6,6 +6,7 @@ else is printed, no traceback.
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 from bertjax.errors import BertjaxError
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
   p = sub.add_parser("train", help="pretrain (resumes from WORKDIR's newest checkpoint)")
-  _add_config(p)
+  _add_config(p, required=False)
   p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
   p.add_argument("--step", type=int, help="restore this checkpoint step instead of the newest")
   p.add_argument("--dry-run", action="store_true", help="print mesh, memory and expected step time; do not train")
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("export", help="write a checkpoint as a transformers BERT folder or as plain params")
   p.add_argument("--workdir", required=True)
   p.add_argument("--format", required=True, choices=("hf", "params"))
-  p.add_argument("--out", help="output folder (default: WORKDIR/export)")
+  p.add_argument("--out", help="output folder (default: WORKDIR/export/hf or WORKDIR/export/params)")
   p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
 
   p = sub.add_parser("import-hf", help="make a workdir from a transformers BERT folder")
@@ -179,8 +180,23 @@ def _setup_logging() -> None:
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _run_config(args, overrides):
+  """--config FILE, or else the config.json of the run folder (a resumed or imported run)."""
+  from bertjax import config as config_lib
+
+  if args.config:
+    return _loaded_config(args, overrides)
+  if not (Path(args.workdir) / config_lib.CONFIG_FILENAME).exists() and "://" not in args.workdir:
+    raise BertjaxError(f"--config is required: {args.workdir} holds no config.json of an earlier run")
+  config = config_lib.read_config(args.workdir)
+  for override in overrides:
+    config_lib.apply_override(config, override)
+  config_lib.validate(config)
+  return config
+
+
 def _train(args, overrides) -> int:
-  config = _loaded_config(args, overrides)
+  config = _run_config(args, overrides)
   _setup_logging()
   if args.dry_run:
     from bertjax import dryrun
@@ -208,16 +224,9 @@ def _train(args, overrides) -> int:
 def _eval(args, overrides) -> int:
   import json
 
-  from bertjax import config as config_lib
   from bertjax import pretrain
 
-  if args.config:
-    config = _loaded_config(args, overrides)
-  else:
-    config = config_lib.read_config(args.workdir)
-    for override in overrides:
-      config_lib.apply_override(config, override)
-    config_lib.validate(config)
+  config = _run_config(args, overrides)
   data = pretrain.prepare_data(config, args.workdir)
   _prepare_devices(args, config)
   print(json.dumps(pretrain.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
@@ -246,6 +255,20 @@ def _bench(args, overrides) -> int:
   return 0
 
 
+def _export(args, overrides) -> int:
+  from bertjax import hf_io
+
+  print(f"wrote {hf_io.export(args.workdir, args.format, args.out, args.step)}", flush=True)
+  return 0
+
+
+def _import_hf(args, overrides) -> int:
+  from bertjax import hf_io
+
+  print(hf_io.import_hf(args.hf, args.workdir).summary(), flush=True)
+  return 0
+
+
 def _plot(args, overrides) -> int:
   from bertjax import plot
 
@@ -255,8 +278,6 @@ def _plot(args, overrides) -> int:
 
 # The issue that builds each command; until it lands the command says so and exits 2.
 _PENDING = {
-    "export": "transformers interop (issue #6)",
-    "import-hf": "transformers interop (issue #6)",
     "finetune": "fine-tuning, which has no issue yet",
 }
 
@@ -273,6 +294,8 @@ def _pending(name: str) -> Callable:
 COMMANDS: dict[str, Callable] = {
     **{name: _pending(name) for name in _PENDING},
     "train": _train,
+    "export": _export,
+    "import-hf": _import_hf,
     "eval": _eval,
     "bench": _bench,
     "plot": _plot,

@@ -2,8 +2,9 @@
 
 Pure conversions between a bertjax parameter pure dict (`nnx.to_pure_dict` of the model's
 `nnx.Param` state) and a flat {transformers name: numpy array} dict, plus the two config
-translations. Files (safetensors, config.json, vocabularies) are the export/import commands'
-business; this module touches no disk.
+translations. Files (safetensors, config.json, vocabularies) are bertjax.hf_io's (export,
+`from_pretrained`), bertjax.hf_import's (import-hf) and bertjax.hf_tokenizer's business; this
+module touches no disk. `from_pretrained` is re-exported here.
 
 Layouts (DESIGN.md, "One parameter layout"): bertjax stacks the encoder layers on a leading
 axis, fuses Q/K/V into one [H, 3, N, D] kernel and keeps heads apart in the output kernel
@@ -262,3 +263,11 @@ def load_params_into(model: nnx.Module, params: dict) -> None:
     given[path] = jax.device_put(np.asarray(given[path], old.dtype), old.sharding)
   nnx.replace_by_pure_dict(state, unflatten_dict(given, sep="/"))
   nnx.update(model, state)
+
+
+def from_pretrained(directory, *, dtype: str = "float32", step: int | None = None):
+  """(model, tokenizer) from a transformers BERT folder, a bertjax export or a bertjax workdir;
+  the model computes in `dtype`. Implemented in bertjax.hf_io (imported here lazily: it builds
+  on this module)."""
+  from bertjax.hf_io import from_pretrained as _from_pretrained
+  return _from_pretrained(directory, dtype=dtype, step=step)

@@ -202,6 +202,7 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
   run = setup(config, workdir, data)
   t = config.train
   with contextlib.ExitStack() as stack:
+    checkpoint.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
     data_position = None
     if state is None:

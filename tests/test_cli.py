@@ -35,6 +35,9 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--config", "configs/tiny.py"], "train: the following arguments are required: --workdir"),
+    (["train", "--workdir", "no-such-run"], "--config is required: no-such-run holds no config.json"),
+    (["export", "--workdir", "no-such-run", "--format", "hf"], "no-such-run"),
+    (["import-hf", "--hf", "no-such-folder", "--workdir", "w"], "no-such-folder"),
     (["train", "--config", "configs/tiny.py", "--workdir", "w", "--config.model.variant=huge"],
      "model.variant='huge' is unknown"),
     (["train", "--config", "configs/tiny.py", "--workdir", "w", "--config.train.stepz", "3"], "unknown config key"),
@@ -63,8 +66,6 @@ def test_a_user_error_through_the_real_entry_point_has_no_traceback():
 
 
 @pytest.mark.parametrize("argv", [
-    ["export", "--workdir", "w", "--format", "hf"],
-    ["import-hf", "--hf", "h", "--workdir", "w"],
     ["finetune", "--task", "qa", "--config", "configs/tiny.py", "--workdir", "w", "--init", "i"],
 ])
 def test_commands_not_yet_built_say_so(argv, capsys):

@@ -83,6 +83,17 @@ def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_and_tokeni
     pretrain.prepare_data(_config(corpus_and_tokenizer, "train.steps=2"), blocked / "run")
 
 
+def test_a_full_workdir_fails_before_training(tmp_path, corpus_and_tokenizer, monkeypatch):
+  import shutil
+
+  from bertjax import checkpoint
+
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024))
+  with pytest.raises(BertjaxError, match=r"0 MiB free, but one checkpoint needs about [0-9.,]+ MiB"):
+    pretrain.train(_config(corpus_and_tokenizer, "train.steps=2"), tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import socket
 
 import numpy as np
 import sentencepiece as spm
@@ -117,6 +118,18 @@ class Tokenizer:
     starts[[i for i, p in enumerate(self._pieces) if p.startswith("<") and p.endswith(">")]] = True
     return starts
 
+  @property
+  def lowercase(self) -> bool:
+    """Whether `encode` lower-cases text before the model sees it (WordPiece wrappers only; a
+    sentencepiece model folds case in its own normaliser, and a tokenizer.json in its normalizer)."""
+    return self._lowercase
+
+  @property
+  def serialized_model(self) -> bytes:
+    """Exactly what encodes: the sentencepiece ModelProto bytes, or the tokenizers JSON (UTF-8).
+    Export (bertjax.hf_tokenizer) converts it for transformers."""
+    return self._data
+
   def save(self, directory) -> epath.Path:
     """Writes the tokenizer's files into `directory` (spm.model, or tokenizer.json + vocab.txt)."""
     directory = epath.Path(directory)
@@ -176,6 +189,12 @@ def load_tokenizer(path) -> Tokenizer:
     return _from_vocab_txt(path, lowercase)
   raise BertjaxError(f"tokenizer {path} is neither a .model, a tokenizer.json nor a vocab.txt: "
                      "give one of those")
+
+
+def from_vocab_txt(path, lowercase: bool | None = None) -> Tokenizer:
+  """A BERT vocab.txt as a WordPiece tokenizer; `lowercase=None` guesses from the vocabulary
+  (transformers folders say it in tokenizer_config.json's do_lower_case)."""
+  return _from_vocab_txt(epath.Path(path), lowercase)
 
 
 def _from_vocab_txt(path: epath.Path, lowercase: bool | None) -> Tokenizer:
@@ -253,16 +272,30 @@ def train_tokenizer(config, out_dir) -> Tokenizer:
 
 def tokenizer_for_run(config, workdir) -> Tokenizer:
   """The run's tokenizer: data.tokenizer if set (copied into WORKDIR/tokenizer), else the one in
-  WORKDIR/tokenizer, trained there on first use and reused afterwards."""
+  WORKDIR/tokenizer, trained there on first use and reused afterwards.
+
+  Several processes may call this at once on a shared workdir: each writes a complete folder
+  under a temporary name and renames it into place; the first rename wins and every process
+  then reads that one, so all of them use the same tokenizer.
+  """
   target = epath.Path(workdir) / "tokenizer"
-  if config.data.tokenizer:
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    if not (target / INFO_FILE).exists():
-      tokenizer.save(target)
-    elif load_tokenizer(target).fingerprint != tokenizer.fingerprint:
+  if (target / INFO_FILE).exists():
+    existing = load_tokenizer(target)
+    if config.data.tokenizer and load_tokenizer(config.data.tokenizer).fingerprint != existing.fingerprint:
       raise BertjaxError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
                          f"{target} this workdir was trained with: use that one or a new workdir")
-    return tokenizer
-  if (target / INFO_FILE).exists():
-    return load_tokenizer(target)
-  return train_tokenizer(config, target)
+    return existing
+  staging = target.parent / f".tokenizer.tmp-{socket.gethostname()}-{os.getpid()}"
+  if config.data.tokenizer:
+    load_tokenizer(config.data.tokenizer).save(staging)
+  else:
+    train_tokenizer(config, staging)
+  try:
+    staging.rename(target)
+  except OSError:  # another process got there first: use theirs
+    if not (target / INFO_FILE).exists():
+      raise
+  finally:
+    if staging.exists():
+      staging.rmtree()
+  return load_tokenizer(target)
