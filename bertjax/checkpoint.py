@@ -72,7 +72,9 @@ class Checkpoints:
   """The checkpoints of one workdir: save, restore, retention. Use as a context manager."""
 
   def __init__(self, workdir, checkpoint_cfg=None, *, read_only: bool = False):
-    self.dir = epath.Path(workdir) / CHECKPOINT_DIR
+    # orbax's finalisation wants absolute paths; `make train` passes runs/tiny.
+    local = "://" not in str(workdir)
+    self.dir = epath.Path(os.path.abspath(workdir) if local else workdir) / CHECKPOINT_DIR
     cfg = checkpoint_cfg
     self.keep = cfg.keep if cfg is not None else 0
     self.keep_period = cfg.keep_period if cfg is not None else 0
@@ -86,8 +88,14 @@ class Checkpoints:
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+      return
+    try:  # already failing: finish what can be finished, but never mask the first error
+      self.close()
+    except Exception as e:  # noqa: BLE001
+      log.warning("while stopping after an error, closing the checkpoints failed too: %s", e)
 
   # -- what is there -------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -136,8 +144,8 @@ class Checkpoints:
   def _seal(self, finished: list[int]) -> None:
     """Write the manifests of completed saves, then apply retention."""
     for step in finished:
-      if self.is_primary:
-        step_dir = self.dir / str(step)
+      step_dir = self.dir / str(step)
+      if self.is_primary and step_dir.exists():  # absent: the save failed, and said so
         (step_dir / MANIFEST).write_text(json.dumps({"step": step, "files": _step_files(step_dir)}))
       self._unsealed.remove(step)
     if finished:

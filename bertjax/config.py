@@ -201,6 +201,14 @@ def validate(config: config_dict.ConfigDict, device_count: int | None = None) ->
     _fail("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
           "make the global batch a multiple of the number of microbatches")
 
+  if t.profile_steps:
+    start, _, stop = t.profile_steps.partition(":")
+    if not (start.isdigit() and stop.isdigit() and int(start) < int(stop)):
+      _fail("train.profile_steps", f"{t.profile_steps!r}: expected START:STOP with START < STOP",
+            "e.g. --config.train.profile_steps=10:15, or empty for no trace")
+  if t.distributed_timeout_s <= 0:
+    _fail("train.distributed_timeout_s", f"{t.distributed_timeout_s} must be positive", "e.g. 300 (seconds)")
+
   _choice(config, "optim.name", ("adamw", "lamb"))
   _choice(config, "optim.decay", ("linear", "polynomial", "constant"))
   _positive(config, "optim.lr", "optim.max_nonfinite", "optim.eps")

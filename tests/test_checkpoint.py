@@ -67,6 +67,18 @@ def test_params_restore_to_the_host_without_a_mesh(tmp_path):
   _leaves_equal(params, state.params)
 
 
+def test_a_relative_workdir_works(tmp_path, monkeypatch):
+  """`make train` passes runs/tiny: orbax itself wants absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints("runs/relative", _CheckpointCfg()) as ckpts:
+    for s in (1, 2):
+      ckpts.save(state.replace(step=state.step + s), {})
+  with checkpoint.Checkpoints("runs/relative", read_only=True) as ckpts:
+    assert ckpts.good_steps() == [1, 2]
+
+
 def test_retention_keeps_the_last_k_and_every_kth(tmp_path):
   steps = _steps((1, 1, 1))
   state, _ = _trained_state(steps, n=0)

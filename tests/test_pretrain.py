@@ -76,6 +76,28 @@ def test_the_nonfinite_guard_stops_the_run_with_its_message(tmp_path, corpus_and
   assert [r["skipped_steps"] for r in logged if r["split"] == "train"][:2] == [1.0, 2.0]
 
 
+def test_the_profiler_window_writes_a_trace(tmp_path, corpus_and_tokenizer):
+  config = _config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100", "train.profile_steps=1:3")
+  pretrain.train(config, tmp_path / "run")
+  traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+  assert traces, list((tmp_path / "run").rglob("*"))
+
+
+def test_a_bad_profile_window_is_one_line(tmp_path, corpus_and_tokenizer):
+  config = _config(corpus_and_tokenizer, "train.steps=4", "train.profile_steps=3:1")
+  with pytest.raises(BertjaxError, match="train.profile_steps='3:1': expected START:STOP with START < STOP"):
+    pretrain.prepare_data(config, tmp_path / "run")  # before any device work
+
+
+def test_the_persistent_compilation_cache_fills(tmp_path, corpus_and_tokenizer):
+  cache = tmp_path / "jax-cache"
+  args = _train_args(corpus_and_tokenizer, tmp_path / "run", steps=2) + [f"--config.train.compilation_cache={cache}"]
+  proc = _launch(args, devices=1)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-2000:]
+  assert cache.is_dir() and any(cache.iterdir())  # the train step (compiled in seconds) is cached
+
+
 def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_and_tokenizer):
   blocked = tmp_path / "file"
   blocked.write_text("not a folder")

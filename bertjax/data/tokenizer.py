@@ -265,7 +265,7 @@ def train_tokenizer(config, out_dir) -> Tokenizer:
                        f"({str(e).splitlines()[0]}): lower data.vocab_size or give more text") from e
   tokenizer = Tokenizer("sentencepiece", model.getvalue(), source=f"trained on {d.source}")
   tokenizer.save(out_dir)
-  log.info("trained %s on %d sentences into %s", tokenizer, len(sentences), out_dir)
+  log.info("trained %s on %d sentences", tokenizer, len(sentences))
   return tokenizer
 
 
@@ -298,4 +298,5 @@ def tokenizer_for_run(config, workdir) -> Tokenizer:
   finally:
     if staging.exists():
       staging.rmtree()
+  log.info("the run's tokenizer is in %s", target)
   return load_tokenizer(target)
