@@ -5,6 +5,7 @@ else is printed, no traceback.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from collections.abc import Callable, Sequence
@@ -176,8 +177,12 @@ def _setup_logging() -> None:
   import logging
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-  for noisy in ("absl", "jax._src", "datasets", "orbax"):
+  for noisy in ("jax._src", "datasets"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  # orbax logs through absl, warning for every item a partial restore leaves out (bertjax reads
+  # meta alone on purpose); its real failures reach bertjax as exceptions.
+  for quiet in ("absl", "orbax"):
+    logging.getLogger(quiet).setLevel(logging.ERROR)
 
 
 def _run_config(args, overrides):
@@ -197,7 +202,6 @@ def _run_config(args, overrides):
 
 def _train(args, overrides) -> int:
   config = _run_config(args, overrides)
-  _setup_logging()
   if args.dry_run:
     from bertjax import dryrun
 
@@ -307,6 +311,8 @@ COMMANDS: dict[str, Callable] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
+  # transformers (export's tokenizer converter) announces at import that torch is absent.
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   try:
     rest, overrides = _split_overrides(argv)
     parser = build_parser()
@@ -318,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   getattr(args, "data_command", None))))
     if overrides and "config" not in vars(args):
       raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
+    _setup_logging()
     return COMMANDS[name](args, overrides) or 0
   except BertjaxError as e:
     print(f"bertjax: error: {e}", file=sys.stderr)

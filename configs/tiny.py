@@ -21,11 +21,11 @@ def get_config(arg: str | None = None):
   c.data.max_predictions = 10  # 15% of 64
   c.data.eval_fraction = 0.05  # ~30 of 605 documents: a held-out NSP set that is not lopsided
   c.train.batch_size = 64
-  c.train.steps = 1200
+  c.train.steps = 1500
   c.train.log_every = 50
-  c.train.eval_every = 400
+  c.train.eval_every = 500
   c.train.eval_batches = 8
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 300
-  c.checkpoint.every_steps = 400
+  c.checkpoint.every_steps = 500
   return c
