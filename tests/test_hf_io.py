@@ -23,6 +23,7 @@ from bertjax.errors import BertjaxError
 from bertjax.model import init_model
 from tests.conftest import MICRO
 from tests.data_fixtures import numbered_documents, write_bert_text
+from tests.test_hf_parity import _randomise  # random LayerNorms and biases too
 
 TOLERANCE = 1e-4
 VOCAB = 250
@@ -66,16 +67,6 @@ def _vocab(corpus) -> list[str]:
   pieces += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz0123456789")
   pieces += [w for w in words if w not in pieces]
   return (pieces + [f"[unused{i}]" for i in range(2, VOCAB)])[:VOCAB]
-
-
-def _randomise(module):
-  # Random LayerNorms and biases too: a dropped or swapped tensor must change the outputs.
-  generator = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=generator)
-      p.copy_(1.0 + 0.1 * noise if name.endswith("LayerNorm.weight") else 0.1 * noise)
-  return module.eval()
 
 
 def _hf_folder(folder, model_class, corpus, legacy_bin=False):
