@@ -28,9 +28,10 @@ def _config_path(path: str) -> Path:
   candidate = Path(path)
   if candidate.is_file():
     return candidate
-  # A bare name (`base`, `base.py`) also finds the configs that ship with bertjax.
+  # A bare name (`base`, `base.py`) or `configs/base.py` outside a checkout also finds the
+  # configs that ship with bertjax.
   packaged = PACKAGED_CONFIGS / (candidate.name if candidate.suffix == ".py" else f"{candidate.name}.py")
-  if candidate.parent == Path(".") and packaged.is_file():
+  if candidate.parent in (Path("."), Path("configs")) and packaged.is_file():
     return packaged
   known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if not p.stem.startswith("_")))
   raise BertjaxError(f"--config: no config file {path!r}; give a path to a .py file or one of: {known}")

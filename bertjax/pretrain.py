@@ -245,7 +245,7 @@ def _loop(run: Run, state, start: int, data_position, checkpoints, guard, stack)
       _after_step(run, *pending, writer, progress, throughput, window)
     pending = (step, step_metrics)
     done = step + 1
-    if guard.should_stop(done, checkpoints):
+    if guard.should_stop(done):
       _after_step(run, *pending, writer, progress, throughput, window)
       checkpoints.save(state, _checkpoint_meta(run, done), wait=True)
       return TrainResult({}, state, stopped_by=guard.received)

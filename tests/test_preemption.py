@@ -10,9 +10,9 @@ from bertjax.preemption import PreemptionGuard
 
 def test_first_signal_asks_to_stop_and_a_second_sigint_aborts():
   with PreemptionGuard() as guard:
-    assert not guard.should_stop(1, checkpoints=None)
+    assert not guard.should_stop(1)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert guard.received == "SIGTERM" and guard.should_stop(2, checkpoints=None)
+    assert guard.received == "SIGTERM" and guard.should_stop(2)
     with pytest.raises(KeyboardInterrupt, match="second SIGINT: aborting without saving"):
       os.kill(os.getpid(), signal.SIGINT)
 
