@@ -52,6 +52,12 @@ class Run:
   def is_primary(self) -> bool:
     return jax.process_index() == 0
 
+  def held_out(self) -> tuple[list[dict[str, jax.Array]], dict[str, float]]:
+    """The fixed eval batches on the mesh, and the baselines over all their rows."""
+    local = self.pipeline.eval_batches(self.rows)
+    every_row = len(self.rows) == self.config.train.batch_size  # one process: already all rows
+    return [self.global_batch(b) for b in local], baselines(local if every_row else self.pipeline.eval_batches())
+
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per field, sharded over the mesh."""
     size = self.config.train.batch_size
@@ -210,9 +216,9 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
     if start >= t.steps:  # nothing left to train: report where the run stands
       log.info("the run in %s is already at step %d of train.steps=%d; raise train.steps to train further",
                run.workdir, start, t.steps)
-      eval_batches = [run.global_batch(b) for b in run.pipeline.eval_batches(run.rows)]
+      eval_batches, reference = run.held_out()
       final = evaluate(run, state.params, eval_batches)
-      return TrainResult({**final, **baselines(run.pipeline.eval_batches())} if final else {}, state)
+      return TrainResult({**final, **reference} if final else {}, state)
     guard = stack.enter_context(PreemptionGuard())
     result = _loop(run, state, start, data_position, checkpoints, guard, stack)
   return result
@@ -220,8 +226,7 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
 
 def _loop(run: Run, state, start: int, data_position, checkpoints, guard, stack) -> TrainResult:
   config, t = run.config, run.config.train
-  eval_batches = [run.global_batch(b) for b in run.pipeline.eval_batches(run.rows)]
-  reference = baselines(run.pipeline.eval_batches())
+  eval_batches, reference = run.held_out()
   flops = metrics.flops_per_sequence(run.model_config, config.data.seq_len, config.data.max_predictions)
   peak = metrics.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops)
   throughput = metrics.Throughput(flops, jax.device_count(), peak)
@@ -275,8 +280,8 @@ def evaluate_checkpoint(config, workdir, *, data: Data | None = None, step: int 
         run.steps.abstract_state().params, step,
         check=lambda meta: checkpoint.check_compatible(meta, run.model_config, run.tokenizer.fingerprint,
                                                        f"--workdir {workdir}"))
-  eval_batches = [run.global_batch(b) for b in run.pipeline.eval_batches(run.rows)]
-  return {"step": meta["step"], **evaluate(run, params, eval_batches), **baselines(run.pipeline.eval_batches())}
+  eval_batches, reference = run.held_out()
+  return {"step": meta["step"], **evaluate(run, params, eval_batches), **reference}
 
 
 @dataclasses.dataclass
