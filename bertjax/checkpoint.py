@@ -104,6 +104,11 @@ class Checkpoints:
   def good_steps(self) -> list[int]:
     return [s for s in self.steps() if is_good(self.dir / str(s))]
 
+  def reached_preemption(self, step: int) -> bool:
+    """orbax's preemption sync point: True on every process at the same step after a preemption
+    notice to any of them (JAX's preemption service; every process must ask at every step)."""
+    return self.manager.reached_preemption(step)
+
   # -- saving --------------------------------------------------------------------------------
   def save(self, state, meta: dict, *, wait: bool = False) -> None:
     """Save `state` (a TrainState) at its step with `meta`; asynchronous unless `wait`."""

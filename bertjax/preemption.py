@@ -1,40 +1,52 @@
 """Stopping cleanly when asked: SIGTERM or SIGINT finish the step, save, and exit 0.
 
-Every process installs a handler that notes the first SIGTERM or SIGINT; a second SIGINT aborts
-at once. One process stops after the step in flight. Several processes must save the same step:
-every `CHECK_EVERY` steps they all-gather their flags (a tiny collective, not one every step, so
-the host rarely waits on the device), and if any process was signalled all of them stop at that
-step. Schedulers allow tens of seconds after SIGTERM, far more than a few steps.
+One process: a Python handler notes the first SIGTERM or SIGINT and the loop stops after the
+step in flight; a second SIGINT aborts at once.
 
-Known gap (issue #5 stays open for it): in a run joined through `jax.distributed` on CPU with
-jax 0.10, a SIGTERM sent to a training process never reaches this handler (the runtime takes it:
-the process neither stops nor dies), and JAX's own preemption service, through orbax's
-`reached_preemption`, never reported a sync point either; the run trains on. One process is
-tested end to end (tests/test_checkpoint.py); the agreement below is untested for that reason.
+Several processes must all save the same step, whichever of them was signalled (a scheduler
+may reach one host first). `jax.distributed.initialize` starts JAX's preemption service, whose
+own C++ handler takes SIGTERM; the processes then agree through orbax's preemption sync point
+(`CheckpointManager.reached_preemption`, asked every step: a host-side check of a few
+microseconds, no collective): when one process is signalled, all of them reach the sync point at
+the same, slightly later step. So with several processes the guard leaves SIGTERM to that
+service, and a first SIGINT is handed to it as a SIGTERM. Where the service is off
+(`JAX_ENABLE_PREEMPTION_SERVICE=false`), the Python handler takes both signals and the processes
+all-gather their flags every `CHECK_EVERY` steps instead.
 """
 
 import logging
 import signal
+from typing import Callable
 
 import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
-CHECK_EVERY = 5  # steps between the processes' agreement on whether to stop
+CHECK_EVERY = 5  # steps between all-gathers of the flags when JAX's preemption service is off
+JOB_NOTICE = "a preemption signal to the job"  # what stopped a process that was not signalled itself
 
 
 class PreemptionGuard:
-  """A context manager whose `should_stop(step)` says when to save and stop."""
+  """A context manager whose `should_stop(step)`, asked after every step, says when to save and stop.
 
-  def __init__(self, check_every: int = CHECK_EVERY):
+  `sync_point(step)` is the multi-process agreement (orbax's `CheckpointManager.reached_preemption`).
+  """
+
+  def __init__(self, sync_point: Callable[[int], bool] | None = None, check_every: int = CHECK_EVERY):
     self.received: str | None = None
     self.check_every = check_every
+    self._sync_point = sync_point
     self._previous = {}
     self._processes = 1
+    self._service = False
 
   def __enter__(self):
     self._processes = jax.process_count()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    self._service = (self._processes > 1 and self._sync_point is not None
+                     and bool(jax.config.jax_enable_preemption_service))
+    # With the service on, SIGTERM stays with its C++ handler: a Python one would replace it.
+    signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -51,16 +63,21 @@ class PreemptionGuard:
     self.received = name
     log.warning("received %s: finishing this step, saving a checkpoint, then stopping "
                 "(send SIGINT again to abort without saving)", name)
+    if self._service:
+      signal.raise_signal(signal.SIGTERM)  # JAX's handler: the service tells the other processes
 
   def should_stop(self, step: int) -> bool:
+    """Whether to save `step` (the number of steps done) and stop. Every process asks every step."""
     if self._processes == 1:
       return self.received is not None
-    if step % self.check_every:
-      return False
-    from jax.experimental import multihost_utils
+    if self._service:
+      stop = self._sync_point(step)
+    elif step % self.check_every == 0:
+      from jax.experimental import multihost_utils
 
-    asked = multihost_utils.process_allgather(np.int32(self.received is not None))
-    if np.any(asked):
-      self.received = self.received or "SIGTERM"  # another process was signalled
-      return True
-    return False
+      stop = bool(np.any(multihost_utils.process_allgather(np.int32(self.received is not None))))
+    else:
+      stop = False
+    if stop:
+      self.received = self.received or JOB_NOTICE
+    return stop

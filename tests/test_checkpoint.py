@@ -1,4 +1,4 @@
-"""Checkpoints: round trips, exact resume after a real SIGTERM, other meshes, warm starts, faults."""
+"""Checkpoints: round trips, exact resume after real signals (one process or a job), other meshes, warm starts, faults."""
 
 import contextlib
 import logging
@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from bertjax import checkpoint, metrics, pretrain
 from bertjax.errors import BertjaxError
-from tests.test_pretrain import _config, _launch, _train_args, corpus_and_tokenizer  # noqa: F401
+from tests.test_pretrain import _config, _free_port, _launch, _train_args, corpus_and_tokenizer  # noqa: F401
 from tests.test_train import _steps, synthetic_batch
 
 
@@ -187,6 +188,77 @@ def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokeniz
   whole_losses, killed_losses = losses(tmp_path / "whole"), losses(tmp_path / "killed")
   assert sorted(killed_losses) == list(range(1, 21))
   assert killed_losses == whole_losses  # bit for bit
+
+
+def _launch_job(args, processes=2, devices=2, extra_env=None) -> list[subprocess.Popen]:
+  port = _free_port()
+  return [_launch(args + ["--coordinator", f"localhost:{port}", "--num_processes", str(processes),
+                          "--process_id", str(i)], devices=devices, extra_env=extra_env) for i in range(processes)]
+
+
+def _signal_at_step(procs, step: int, steps: int, sig, target: int) -> list[str]:
+  """Read every process's output; once process 0 logs `step`, send `sig` to process `target`."""
+  outputs = [[] for _ in procs]
+
+  def read(i):
+    for line in procs[i].stdout:
+      outputs[i].append(line)
+      if i == 0 and line.split("|")[0].split() == ["step", f"{step}/{steps}"]:
+        procs[target].send_signal(sig)
+
+  readers = [threading.Thread(target=read, args=(i,)) for i in range(len(procs))]
+  for reader in readers:
+    reader.start()
+  for proc in procs:
+    proc.wait(timeout=300)
+  for reader in readers:
+    reader.join()
+  return ["".join(lines) for lines in outputs]
+
+
+@pytest.mark.parametrize("agreement", ["orbax_sync_point", "all_gather"])
+def test_one_signalled_process_stops_the_job_at_one_saved_step(tmp_path, corpus_and_tokenizer, agreement):
+  """SIGTERM to process 1 of 2: both save the same step and exit 0. Through orbax's preemption
+  sync point (JAX's preemption service, the default) or, with the service off, the all-gather."""
+  extra_env = {"JAX_ENABLE_PREEMPTION_SERVICE": "false"} if agreement == "all_gather" else None
+  args = _train_args(corpus_and_tokenizer, tmp_path / "run", steps=200)
+  procs = _launch_job(args, extra_env=extra_env)
+  outs = _signal_at_step(procs, 10, 200, signal.SIGTERM, target=1)
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert "stopped by a preemption signal to the job after step " in outs[0], outs[0][-2000:]
+  stopped_at = int(outs[0].split("after step ")[1].split(":")[0])
+  assert 10 <= stopped_at < 30  # within a few steps of the signal, far from the end
+  with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
+    assert ckpts.good_steps()[-1] == stopped_at  # saved together: a step orbax finalised on both
+
+
+def test_a_job_stopped_by_sigint_to_one_process_resumes_bit_exactly(tmp_path, corpus_and_tokenizer):
+  """Ctrl-C in one process's terminal stops both at one step (handed to JAX's preemption
+  service); the same command resumes, and every loss equals the uninterrupted job's."""
+  def args(workdir):
+    return _train_args(corpus_and_tokenizer, workdir, steps=30) + ["--config.checkpoint.every_steps=100"]
+
+  whole = _launch_job(args(tmp_path / "whole"))
+  outs = [p.communicate(timeout=300)[0] for p in whole]
+  assert [p.returncode for p in whole] == [0, 0], outs[0][-2000:]
+
+  procs = _launch_job(args(tmp_path / "stopped"))
+  outs = _signal_at_step(procs, 10, 30, signal.SIGINT, target=1)
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert "received SIGINT" in outs[1] and "stopped by a preemption signal to the job" in outs[0]
+  stopped_at = int(outs[0].split("after step ")[1].split(":")[0])
+  assert 10 <= stopped_at < 30
+
+  resumed = _launch_job(args(tmp_path / "stopped"))
+  outs = [p.communicate(timeout=300)[0] for p in resumed]
+  assert [p.returncode for p in resumed] == [0, 0], outs[0][-2000:]
+  assert f"resumed from checkpoint step {stopped_at}" in outs[0]
+
+  def losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
+
+  assert sorted(losses(tmp_path / "stopped")) == list(range(1, 31))
+  assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")  # bit for bit
 
 
 def test_async_saves_are_complete_when_the_process_exits(tmp_path, corpus_and_tokenizer):
