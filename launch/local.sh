@@ -8,6 +8,10 @@
 # Every output line is prefixed with "[i] ". If any process fails, the others are stopped and
 # the script exits with the failed process's status; otherwise it exits 0.
 #
+# Ctrl-C (or SIGTERM to this script) sends SIGTERM to every process and waits: bertjax saves one
+# step on all of them and exits 0, and so does this script. A second Ctrl-C kills them unsaved
+# (exit 130). Needs bash 5.1 or later (wait -n -p).
+#
 # Hardware and placement (environment):
 #   LOCAL_DEVICES=K       K fake CPU devices per process (JAX_PLATFORMS=cpu)
 #   GPUS_PER_PROCESS=G    process i sees GPUs i*G .. i*G+G-1 (CUDA_VISIBLE_DEVICES)
@@ -41,6 +45,7 @@ place_devices() {
 
 # "[i] " before every line, and after every carriage return (progress bars redraw with one).
 prefix_lines() {
+  trap '' TERM  # read the command's output to its end: on SIGTERM it saves, reports, then exits
   local line
   while IFS= read -r line || [[ -n $line ]]; do
     printf '[%s] %s\n' "$1" "${line//$'\r'/$'\r'"[$1] "}"
@@ -51,6 +56,9 @@ run_process() {
   local index=$1
   shift
   place_devices "$index"
+  # A caught (not ignored) TERM: this subshell outlives the stop request and waits for its
+  # pipeline; the command itself starts with the default action, as handlers are not inherited.
+  trap : TERM
   # Unbuffered Python output, so the prefixed lines of all processes interleave as they happen.
   PYTHONUNBUFFERED=1 "$@" --coordinator "localhost:${port}" --num_processes "$num_processes" \
     --process_id "$index" 2>&1 | prefix_lines "$index"
@@ -68,9 +76,30 @@ num_processes=$1
 shift 2
 port=${PORT:-$(free_port)}
 
+# shellcheck disable=SC2329  # called from on_interrupt, the trap below
+kill_all() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+}
+
+stopping=0
+# shellcheck disable=SC2329  # the INT/TERM trap
+on_interrupt() {
+  if ((stopping)); then
+    echo "launch/local.sh: interrupted again: killing the processes without saving" >&2
+    kill_all
+    exit 130
+  fi
+  stopping=1
+  echo "launch/local.sh: asking every process to save and stop (interrupt again to kill them)" >&2
+  stop_all
+}
+
 # Job control gives every process its own process group, so stopping one stops its whole pipeline.
 pids=()
-trap 'stop_all; exit 130' INT TERM
+trap on_interrupt INT TERM
 set -m
 for ((i = 0; i < num_processes; i++)); do
   run_process "$i" "$@" &
@@ -79,15 +108,21 @@ done
 set +m  # groups made; without monitor mode bash prints no job notices ("Terminated") when stopping
 
 status=0
-for ((left = num_processes; left > 0; left--)); do
-  if wait -n; then
-    continue
-  else
-    status=$?
+left=$num_processes
+while ((left > 0)); do
+  if wait -n -p finished; then rc=0; else rc=$?; fi
+  if [[ -z ${finished:-} ]]; then  # unset: no process finished
+    ((rc != 127)) || break  # none is left to wait for
+    continue                # a signal cut the wait short; its trap has run
   fi
-  echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
-  stop_all
-  wait || true
-  break
+  left=$((left - 1))
+  if ((rc != 0 && status == 0)); then
+    status=$rc
+    if ((!stopping)); then
+      echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+      stopping=1
+      stop_all
+    fi
+  fi
 done
 exit "$status"

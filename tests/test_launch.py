@@ -6,6 +6,7 @@ output is the exact command lines they would run.
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bertjax import metrics
+from bertjax import checkpoint, metrics
 from tests.test_pretrain import MICRO_OVERRIDES, corpus_and_tokenizer  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +58,8 @@ FAKE_PROCESS = """#!/usr/bin/env bash
 echo "args: $*"
 echo "devices: ${XLA_FLAGS##* } gpus: ${CUDA_VISIBLE_DEVICES:-none}"
 if [[ ${!#} == "$FAIL_ID" ]]; then echo "process ${!#} fails"; exit 3; fi
-sleep "$SLEEP"
+if [[ -n ${ON_TERM:-} ]]; then trap "$ON_TERM" TERM; fi
+for ((i = 0; i < SLEEP * 10; i++)); do sleep 0.1; done
 """
 
 
@@ -89,6 +91,36 @@ def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process
   assert time.monotonic() - start < 10  # the sleeping ones were stopped, not waited for
 
 
+def _start(args, **env) -> subprocess.Popen:
+  return subprocess.Popen([str(a) for a in args], env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, cwd=REPO)
+
+
+def test_local_sh_interrupted_waits_for_every_process_to_stop_and_reports_their_status(fake_process):
+  """Ctrl-C: SIGTERM to each process, whose own handler finishes (here: says so, exits 0)."""
+  proc = _start([LAUNCH / "local.sh", 2, "--", fake_process], FAIL_ID="none", SLEEP="30",
+                ON_TERM='sleep 1; echo "process saved"; exit 0')
+  time.sleep(2)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=20)
+  assert proc.returncode == 0, err
+  assert "asking every process to save and stop" in err
+  lines = out.splitlines()
+  assert "[0] process saved" in lines and "[1] process saved" in lines  # waited for, output kept
+
+
+def test_local_sh_second_interrupt_kills_the_processes(fake_process):
+  proc = _start([LAUNCH / "local.sh", 2, "--", fake_process], FAIL_ID="none", SLEEP="30", ON_TERM=":")
+  time.sleep(2)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(1)
+  start = time.monotonic()
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=20)
+  assert proc.returncode == 130 and "interrupted again: killing the processes" in err
+  assert time.monotonic() - start < 5
+
+
 def test_local_sh_explains_its_usage():
   result = _run([LAUNCH / "local.sh", "two", "--", "true"])
   assert result.returncode == 2 and "usage: " in result.stderr
@@ -111,6 +143,26 @@ def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokeni
   assert not any(line.startswith("[1] held-out MLM accuracy") for line in lines)
   train = [r for r in metrics.read_metrics(tmp_path / "run") if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2]
+
+
+def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):  # noqa: F811
+  command = [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax",
+             *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=200)]
+  proc = _start(command, LOCAL_DEVICES="2")
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.replace("|", " ").split()[:3] == ["[0]", "step", "10/200"]:
+      proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: job control keeps it from the processes
+      break
+  out, err = proc.communicate(timeout=300)
+  out = "".join(lines) + out
+  assert proc.returncode == 0, out[-3000:] + err[-2000:]
+  assert "[0] stopped by a preemption signal to the job after step " in out, out[-3000:]
+  stopped_at = int(out.split("after step ")[1].split(":")[0])
+  assert 10 <= stopped_at < 200
+  with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
+    assert ckpts.good_steps() == [stopped_at]
 
 
 # -- launch/slurm_gpu.sbatch and launch/slurm_submit.sh --
