@@ -2,11 +2,18 @@
 
 No corpus and no tokenizer: the vocabulary is `data.vocab_size` and batches are random ids with
 `data.max_predictions` masked positions, so the figure is the model's and the mesh's alone.
-Prints one JSON line per shape measured (the config's).
+Prints one JSON line per shape measured (the config's). With `--profile DIR` it also traces a few
+steps with `jax.profiler` (open DIR in TensorBoard or Perfetto) and adds where the time went:
+device time per step by kernel (XLA op on CPU), the biggest first.
 """
 
+import collections
+import gzip
+import json
 import statistics
 import time
+
+from etils import epath
 
 import jax
 import numpy as np
@@ -32,8 +39,13 @@ def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_s
   }
 
 
-def run(config, steps: int = 20, warmup: int = 3) -> dict:
-  """Compile, warm up, then time `steps` train steps; the median step gives the throughput."""
+PROFILED_STEPS = 3
+TOP_KERNELS = 30
+
+
+def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
+  """Compile, warm up, then time `steps` train steps; the median step gives the throughput.
+  With `profile_dir`, trace PROFILED_STEPS more steps there and add their kernel summary."""
   d, t = config.data, config.train
   model_config = resolve_config(config.model, d.vocab_size)
   mesh = sharding.make_mesh(config.mesh)
@@ -82,4 +94,35 @@ def run(config, steps: int = 20, warmup: int = 3) -> dict:
   memory = device.memory_stats() if hasattr(device, "memory_stats") else None
   if memory and "peak_bytes_in_use" in memory:
     result["peak_memory_gib"] = round(memory["peak_bytes_in_use"] / 2**30, 3)
+  if profile_dir is not None:
+    with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+      for _ in range(PROFILED_STEPS):
+        state, out = step(state)
+      jax.block_until_ready(out)
+    trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"),
+                key=lambda p: p.stat().mtime)
+    result["profile"] = {"trace": str(trace), **kernel_summary(trace, PROFILED_STEPS)}
   return result
+
+
+def kernel_summary(trace_path, steps: int, top: int = TOP_KERNELS) -> dict:
+  """Device time per step by kernel from a perfetto trace: GPU/TPU kernels where the trace has a
+  device, else the XLA ops the CPU ran (events naming an `hlo_op`)."""
+  with gzip.open(epath.Path(trace_path).open("rb")) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+
+  def is_kernel(e):
+    return e.get("pid") in devices if devices else "hlo_op" in e.get("args", {})
+
+  time_us, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and is_kernel(e):
+      time_us[e["name"]] += e.get("dur", 0)
+      calls[e["name"]] += 1
+  return {
+      "busy_ms_per_step": round(sum(time_us.values()) / steps / 1e3, 3),
+      "top": [[name, round(us / steps / 1e3, 3), calls[name] / steps] for name, us in time_us.most_common(top)],
+  }

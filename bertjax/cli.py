@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("bench", help="time the compiled train step on synthetic batches; one JSON line per shape")
   _add_config(p)
   p.add_argument("--steps", type=int, default=20, metavar="N")
+  p.add_argument("--profile", metavar="DIR", help="also trace a few steps into DIR and report the time by kernel")
   _add_distributed(p)
 
   p = sub.add_parser("plot", help="render loss and accuracy curves to a PNG")
@@ -255,7 +256,7 @@ def _bench(args, overrides) -> int:
   _prepare_devices(args, config)
   from bertjax import bench
 
-  print(json.dumps(bench.run(config, steps=args.steps)), flush=True)
+  print(json.dumps(bench.run(config, steps=args.steps, profile_dir=args.profile)), flush=True)
   return 0
 
 

@@ -48,6 +48,7 @@ def test_every_command_has_help(command, capsys):
     (["plot", "--workdir", "w", "--config.train.steps=3"], "plot: takes no --config.KEY=VALUE overrides"),
     (["data", "preview", "--config", "configs/tiny.py", "--workdir", "w", "--batches", "0", "--out", "x.npz"],
      "--batches 0: give at least 1"),
+    (["bench", "--config", "configs/tiny.py", "--steps", "0"], "--steps 0: give at least 1"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ])
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):
