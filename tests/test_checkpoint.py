@@ -227,7 +227,7 @@ def test_one_signalled_process_stops_the_job_at_one_saved_step(tmp_path, corpus_
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   assert "stopped by a preemption signal to the job after step " in outs[0], outs[0][-2000:]
   stopped_at = int(outs[0].split("after step ")[1].split(":")[0])
-  assert 10 <= stopped_at < 30  # within a few steps of the signal, far from the end
+  assert 10 <= stopped_at < 100  # soon after the signal (a loaded machine reads the log late), not at the end
   with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
     assert ckpts.good_steps()[-1] == stopped_at  # saved together: a step orbax finalised on both
 
@@ -235,19 +235,21 @@ def test_one_signalled_process_stops_the_job_at_one_saved_step(tmp_path, corpus_
 def test_a_job_stopped_by_sigint_to_one_process_resumes_bit_exactly(tmp_path, corpus_and_tokenizer):
   """Ctrl-C in one process's terminal stops both at one step (handed to JAX's preemption
   service); the same command resumes, and every loss equals the uninterrupted job's."""
+  steps = 60  # room for the stop to land before the end even when the log is read late
+
   def args(workdir):
-    return _train_args(corpus_and_tokenizer, workdir, steps=30) + ["--config.checkpoint.every_steps=100"]
+    return _train_args(corpus_and_tokenizer, workdir, steps=steps) + ["--config.checkpoint.every_steps=100"]
 
   whole = _launch_job(args(tmp_path / "whole"))
   outs = [p.communicate(timeout=300)[0] for p in whole]
   assert [p.returncode for p in whole] == [0, 0], outs[0][-2000:]
 
   procs = _launch_job(args(tmp_path / "stopped"))
-  outs = _signal_at_step(procs, 10, 30, signal.SIGINT, target=1)
+  outs = _signal_at_step(procs, 10, steps, signal.SIGINT, target=1)
   assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
   assert "received SIGINT" in outs[1] and "stopped by a preemption signal to the job" in outs[0]
   stopped_at = int(outs[0].split("after step ")[1].split(":")[0])
-  assert 10 <= stopped_at < 30
+  assert 10 <= stopped_at < steps
 
   resumed = _launch_job(args(tmp_path / "stopped"))
   outs = [p.communicate(timeout=300)[0] for p in resumed]
@@ -257,7 +259,7 @@ def test_a_job_stopped_by_sigint_to_one_process_resumes_bit_exactly(tmp_path, co
   def losses(workdir):
     return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r["split"] == "train"}
 
-  assert sorted(losses(tmp_path / "stopped")) == list(range(1, 31))
+  assert sorted(losses(tmp_path / "stopped")) == list(range(1, steps + 1))
   assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")  # bit for bit
 
 
