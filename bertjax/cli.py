@@ -158,12 +158,18 @@ def _data_bench(args, overrides) -> int:
   return 0
 
 
-def _prepare_devices(args, config) -> None:
-  """Join the multi-process job (if any) and set up the compilation cache; then devices may be used."""
+def _prepare_devices(args, config, *, preemption: bool = False) -> None:
+  """Join the multi-process job (if any) and set up the compilation cache; then devices may be used.
+
+  Only `train` keeps JAX's preemption service: it takes SIGTERM away from the default action, so
+  any other command would go on running when a scheduler or launch/local.sh asks it to stop.
+  """
   import jax
 
   from bertjax import distributed
 
+  if not preemption:
+    jax.config.update("jax_enable_preemption_service", False)
   spec = distributed.ProcessSpec(args.coordinator, args.num_processes, args.process_id)
   distributed.initialize(spec, config.train.distributed_timeout_s)
   cache = config.train.compilation_cache
@@ -213,7 +219,7 @@ def _train(args, overrides) -> int:
   from bertjax import pretrain
 
   data = pretrain.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks
-  _prepare_devices(args, config)
+  _prepare_devices(args, config, preemption=True)
   import jax
 
   result = pretrain.train(config, args.workdir, data=data, step=args.step)

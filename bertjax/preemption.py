@@ -12,10 +12,22 @@ the same, slightly later step. So with several processes the guard leaves SIGTER
 service, and a first SIGINT is handed to it as a SIGTERM. Where the service is off
 (`JAX_ENABLE_PREEMPTION_SERVICE=false`), the Python handler takes both signals and the processes
 all-gather their flags every `CHECK_EVERY` steps instead.
+
+The sync point is the highest step any process has reported when the notice comes, plus one; a
+process that has not asked yet counts as step 0. So the guard reports the step it starts from as
+soon as it is entered (before the first compile). A notice that comes earlier still, while a
+resumed job restores its checkpoint, lands on step 1, which the resumed run never asks about:
+that job trains on until the scheduler kills it, and resumes from its last periodic save.
+
+A second SIGINT aborts at once. With several processes it ends the process with `os._exit`:
+unwinding would wait for `jax.distributed`'s shutdown barrier, which the other processes, still
+in a collective, never reach.
 """
 
 import logging
+import os
 import signal
+import sys
 from typing import Callable
 
 import jax
@@ -32,8 +44,10 @@ class PreemptionGuard:
   `sync_point(step)` is the multi-process agreement (orbax's `CheckpointManager.reached_preemption`).
   """
 
-  def __init__(self, sync_point: Callable[[int], bool] | None = None, check_every: int = CHECK_EVERY):
+  def __init__(self, sync_point: Callable[[int], bool] | None = None, start: int = 0,
+               check_every: int = CHECK_EVERY):
     self.received: str | None = None
+    self.start = start
     self.check_every = check_every
     self._sync_point = sync_point
     self._previous = {}
@@ -48,6 +62,8 @@ class PreemptionGuard:
     signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
+    if self._service and self._sync_point(self.start):  # report where this run starts
+      self.received = JOB_NOTICE
     return self
 
   def __exit__(self, *exc):
@@ -58,6 +74,10 @@ class PreemptionGuard:
   def _handle(self, signum, frame):
     name = signal.Signals(signum).name
     if self.received is not None and signum == signal.SIGINT:
+      if self._processes > 1:
+        sys.stdout.flush()
+        print(f"bertjax: second {name}: aborting without saving", file=sys.stderr, flush=True)
+        os._exit(130)
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt(f"second {name}: aborting without saving")
     self.received = name
@@ -68,7 +88,7 @@ class PreemptionGuard:
 
   def should_stop(self, step: int) -> bool:
     """Whether to save `step` (the number of steps done) and stop. Every process asks every step."""
-    if self._processes == 1:
+    if self._processes == 1 or self.received == JOB_NOTICE:
       return self.received is not None
     if self._service:
       stop = self._sync_point(step)

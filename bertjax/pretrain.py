@@ -219,7 +219,7 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
       eval_batches, reference = run.held_out()
       final = evaluate(run, state.params, eval_batches)
       return TrainResult({**final, **reference} if final else {}, state)
-    guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption))
+    guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption, start=start))
     result = _loop(run, state, start, data_position, checkpoints, guard, stack)
   return result
 
