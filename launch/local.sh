@@ -8,9 +8,11 @@
 # Every output line is prefixed with "[i] ". If any process fails, the others are stopped and
 # the script exits with the failed process's status; otherwise it exits 0.
 #
-# Ctrl-C (or SIGTERM to this script) sends SIGTERM to every process and waits: bertjax saves one
-# step on all of them and exits 0, and so does this script. A second Ctrl-C kills them unsaved
-# (exit 130). Needs bash 5.1 or later (wait -n -p).
+# Ctrl-C (or SIGTERM to this script) sends SIGTERM to every process and waits: `bertjax train`
+# saves one step on all of them and exits 0, and so does this script; other commands just stop.
+# A second Ctrl-C kills them unsaved (exit 130). When a process fails, a job can no longer save
+# together: the others get SIGTERM, and SIGKILL after LOCAL_SH_GRACE seconds (default 10).
+# Needs bash 5.1 or later (wait -n -p).
 #
 # Hardware and placement (environment):
 #   LOCAL_DEVICES=K       K fake CPU devices per process (JAX_PLATFORMS=cpu)
@@ -18,6 +20,11 @@
 #   PORT=P                coordinator port (default: a free one)
 #   PYTHON=python3        the interpreter used to find a free port
 set -euo pipefail
+
+if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
+  echo "$0: needs bash 5.1 or later (this is $BASH_VERSION); on macOS: brew install bash" >&2
+  exit 2
+fi
 
 usage() {
   echo "usage: $0 NUM_PROCESSES -- COMMAND [ARGS...]" >&2
@@ -76,12 +83,25 @@ num_processes=$1
 shift 2
 port=${PORT:-$(free_port)}
 
-# shellcheck disable=SC2329  # called from on_interrupt, the trap below
+# shellcheck disable=SC2329  # also called from on_interrupt, the trap below
 kill_all() {
   local pid
   for pid in "${pids[@]}"; do
     kill -KILL -- "-$pid" 2>/dev/null || true
   done
+}
+
+# SIGTERM to every process, then SIGKILL to what still runs after $1 seconds.
+stop_within() {
+  local deadline=$((SECONDS + $1))
+  stop_all
+  while [[ -n $(jobs -rp) ]] && ((SECONDS < deadline)); do
+    sleep 0.2
+  done
+  if [[ -n $(jobs -rp) ]]; then
+    echo "launch/local.sh: killing the processes still running after $1 s" >&2
+    kill_all
+  fi
 }
 
 stopping=0
@@ -112,16 +132,19 @@ left=$num_processes
 while ((left > 0)); do
   if wait -n -p finished; then rc=0; else rc=$?; fi
   if [[ -z ${finished:-} ]]; then  # unset: no process finished
-    ((rc != 127)) || break  # none is left to wait for
-    continue                # a signal cut the wait short; its trap has run
+    ((rc != 127)) || break          # none is left to wait for
+    ((rc > 128)) && continue        # a signal cut the wait short; its trap has run
+    echo "launch/local.sh: wait failed with status $rc" >&2
+    kill_all
+    exit 1
   fi
   left=$((left - 1))
-  if ((rc != 0 && status == 0)); then
-    status=$rc
-    if ((!stopping)); then
-      echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+  if ((rc != 0)); then
+    ((status != 0)) || status=$rc
+    if ((left > 0)); then
+      echo "launch/local.sh: a process exited with status $rc; stopping the others" >&2
       stopping=1
-      stop_all
+      stop_within "${LOCAL_SH_GRACE:-10}"
     fi
   fi
 done

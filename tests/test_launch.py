@@ -82,12 +82,16 @@ def test_local_sh_starts_n_processes_with_their_index_and_prefixes_their_lines(f
   assert "[1] devices: --xla_force_host_platform_device_count=2 gpus: 2,3" in lines
 
 
-def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process):
+@pytest.mark.parametrize("on_term", ["", ":"], ids=["stop_on_sigterm", "ignore_sigterm"])
+def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process, on_term):
+  """A bertjax process only notes SIGTERM (JAX's preemption service): the others get SIGKILL after a grace."""
   start = time.monotonic()
-  result = _run([LAUNCH / "local.sh", 3, "--", fake_process], FAIL_ID="1", SLEEP="30")
+  result = _run([LAUNCH / "local.sh", 3, "--", fake_process], FAIL_ID="1", SLEEP="30", ON_TERM=on_term,
+                LOCAL_SH_GRACE="1")
   assert result.returncode == 3
   assert "[1] process 1 fails" in result.stdout
   assert "a process exited with status 3; stopping the others" in result.stderr
+  assert ("killing the processes still running after 1 s" in result.stderr) == bool(on_term)
   assert time.monotonic() - start < 10  # the sleeping ones were stopped, not waited for
 
 
