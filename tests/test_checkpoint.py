@@ -14,7 +14,7 @@ import pytest
 
 from bertjax import checkpoint, metrics, pretrain
 from bertjax.errors import BertjaxError
-from tests.test_pretrain import _config, _free_port, _launch, _train_args, corpus_and_tokenizer  # noqa: F401
+from tests.test_pretrain import _config, _launch, _launch_job, _train_args, corpus_and_tokenizer  # noqa: F401
 from tests.test_train import _steps, synthetic_batch
 
 
@@ -154,6 +154,26 @@ def test_a_failing_save_stops_the_run_loudly(tmp_path):
       ckpts.manager.close()
 
 
+def _signal_at_step(procs, step: int, steps: int, sig, target: int) -> list[str]:
+  """Read every process's output; once process 0 logs `step`, send `sig` to process `target`."""
+  outputs = [[] for _ in procs]
+
+  def read(i):
+    for line in procs[i].stdout:
+      outputs[i].append(line)
+      if i == 0 and line.split("|")[0].split() == ["step", f"{step}/{steps}"]:
+        procs[target].send_signal(sig)
+
+  readers = [threading.Thread(target=read, args=(i,)) for i in range(len(procs))]
+  for reader in readers:
+    reader.start()
+  for proc in procs:
+    proc.wait(timeout=300)
+  for reader in readers:
+    reader.join()
+  return ["".join(lines) for lines in outputs]
+
+
 def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokenizer):
   root = corpus_and_tokenizer
   extra = ["--config.checkpoint.every_steps=5", "--config.data.cache_dir=" + str(root / "cache")]
@@ -162,11 +182,7 @@ def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokeniz
   assert whole.returncode == 0, out[-3000:]
 
   killed = _launch(_train_args(root, tmp_path / "killed", steps=20) + extra, devices=2)
-  for line in killed.stdout:
-    if line.startswith("step 10/20"):
-      killed.send_signal(signal.SIGTERM)
-      break
-  out, _ = killed.communicate(timeout=300)
+  [out] = _signal_at_step([killed], 10, 20, signal.SIGTERM, target=0)
   assert killed.returncode == 0, out[-3000:]
   assert "stopped by SIGTERM after step" in out and "run the same command to resume" in out
   stopped_at = int(out.split("stopped by SIGTERM after step ")[1].split(":")[0])
@@ -188,32 +204,6 @@ def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokeniz
   whole_losses, killed_losses = losses(tmp_path / "whole"), losses(tmp_path / "killed")
   assert sorted(killed_losses) == list(range(1, 21))
   assert killed_losses == whole_losses  # bit for bit
-
-
-def _launch_job(args, processes=2, devices=2, extra_env=None) -> list[subprocess.Popen]:
-  port = _free_port()
-  return [_launch(args + ["--coordinator", f"localhost:{port}", "--num_processes", str(processes),
-                          "--process_id", str(i)], devices=devices, extra_env=extra_env) for i in range(processes)]
-
-
-def _signal_at_step(procs, step: int, steps: int, sig, target: int) -> list[str]:
-  """Read every process's output; once process 0 logs `step`, send `sig` to process `target`."""
-  outputs = [[] for _ in procs]
-
-  def read(i):
-    for line in procs[i].stdout:
-      outputs[i].append(line)
-      if i == 0 and line.split("|")[0].split() == ["step", f"{step}/{steps}"]:
-        procs[target].send_signal(sig)
-
-  readers = [threading.Thread(target=read, args=(i,)) for i in range(len(procs))]
-  for reader in readers:
-    reader.start()
-  for proc in procs:
-    proc.wait(timeout=300)
-  for reader in readers:
-    reader.join()
-  return ["".join(lines) for lines in outputs]
 
 
 @pytest.mark.parametrize("agreement", ["orbax_sync_point", "all_gather"])

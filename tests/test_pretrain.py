@@ -130,6 +130,13 @@ def _launch(args, devices: int, extra_env=None) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
+def _launch_job(args, processes=2, devices=2, extra_env=None) -> list[subprocess.Popen]:
+  """`processes` processes of one command, joined through a coordinator on localhost."""
+  port = _free_port()
+  return [_launch(args + ["--coordinator", f"localhost:{port}", "--num_processes", str(processes),
+                          "--process_id", str(i)], devices=devices, extra_env=extra_env) for i in range(processes)]
+
+
 def _train_args(root, workdir, steps=4):
   overrides = MICRO_OVERRIDES + [f"data.source=files:{root}/corpus.txt", f"data.tokenizer={root}/tokenizer",
                                  f"data.cache_dir={root}/cache", f"train.steps={steps}", "train.eval_every=100"]
@@ -145,10 +152,7 @@ def test_two_processes_of_two_devices_log_what_one_process_of_four_logs(tmp_path
   out, _ = one.communicate(timeout=300)
   assert one.returncode == 0, out[-3000:]
 
-  port = _free_port()
-  procs = [_launch(_train_args(corpus_and_tokenizer, tmp_path / "two") +
-                   ["--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)], devices=2)
-           for i in range(2)]
+  procs = _launch_job(_train_args(corpus_and_tokenizer, tmp_path / "two"))
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
