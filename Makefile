@@ -1,6 +1,7 @@
 # The two commands. Each creates .venv when missing and installs what it needs (CPU JAX).
 #   make train   pretrain a tiny BERT on the builtin corpus (Python's own docs), on the CPU
 #   make test    the test suite (CPU, 8 fake devices)
+# and `make lint`: ruff's lint and format checks (`make format` applies the formatting).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ WORKDIR ?= runs/tiny
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k model -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: train test clean
+.PHONY: train test lint format clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "bertjax needs Python 3.11 or newer: run make PYTHON=python3.11 (or newer)")'
@@ -32,8 +33,18 @@ train: $(VENV)/.train-deps
 	$(PY) -m bertjax plot --workdir $(WORKDIR)
 	$(PY) -m bertjax export --workdir $(WORKDIR) --format hf
 
+# BERTJAX_REQUIRE_EXTRAS: a missing torch or transformers fails the suite instead of skipping
+# the parity tests.
 test: $(VENV)/.test-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	BERTJAX_REQUIRE_EXTRAS=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-deps
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.test-deps
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

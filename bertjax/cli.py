@@ -125,11 +125,10 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _loaded_config(args, overrides):
-  from bertjax import config as config_lib
+  """--config FILE[:ARG] with the overrides: validated here, once, and passed down as it is."""
+  from bertjax.config import loading
 
-  config = config_lib.load_config(args.config, overrides)
-  config_lib.validate(config)
-  return config
+  return loading.load_config(args.config, overrides)
 
 
 def _tokenizer_train(args, overrides) -> int:
@@ -141,11 +140,11 @@ def _tokenizer_train(args, overrides) -> int:
 
 
 def _data_preview(args, overrides) -> int:
-  from bertjax.data import pipeline
+  from bertjax.data import preview
 
   if args.batches < 1:
     raise BertjaxError(f"--batches {args.batches}: give at least 1")
-  pipeline.preview(_loaded_config(args, overrides), args.workdir, args.batches, args.out)
+  preview.preview(_loaded_config(args, overrides), args.workdir, args.batches, args.out)
   return 0
 
 
@@ -166,7 +165,7 @@ def _prepare_devices(args, config, *, preemption: bool = False) -> None:
   """
   import jax
 
-  from bertjax import distributed
+  from bertjax.train import distributed
 
   if not preemption:
     jax.config.update("jax_enable_preemption_service", False)
@@ -193,36 +192,33 @@ def _setup_logging() -> None:
 
 
 def _run_config(args, overrides):
-  """--config FILE, or else the config.json of the run folder (a resumed or imported run)."""
-  from bertjax import config as config_lib
+  """--config FILE, or else the config.json of the run folder (a resumed or imported run);
+  validated once, here."""
+  from bertjax.config import loading
 
   if args.config:
     return _loaded_config(args, overrides)
-  if not (Path(args.workdir) / config_lib.CONFIG_FILENAME).exists() and "://" not in args.workdir:
+  if not (Path(args.workdir) / loading.CONFIG_FILENAME).exists() and "://" not in args.workdir:
     raise BertjaxError(f"--config is required: {args.workdir} holds no config.json of an earlier run")
-  config = config_lib.read_config(args.workdir)
-  for override in overrides:
-    config_lib.apply_override(config, override)
-  config_lib.validate(config)
-  return config
+  return loading.load_run_config(args.workdir, overrides)
 
 
 def _train(args, overrides) -> int:
   config = _run_config(args, overrides)
   if args.dry_run:
-    from bertjax import dryrun
+    from bertjax.perf import dryrun
 
     print(dryrun.format_report(dryrun.describe(config, args.devices, args.device_kind)), flush=True)
     return 0
   if args.devices is not None or args.device_kind is not None:
     raise BertjaxError("train: --devices and --device-kind only describe hardware for --dry-run; add --dry-run")
-  from bertjax import pretrain
+  from bertjax.train import loop, run
 
-  data = pretrain.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks
+  data = run.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks
   _prepare_devices(args, config, preemption=True)
   import jax
 
-  result = pretrain.train(config, args.workdir, data=data, step=args.step)
+  result = loop.train(config, args.workdir, data=data, step=args.step)
   if jax.process_index() == 0:
     if result.stopped_by:
       print(f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
@@ -235,12 +231,12 @@ def _train(args, overrides) -> int:
 def _eval(args, overrides) -> int:
   import json
 
-  from bertjax import pretrain
+  from bertjax.train import run
 
   config = _run_config(args, overrides)
-  data = pretrain.prepare_data(config, args.workdir)
+  data = run.prepare_data(config, args.workdir)
   _prepare_devices(args, config)
-  print(json.dumps(pretrain.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
+  print(json.dumps(run.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
   return 0
 
 
@@ -260,50 +256,50 @@ def _bench(args, overrides) -> int:
   if args.steps < 1:
     raise BertjaxError(f"--steps {args.steps}: give at least 1")
   _prepare_devices(args, config)
-  from bertjax import bench
+  from bertjax.perf import bench
 
   print(json.dumps(bench.run(config, steps=args.steps, profile_dir=args.profile)), flush=True)
   return 0
 
 
 def _export(args, overrides) -> int:
-  from bertjax import hf_io
+  from bertjax.hf import export
 
-  print(f"wrote {hf_io.export(args.workdir, args.format, args.out, args.step)}", flush=True)
+  print(f"wrote {export.export(args.workdir, args.format, args.out, args.step)}", flush=True)
   return 0
 
 
 def _import_hf(args, overrides) -> int:
-  from bertjax import hf_io
+  from bertjax.hf import import_hf
 
-  print(hf_io.import_hf(args.hf, args.workdir).summary(), flush=True)
+  print(import_hf.import_hf(args.hf, args.workdir).summary(), flush=True)
   return 0
 
 
 def _plot(args, overrides) -> int:
-  from bertjax import plot
+  from bertjax.metrics import plot
 
   print(f"wrote {plot.plot_curves(args.workdir, args.out)}")
   return 0
 
 
-# The issue that builds each command; until it lands the command says so and exits 2.
-_PENDING = {
-    "finetune": "fine-tuning, which has no issue yet",
+# Commands the parser knows but this version does not implement: they say so and exit 2.
+_UNAVAILABLE = {
+    "finetune": "fine-tuning is not part of this version of bertjax",
 }
 
 
-def _pending(name: str) -> Callable:
+def _unavailable(name: str) -> Callable:
   def run(args, overrides) -> int:
     if getattr(args, "config", None):
       _loaded_config(args, overrides)  # a bad config is still reported as such
-    raise BertjaxError(f"{name}: not available yet; it arrives with {_PENDING[name]}")
+    raise BertjaxError(f"{name}: {_UNAVAILABLE[name]}")
 
   return run
 
 
 COMMANDS: dict[str, Callable] = {
-    **{name: _pending(name) for name in _PENDING},
+    **{name: _unavailable(name) for name in _UNAVAILABLE},
     "train": _train,
     "export": _export,
     "import-hf": _import_hf,

@@ -2,7 +2,9 @@
 # Run N processes of one bertjax command on this machine, joined through a coordinator on
 # localhost: a multi-host job in miniature (tests, debugging a pod launch on a laptop).
 #
-#   launch/local.sh NUM_PROCESSES -- bertjax train --config configs/tiny.py --workdir runs/mp
+# Usage: launch/local.sh NUM_PROCESSES -- COMMAND [ARGS...]     (-h, --help: print this text)
+#
+#   launch/local.sh 2 -- bertjax train --config configs/tiny.py --workdir runs/mp
 #
 # Process i runs `COMMAND... --coordinator localhost:PORT --num_processes N --process_id i`.
 # Every output line is prefixed with "[i] ". If any process fails, the others are stopped and
@@ -21,15 +23,34 @@
 #   PYTHON=python3        the interpreter used to find a free port
 set -euo pipefail
 
+# --help prints the comment block at the top of this file: the usage text lives there only.
+print_help() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      '#!'*) ;;
+      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
+      *) break ;;
+    esac
+  done < "${BASH_SOURCE[0]}"
+}
+
+# A mistake in the arguments: one line on stderr, exit status 2.
+usage_error() {
+  echo "launch/local.sh: $* (see launch/local.sh --help)" >&2
+  exit 2
+}
+
+# Before the bash version check: the help says which bash to install.
+case ${1:-} in
+  -h | --help) print_help; exit 0 ;;
+  -*) usage_error "unknown argument $1" ;;
+esac
+
 if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
   echo "$0: needs bash 5.1 or later (this is $BASH_VERSION); on macOS: brew install bash" >&2
   exit 2
 fi
-
-usage() {
-  echo "usage: $0 NUM_PROCESSES -- COMMAND [ARGS...]" >&2
-  exit 2
-}
 
 free_port() {
   "${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])'
@@ -78,7 +99,8 @@ stop_all() {
   done
 }
 
-[[ $# -ge 3 && $1 =~ ^[1-9][0-9]*$ && $2 == "--" ]] || usage
+[[ $# -ge 3 && $1 =~ ^[1-9][0-9]*$ && $2 == "--" ]] ||
+  usage_error "usage: launch/local.sh NUM_PROCESSES -- COMMAND [ARGS...]"
 num_processes=$1
 shift 2
 port=${PORT:-$(free_port)}

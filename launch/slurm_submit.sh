@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Submit launch/slurm_gpu.sbatch sized for N nodes x G GPUs (one process per GPU).
 #
-#   launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 [--partition P] [--account A] \
-#       [--time 2-00:00:00] [--dry-run] -- bertjax train --config configs/large.py --workdir /shared/runs/large
+# Usage: launch/slurm_submit.sh --nodes N --gpus-per-node G [OPTIONS] -- COMMAND [ARGS...]
 #
-# The job inherits this shell's environment (activate bertjax's virtualenv first). Its log is
-# WORKDIR/slurm/bertjax-JOBID.out (./slurm-logs/ for a gs:// workdir), appended to on requeue.
-# --dry-run prints the commands instead of running them.
+#   launch/slurm_submit.sh --nodes 8 --gpus-per-node 8 --partition gpu --time 2-00:00:00 -- \
+#       bertjax train --config configs/large.py --workdir /shared/runs/large
+#
+# Options:
+#   --nodes N              nodes in the job
+#   --gpus-per-node G      GPUs per node, one process each
+#   --partition P, --account A, --time T, --job-name NAME
+#                          passed to sbatch as --partition=P and so on
+#   --dry-run              print the commands instead of running them
+#   -h, --help             print this text
+#
+# The command needs a --workdir on storage every node shares. The job inherits this shell's
+# environment (activate bertjax's virtualenv first). Its log is WORKDIR/slurm/bertjax-JOBID.out
+# (./slurm-logs/ for a gs:// workdir), appended to on requeue.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -16,7 +26,21 @@ die() {
   exit 2
 }
 
-# shellcheck source-path=SCRIPTDIR source=shell_quote.sh
+# --help prints the comment block at the top of this file: the usage text lives there only.
+print_help() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      '#!'*) ;;
+      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
+      *) break ;;
+    esac
+  done < "${BASH_SOURCE[0]}"
+}
+
+# Checked with the script when both are given to shellcheck (`shellcheck launch/*`); a run on
+# this file alone has nothing to report about a file it was not asked to read.
+# shellcheck source-path=SCRIPTDIR source=shell_quote.sh disable=SC1091
 source "$SCRIPT_DIR/shell_quote.sh"
 
 run() {
@@ -39,8 +63,9 @@ while [[ $# -gt 0 ]]; do
     --gpus-per-node) gpus=$2; shift 2 ;;
     --partition | --account | --time | --job-name) extra+=("$1=$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    -h | --help) print_help; exit 0 ;;
     --) shift; break ;;
-    *) die "unknown argument $1 (see the top of $0 for usage)" ;;
+    *) die "unknown argument $1 (see launch/slurm_submit.sh --help)" ;;
   esac
 done
 [[ $nodes =~ ^[1-9][0-9]*$ && $gpus =~ ^[1-9][0-9]*$ ]] || die "give --nodes N and --gpus-per-node G"

@@ -3,6 +3,8 @@
 # this source tree on every worker, run `bertjax train` on all workers at once, follow worker 0.
 # Hardware and placement only: hyperparameters stay in configs/ and --config.KEY=VALUE.
 #
+# Usage: launch/tpu_pod.sh --name NAME --zone ZONE [OPTIONS] COMMAND [-- TRAIN_ARGS...]
+#
 #   launch/tpu_pod.sh --name bert-large --zone us-east5-a --type v5p-128 --queued \
 #       train -- --config configs/large.py --workdir gs://BUCKET/runs/large
 #
@@ -10,7 +12,8 @@
 #   train    create (or reuse) the slice, install, start training on every worker in the
 #            background (it survives a dropped connection), then follow worker 0's log
 #   create   create (or reuse) the slice only
-#   install  copy this source tree to every worker and pip-install it there
+#   install  copy this source tree (its tracked files, below) to every worker and
+#            pip-install it there
 #   logs     follow worker 0's training log
 #   stop     SIGTERM the training on every worker: bertjax saves a checkpoint and exits
 #   delete   delete the slice (and its queued resource)
@@ -25,12 +28,26 @@
 #   --spot            spot capacity: cheaper, preemptible (resume is automatic, see docs/scaling.md)
 #   --slices N        multislice: N slices of --type in one queued resource; set
 #                     --config.mesh.dcn_data=N so that only data parallelism crosses slices
-#   --source DIR      the bertjax source tree to install (default: the one holding this script)
+#   --source DIR      the bertjax source tree to install, a git checkout (default: the one
+#                     holding this script)
+#   --include PATH    also install PATH, a file or folder inside --source that git does not track
+#                     (relative to --source); repeatable
 #   --dry-run         print every command instead of running it
+#   -h, --help        print this text
+#
+# What install (and train) copies: the files `git ls-files` lists in --source (with those of
+# its submodules), as they are in the working tree, uncommitted edits included, plus each
+# --include. Untracked and ignored files (data, runs, virtualenvs, credentials) stay here.
+# --source must therefore be a git checkout; a tracked file deleted from the working tree
+# without `git rm` stops the launch before any command runs. The tarball is a private
+# temporary file (mktemp, in $TMPDIR or /tmp), removed once copied, or when this script exits.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REMOTE_TARBALL=bertjax-src.tar.gz
+# Expanded when the trap runs (or by the shell that runs the printed commands), not here.
+# shellcheck disable=SC2016
+TARBALL_VARIABLE='$tarball' REMOVE_TARBALL='rm -f -- "$tarball"'
 # Paths on the workers: the tilde is expanded by the workers' shells, not here.
 # shellcheck disable=SC2088
 TRAIN_LOG='~/bertjax-train.log'
@@ -42,7 +59,21 @@ die() {
   exit 2
 }
 
-# shellcheck source-path=SCRIPTDIR source=shell_quote.sh
+# --help prints the comment block at the top of this file: the usage text lives there only.
+print_help() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      '#!'*) ;;
+      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
+      *) break ;;
+    esac
+  done < "${BASH_SOURCE[0]}"
+}
+
+# Checked with the script when both are given to shellcheck (`shellcheck launch/*`); a run on
+# this file alone has nothing to report about a file it was not asked to read.
+# shellcheck source-path=SCRIPTDIR source=shell_quote.sh disable=SC1091
 source "$SCRIPT_DIR/shell_quote.sh"
 
 # A remark for the user: with the commands on stdout under --dry-run, else on stderr.
@@ -50,10 +81,18 @@ note() {
   if [[ $dry_run == 1 ]]; then echo "# $*"; else echo "$*" >&2; fi
 }
 
+# The shell line that runs a command. mktemp names the tarball only when the commands run, so
+# under --dry-run it is "$tarball", the variable that the printed mktemp line sets.
+command_line() {
+  local line
+  line=$(shell_quote "$@")
+  echo "${line//"'$TARBALL_VARIABLE'"/\"$TARBALL_VARIABLE\"}"
+}
+
 # Run a command, or print it under --dry-run.
 run() {
   if [[ $dry_run == 1 ]]; then
-    shell_quote "$@"
+    command_line "$@"
   else
     "$@"
   fi
@@ -145,14 +184,64 @@ on_all_workers() {
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
+# Stops the launch before any command when --source cannot be shipped as documented at the top.
+check_source() {
+  local git_says path tracked=0 missing=()
+  git_says=$(git -C "$source_dir" rev-parse --is-inside-work-tree 2>&1) || true
+  [[ $git_says == true ]] || die "--source $source_dir is not a git checkout (${git_says#fatal: }); \
+install ships the files git tracks there (see launch/tpu_pod.sh --help)"
+  while IFS= read -r -d '' path; do
+    tracked=$((tracked + 1))
+    [[ -e $source_dir/$path || -L $source_dir/$path ]] || missing+=("$path")
+  done < <(git -C "$source_dir" ls-files -z --recurse-submodules)
+  ((tracked > 0)) || die "--source $source_dir: git tracks no files there"
+  if ((${#missing[@]} > 0)); then
+    local more=""
+    ((${#missing[@]} == 1)) || more=" and $((${#missing[@]} - 1)) more"
+    die "--source $source_dir: git tracks ${missing[0]}$more, deleted from the working tree: \
+git rm what you deleted, or restore it with git checkout -- PATH"
+  fi
+  ((${#includes[@]} > 0)) || return 0  # bash before 4.4 takes "${includes[@]}" of none as unset
+  for path in "${includes[@]}"; do
+    [[ $path != /* && /$path/ != */../* ]] || die "--include $path: give a path inside --source, relative to it"
+    [[ -e $source_dir/$path || -L $source_dir/$path ]] || die "--include $path: no such file or folder in $source_dir"
+  done
+}
+
+# The tarball: a private file (mktemp makes it mode 600, under a name nobody can guess or
+# pre-create), removed when this script exits, also on an error, Ctrl-C or SIGTERM.
+make_tarball() {
+  local template="${TMPDIR:-/tmp}/bertjax-src.XXXXXX"
+  if [[ $dry_run == 1 ]]; then
+    echo "tarball=\$(mktemp $(shell_quote "$template"))"
+    echo "trap $(shell_quote "$REMOVE_TARBALL") EXIT"
+    tarball=$TARBALL_VARIABLE
+  else
+    tarball=$(mktemp "$template")
+    # shellcheck disable=SC2064  # expands to the command text now; $tarball in it at exit
+    trap "$REMOVE_TARBALL" EXIT
+  fi
+  # git lists the tracked files, tar reads them from the working tree. NUL-separated names
+  # (--null also makes GNU tar take a name that starts with "-" as a name); "--" before the
+  # --include paths, for the same reason.
+  local list=(git -C "$source_dir" ls-files -z --recurse-submodules)
+  local archive=(tar -czf "$tarball" -C "$source_dir" --null -T -)
+  ((${#includes[@]} == 0)) || archive+=(-- "${includes[@]}")
+  if [[ $dry_run == 1 ]]; then
+    echo "$(command_line "${list[@]}") | $(command_line "${archive[@]}")"
+  else
+    "${list[@]}" | "${archive[@]}"
+  fi
+}
+
 install() {
   # One tarball for every worker: all hosts run the same code (a mismatch fails in odd ways).
-  local tarball node
-  tarball="${TMPDIR:-/tmp}/bertjax-src-$name.tar.gz"
-  run tar -czf "$tarball" --exclude=.git --exclude=.venv --exclude=runs --exclude=__pycache__ -C "$source_dir" .
+  local node
+  make_tarball
   for node in $(nodes); do
     gcloud_tpu tpu-vm scp "$tarball" "$node:$REMOTE_TARBALL" --worker=all
   done
+  run rm -f -- "$tarball"  # copied: no need to keep it while training runs
   on_all_workers "rm -rf ~/bertjax && mkdir -p ~/bertjax && tar -xzf ~/$REMOTE_TARBALL -C ~/bertjax \
 && python3 -m pip install -q \"jax[tpu]>=0.10,<0.13\" -e ~/bertjax"
 }
@@ -196,7 +285,7 @@ delete() {
 }
 
 name="" zone="" accelerator_type="" version="" project="" queued=0 spot="" slices=1 dry_run=0
-source_dir=$(dirname "$SCRIPT_DIR")
+source_dir=$(dirname "$SCRIPT_DIR") includes=()
 command=""
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -209,10 +298,12 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1; shift ;;
     --slices) slices=$2; shift 2 ;;
     --source) source_dir=$2; shift 2 ;;
+    --include) includes+=("$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    -h | --help) print_help; exit 0 ;;
     --) shift; break ;;
     train | create | install | logs | stop | delete) command=$1; shift ;;
-    *) die "unknown argument $1 (see the top of $0 for usage)" ;;
+    *) die "unknown argument $1 (see launch/tpu_pod.sh --help)" ;;
   esac
 done
 [[ -n $command ]] || die "give a command: train, create, install, logs, stop or delete"
@@ -221,6 +312,7 @@ done
 ((slices == 1)) || queued=1  # multislice exists only through queued resources
 [[ $command == train || $# -eq 0 ]] || die "$command takes no arguments after --"
 [[ $command != train ]] || check_workdir "$@"
+[[ $command != train && $command != install ]] || check_source
 if [[ $command == train || $command == create ]]; then
   [[ -n $accelerator_type ]] || die "$command: give --type, e.g. --type v5p-128"
   version=${version:-$(default_version)} || exit 2  # its message is already on stderr

@@ -69,6 +69,6 @@ def test_a_user_error_through_the_real_entry_point_has_no_traceback():
 @pytest.mark.parametrize("argv", [
     ["finetune", "--task", "qa", "--config", "configs/tiny.py", "--workdir", "w", "--init", "i"],
 ])
-def test_commands_not_yet_built_say_so(argv, capsys):
+def test_commands_this_version_lacks_say_so(argv, capsys):
   assert cli.main(argv) == 2
-  assert "not available yet" in capsys.readouterr().err
+  assert "not part of this version" in capsys.readouterr().err

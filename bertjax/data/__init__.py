@@ -1,7 +1,5 @@
 """The input pipeline: corpus -> tokenizer -> NSP pairs -> masking -> global batches.
 
-Modules: `corpus` (documents of sentences), `sentences` (the splitter), `tokenizer`
-(sentencepiece / WordPiece), `token_store` (the tokenised, memory-mapped cache), `pairs`,
-`masking`, `keyed_random` (stateless draws), `pipeline` (batches, eval, iterator, preview),
-`bench` (throughput). Import the one you need; this package imports nothing heavy.
+Imports nothing of the model, Flax or the parallel code: it produces numpy arrays, and the
+trainer places them on the mesh. Import the module you need; this package imports nothing.
 """

@@ -34,6 +34,15 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "_
 _BUILTIN_VERSION = "builtin-v1"  # bump when the extraction rules change: the fingerprint follows
 
 
+def parse_source(source: str) -> tuple[str, str]:
+  """`data.source` as (kind, argument): builtin, files:GLOB, hf:NAME[:CONFIG] or disk:DIR."""
+  kind, _, arg = source.partition(":")
+  if not ((kind == "builtin" and not arg) or (kind in ("files", "hf", "disk") and arg)):
+    raise BertjaxError(f"config data.source={source!r} is not understood; use builtin, files:GLOB, "
+                       "hf:NAME[:CONFIG] or disk:DIR")
+  return kind, arg
+
+
 class Corpus:
   """Documents of sentences from one source; iterate `documents()` as often as needed."""
 
@@ -45,18 +54,10 @@ class Corpus:
     self.streaming = streaming
     self.hf_split = hf_split
     self.warnings: collections.Counter = collections.Counter()  # what was repaired, and how often
-    kind, _, arg = source.partition(":")
+    kind, arg = parse_source(source)
     self.kind = kind
-    if kind == "builtin" and not arg:
-      self._files = []
-    elif kind == "files" and arg:
-      self._files = _expand_glob(arg)
-    elif kind in ("hf", "disk") and arg:
-      self._files = []
-      self._arg = arg
-    else:
-      raise BertjaxError(f"data.source={source!r} is not understood: use builtin, files:GLOB, "
-                         "hf:NAME[:CONFIG] or disk:DIR")
+    self._arg = arg
+    self._files = _expand_glob(arg) if kind == "files" else []
     self.fingerprint = self._fingerprint()
 
   def __repr__(self):

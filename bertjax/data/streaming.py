@@ -10,7 +10,7 @@ and a pass over the stream is an epoch. Window w of epoch e is tokenised on the 
 built with `pairs.build_pair_index` (a random B comes from another document of the same window)
 from a generator keyed by (seed, e, w) and shuffled by another keyed by (seed, e, w): the window is
 the shuffle buffer. Windows are laid end to end into one stream of examples and step s takes
-positions [s B, (s + 1) B) of it, as in `pipeline.Pipeline`; example i is masked with keys from
+positions [s B, (s + 1) B) of it, as in `cached.CachedPipeline`; example i is masked with keys from
 (seed, 0, i). So the batch of step s is still a function of (seed, corpus, s) alone.
 
 Every process reads and tokenises the whole stream (pairs need every document's token lengths)
@@ -28,19 +28,17 @@ import threading
 
 import numpy as np
 
-from bertjax import config as config_lib
 from bertjax.data import keyed_random
 from bertjax.data import masking
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.corpus import load_corpus
 from bertjax.data.document_stream import DocumentStream, RecordTokeniser
-from bertjax.data.pipeline import (STATE_VERSION, BatchIterator, _rng, check_rows, make_examples,
-                                   merge_parts)
+from bertjax.data.base import (EVAL_STREAM, STATE_VERSION, TRAIN_STREAM, BatchIterator, check_rows,
+                               keyed_generator, make_examples, merge_parts)
 from bertjax.errors import BertjaxError
 
 log = logging.getLogger(__name__)
 STATE_KIND = "streaming"
-_TRAIN, _EVAL = 0, 1  # pair-index streams, as in pipeline.py
 _KEEP_WINDOWS = 3     # built windows kept in memory (a batch straddles at most a few)
 
 
@@ -56,11 +54,10 @@ class _Window:
 
 
 class StreamingPipeline:
-  """`pipeline.Pipeline`'s interface over a document stream (see the module docstring)."""
+  """`base.Pipeline`'s interface over a document stream (see the module docstring)."""
 
   def __init__(self, config, tokenizer, workdir=None):
     del workdir  # nothing is cached
-    config_lib.validate(config)
     d = config.data
     self.config = config
     self.tokenizer = tokenizer
@@ -147,8 +144,8 @@ class StreamingPipeline:
       return tokens, _empty_pairs()
     index_ = pairs_lib.build_pair_index(
         sent_start, doc_start, np.arange(n_docs), self.seq_len, float(d.short_seq_prob),
-        float(d.pair_random_next_prob), _rng(self.seed, epoch, index, _TRAIN, 0x9A1))
-    return tokens, index_.take(_rng(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
+        float(d.pair_random_next_prob), keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1))
+    return tokens, index_.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
 
   def _cover(self, last: int, first: int | None = None):
     """Extends (or restarts) the table until it holds example positions first..last."""
@@ -256,7 +253,7 @@ class StreamingPipeline:
       d = self.config.data
       self._eval = (tokens, pairs_lib.build_pair_index(
           sent_start, doc_start, np.arange(len(doc_start) - 1), self.seq_len,
-          float(d.short_seq_prob), float(d.pair_random_next_prob), _rng(self.seed, 0, _EVAL, 0x9A1)))
+          float(d.short_seq_prob), float(d.pair_random_next_prob), keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1)))
     tokens, index = self._eval
     rows = check_rows(rows, self.batch_size)
     out = []

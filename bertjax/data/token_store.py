@@ -8,18 +8,19 @@
 
 Tokenisation is one `datasets.map(batched=True, num_proc=...)` over documents that the corpus
 streams into an Arrow file on disk; the result is appended chunk by chunk to the flat files, so a
-corpus larger than RAM works. The folder is built under a temporary name and renamed when complete.
+corpus larger than RAM works. The folder is built under a temporary name and renamed when complete
+(`bertjax.atomic`).
 """
 
 import json
 import logging
 import os
 import shutil
-import uuid
 
 import numpy as np
 from etils import epath
 
+from bertjax import atomic
 from bertjax.errors import BertjaxError
 
 log = logging.getLogger(__name__)
@@ -64,20 +65,10 @@ def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
                        "local folder; set data.cache_dir to local disk")
   key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   final = root / "tokenized" / key
-  if (final / "meta.json").exists():
-    return TokenStore(final)
-  tmp = root / "tokenized" / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True, exist_ok=True)
-  try:
-    _build(corpus, tokenizer, tmp, num_proc or os.cpu_count() or 1)
-    try:
-      tmp.rename(final)
-    except OSError:  # another process finished first: theirs is identical
-      if not (final / "meta.json").exists():
-        raise
-  finally:
-    if tmp.exists():
-      shutil.rmtree(str(tmp), ignore_errors=True)
+  if not (final / "meta.json").exists():
+    # Every process may build it at once; the copies are identical and the first one stays.
+    with atomic.staged_folder(final, replace=False) as staging:
+      _build(corpus, tokenizer, staging, num_proc or os.cpu_count() or 1)
   return TokenStore(final)
 
 

@@ -10,13 +10,13 @@ import io
 import json
 import logging
 import os
-import socket
 
 import numpy as np
 import sentencepiece as spm
 import tokenizers
 from etils import epath
 
+from bertjax import atomic
 from bertjax.errors import BertjaxError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -127,7 +127,7 @@ class Tokenizer:
   @property
   def serialized_model(self) -> bytes:
     """Exactly what encodes: the sentencepiece ModelProto bytes, or the tokenizers JSON (UTF-8).
-    Export (bertjax.hf_tokenizer) converts it for transformers."""
+    Export (bertjax.hf.tokenizer) converts it for transformers."""
     return self._data
 
   def save(self, directory) -> epath.Path:
@@ -245,8 +245,6 @@ def train_tokenizer(config, out_dir) -> Tokenizer:
   """Trains a sentencepiece model on the configured corpus and saves it into `out_dir`."""
   from bertjax.data.corpus import load_corpus  # corpus imports nothing from here; keep it lazy
   d = config.data
-  if d.tokenizer_model not in ("unigram", "bpe"):
-    raise BertjaxError(f"data.tokenizer_model={d.tokenizer_model!r} is unknown: use unigram or bpe")
   sentences = sample_sentences(load_corpus(config), int(d.tokenizer_sentences), config.train.seed)
   if not sentences:
     raise BertjaxError(f"corpus {d.source} has no sentences to train a tokenizer on: "
@@ -285,18 +283,10 @@ def tokenizer_for_run(config, workdir) -> Tokenizer:
       raise BertjaxError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
                          f"{target} this workdir was trained with: use that one or a new workdir")
     return existing
-  staging = target.parent / f".tokenizer.tmp-{socket.gethostname()}-{os.getpid()}"
-  if config.data.tokenizer:
-    load_tokenizer(config.data.tokenizer).save(staging)
-  else:
-    train_tokenizer(config, staging)
-  try:
-    staging.rename(target)
-  except OSError:  # another process got there first: use theirs
-    if not (target / INFO_FILE).exists():
-      raise
-  finally:
-    if staging.exists():
-      staging.rmtree()
+  with atomic.staged_folder(target, replace=False) as staging:  # another process may win: use theirs
+    if config.data.tokenizer:
+      load_tokenizer(config.data.tokenizer).save(staging)
+    else:
+      train_tokenizer(config, staging)
   log.info("the run's tokenizer is in %s", target)
   return load_tokenizer(target)

@@ -1,0 +1,80 @@
+"""Files and folders that a reader never sees half-written.
+
+Every bertjax writer that creates or replaces a file or folder goes through here: the content is
+written under a hidden temporary sibling name and renamed into place once complete. A crash, a
+full disk or a concurrent process therefore leaves the old version or the new one, never a mix,
+and a failed write leaves no temporary behind.
+
+    write_text(path, text), write_bytes(path, data)   one file, replaced whole
+    staged_folder(target, replace=True)               a folder built aside, then renamed in
+
+Paths go through `etils.epath`, so `gs://` works as well; there a rename is a copy, and a reader
+may briefly see a folder that is still being copied, but never a half-written file.
+"""
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+
+from etils import epath
+
+
+def _staging_name(target: epath.Path) -> epath.Path:
+  # Host, process and a random part: processes of one job may stage the same target at once.
+  return target.parent / f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def write_bytes(path, data: bytes) -> epath.Path:
+  """Write `data` to `path`, replacing any earlier file in one rename; returns the path."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = _staging_name(path)
+  try:
+    staging.write_bytes(data)
+    staging.replace(path)
+  finally:
+    if staging.exists():
+      staging.unlink()
+  return path
+
+
+def write_text(path, text: str) -> epath.Path:
+  """Write `text` (UTF-8) to `path`, replacing any earlier file in one rename; returns the path."""
+  return write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def staged_folder(target, *, replace: bool = True) -> Iterator[epath.Path]:
+  """Yields an empty temporary folder beside `target`; once the block succeeds it becomes `target`.
+
+  Args:
+    target: the folder to create.
+    replace: what happens when `target` exists by the time the block finishes. True: the old
+      folder is replaced (moved aside, the new one renamed in, the old one deleted). False: the
+      first writer wins and this copy is dropped, for content that every writer builds
+      identically (a tokenizer, a tokenised corpus) and that several processes may build at once.
+
+  On an exception the temporary folder is removed and `target` is left as it was.
+  """
+  target = epath.Path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = _staging_name(target)
+  staging.mkdir()
+  try:
+    yield staging
+    if not target.exists():
+      try:
+        staging.rename(target)
+      except OSError:  # another process renamed its copy in first
+        if not target.exists():
+          raise
+    if replace and staging.exists():
+      old = _staging_name(target)
+      target.rename(old)
+      staging.rename(target)
+      old.rmtree()
+  finally:
+    if staging.exists():
+      staging.rmtree()

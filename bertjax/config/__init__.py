@@ -1,0 +1,1 @@
+"""Run configs: the defaults, loading files and overrides, and the one validation."""

@@ -1,0 +1,120 @@
+"""Every default of a run in one place: the config that experiment files start from.
+
+`get_config()` returns a *locked* ConfigDict: a delta file (`configs/*.py`) or a command-line
+override that names a key which does not exist fails instead of silently adding it. The values
+are BERT-base's recipe; `configs/` holds the experiments, each changing only what differs.
+"""
+
+from ml_collections import config_dict
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """`"phase=2,foo=bar"` (the part after `FILE:` on the command line) as a dict."""
+  if not arg:
+    return {}
+  pairs = [item.split("=", 1) for item in arg.split(",") if item]
+  bad = [p[0] for p in pairs if len(p) != 2]
+  if bad:
+    raise ValueError(f"config argument {bad[0]!r} is not KEY=VALUE (write e.g. FILE:phase=2)")
+  return {k.strip(): v.strip() for k, v in pairs}
+
+
+def get_config(arg: str | None = None) -> config_dict.ConfigDict:
+  del arg
+  c = config_dict.ConfigDict()
+
+  c.model = config_dict.ConfigDict()
+  c.model.variant = "tiny"  # a name in bertjax.model.config.VARIANTS
+  # Overrides of the variant's sizes; None takes the variant's value. Changing hidden_size
+  # alone re-derives num_heads (H / 64) and intermediate_size (4 H).
+  c.model.hidden_size = config_dict.placeholder(int)
+  c.model.num_layers = config_dict.placeholder(int)
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.intermediate_size = config_dict.placeholder(int)
+  c.model.max_position_embeddings = 512
+  c.model.type_vocab_size = 2
+  c.model.dropout = 0.1
+  c.model.attention_dropout = 0.1
+  c.model.layer_norm_eps = 1e-12
+  c.model.initializer_range = 0.02
+  c.model.dtype = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
+  c.model.attention_impl = "auto"  # auto | xla | cudnn
+  c.model.remat = "none"  # none | full | dots
+  c.model.scan_layers = True
+
+  c.data = config_dict.ConfigDict()
+  c.data.source = "builtin"  # builtin | files:GLOB | hf:NAME[:CONFIG] | disk:DIR
+  c.data.text_column = "text"
+  c.data.streaming = False
+  c.data.seq_len = 128
+  c.data.max_predictions = 20
+  c.data.mask_prob = 0.15
+  c.data.whole_word_mask = False
+  c.data.short_seq_prob = 0.1
+  c.data.tokenizer = ""  # a tokenizer folder or file; empty: train one into WORKDIR/tokenizer
+  c.data.vocab_size = 8000  # for a tokenizer bertjax trains, and synthetic bench batches
+  c.data.tokenizer_model = "unigram"  # unigram | bpe
+  c.data.tokenizer_sentences = 1_000_000
+  c.data.lowercase = True
+  c.data.eval_fraction = 0.02  # share of whole documents held out for evaluation
+  c.data.cache_dir = ""  # tokenised-corpus cache; empty: a user cache folder
+  c.data.num_proc = 0  # tokenisation processes; 0: one per core
+  c.data.prefetch = 2  # batches prepared ahead in the background
+  c.data.max_sentence_chars = 10_000  # longer "sentences" (runaway lines) are cut at spaces
+  c.data.hf_split = "train"  # the split an hf: or disk: source reads
+  c.data.pair_random_next_prob = 0.5  # NSP: share of pairs whose B comes from another document
+  c.data.mask_token_prob = 0.8  # of the chosen positions: share replaced by [MASK]
+  c.data.random_token_prob = 0.1  # ... share replaced by a random token (the rest stay unchanged)
+  # data.streaming: documents per shuffle window (pairs, random B and shuffling stay within one)
+  c.data.streaming_window_documents = 10_000
+  c.data.streaming_eval_documents = 1_000  # streaming: the stream's first N documents are held out (0: none)
+
+  c.train = config_dict.ConfigDict()
+  c.train.batch_size = 256  # global, in sequences
+  c.train.steps = 1_000_000
+  c.train.seed = 0
+  c.train.grad_accum = 1
+  c.train.log_every = 100
+  c.train.eval_every = 10_000
+  c.train.eval_batches = 10
+  c.train.init_from = ""
+  c.train.init_params_only = False
+  c.train.profile_steps = ""  # "START:STOP" writes a jax.profiler trace of those steps
+  c.train.compilation_cache = "auto"  # auto (a user cache folder) | off | a folder
+  c.train.distributed_timeout_s = 300  # a process that cannot join the job fails after this
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.name = "adamw"  # adamw | lamb
+  c.optim.lr = 1e-4
+  c.optim.warmup_steps = 10_000
+  c.optim.schedule_steps = 0  # length of the decay; 0: train.steps (phases share one schedule)
+  c.optim.decay = "linear"  # linear | polynomial | constant
+  c.optim.decay_power = 1.0
+  c.optim.end_lr = 0.0
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-6
+  c.optim.clip_norm = 1.0
+  c.optim.max_nonfinite = 10
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # -1 fills with the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # A layout by name fills the devices: data | fsdp | fsdp_tensor (mesh.tensor is the tensor
+  # size, fsdp takes the rest); "" uses mesh.data/fsdp/tensor as given.
+  c.mesh.parallelism = ""
+  c.mesh.dcn_data = 1  # slices (TPU multislice) or nodes (GPU): data-parallel across the slow network
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_period = 0  # 0: keep no step permanently
+  c.checkpoint["async"] = True  # `async` is a Python keyword: read it as checkpoint["async"]
+
+  c.metrics = config_dict.ConfigDict()
+  c.metrics.peak_tflops = 0.0  # 0: the chip's datasheet dense bf16 peak (bertjax.metrics.flops)
+
+  c.lock()
+  return c

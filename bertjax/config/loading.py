@@ -1,0 +1,163 @@
+"""Run configs in and out: config files with command-line overrides, and WORKDIR/config.json.
+
+    load_config("configs/base.py:phase=2", ["train.steps=1000"])   a file + overrides, validated
+    load_run_config(workdir, overrides)                            a run's config.json, validated
+    write_config(config, workdir) / read_config(workdir)           WORKDIR/config.json
+
+A config file defines `get_config(arg=None)` returning an ml_collections ConfigDict (usually
+`bertjax.config.defaults.get_config()` with a few values changed); overrides are parsed with the
+type of the field they replace. The two loaders are the entry points: they validate
+(`bertjax.config.validation`) once, and everything downstream takes the config as given.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from etils import epath
+from ml_collections import config_dict
+
+from bertjax import atomic
+from bertjax.config import defaults
+from bertjax.config.validation import validate
+from bertjax.errors import BertjaxError
+
+# The experiment files shipped beside the package (found by bare name: `--config base`).
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_FILENAME = "config.json"
+
+
+def _config_path(path: str) -> Path:
+  candidate = Path(path)
+  if candidate.is_file():
+    return candidate
+  # A bare name (`base`, `base.py`) or `configs/base.py` outside a checkout also finds the
+  # configs that ship with bertjax.
+  packaged = PACKAGED_CONFIGS / (candidate.name if candidate.suffix == ".py" else f"{candidate.name}.py")
+  if candidate.parent in (Path("."), Path("configs")) and packaged.is_file():
+    return packaged
+  known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if not p.stem.startswith("_")))
+  raise BertjaxError(f"--config: no config file {path!r}; give a path to a .py file or one of: {known}")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """The validated config of `FILE[:ARG]` with `KEY=VALUE` overrides applied.
+
+  Args:
+    spec: a config file path, optionally with `:ARG` for its `get_config(arg)`, or the bare name
+      of a packaged config (`tiny`, `base`, ...).
+    overrides: `section.key=value` strings, applied in order.
+  Raises:
+    BertjaxError: one line naming the file or key and the fix.
+  """
+  path, _, arg = spec.partition(":")
+  file = _config_path(path)
+  module_spec = importlib.util.spec_from_file_location(f"bertjax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except (AttributeError, KeyError) as e:  # a locked ConfigDict refuses unknown keys
+    raise BertjaxError(f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines") from None
+  if not hasattr(module, "get_config"):
+    raise BertjaxError(f"--config {file}: defines no get_config(arg=None); add one that returns a ConfigDict")
+  try:
+    config = module.get_config(arg or None)
+  except ValueError as e:
+    raise BertjaxError(f"--config {spec}: {_first_line(e)}") from None
+  except (AttributeError, KeyError) as e:
+    raise BertjaxError(f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines") from None
+  for override in overrides:
+    apply_override(config, override)
+  validate(config)
+  return config
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip("'\"").splitlines()[0][:300]
+
+
+def _parse_value(key: str, text: str, kind: type):
+  if kind is bool:
+    lowered = text.lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise BertjaxError(f"--config.{key}={text}: expected true or false")
+  if kind is int:
+    try:
+      number = float(text.replace("_", ""))
+    except ValueError:
+      number = math.nan
+    if not number.is_integer():
+      raise BertjaxError(f"--config.{key}={text}: expected an integer")
+    return int(number)
+  if kind is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise BertjaxError(f"--config.{key}={text}: expected a number") from None
+  return text
+
+
+def apply_override(config: config_dict.ConfigDict, override: str) -> None:
+  """Apply one `section.key=value`, parsing the value with the type of the field."""
+  key, sep, text = override.partition("=")
+  if not sep:
+    raise BertjaxError(f"--config.{override}: expected --config.KEY=VALUE")
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, config_dict.ConfigDict) or part not in node:
+      raise BertjaxError(f"--config.{key}: unknown config key {'.'.join(parents[: i + 1])!r}; known: {_known(node)}")
+    node = node[part]
+  if not isinstance(node, config_dict.ConfigDict) or leaf not in node or isinstance(node[leaf], config_dict.ConfigDict):
+    raise BertjaxError(f"--config.{key}: unknown config key; known keys here: {_known(node)}")
+  node[leaf] = _parse_value(key, text, node.get_type(leaf))
+
+
+def _known(node) -> str:
+  return ", ".join(sorted(node.keys())) if isinstance(node, config_dict.ConfigDict) else "(none)"
+
+
+def to_dict(config: config_dict.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def write_config(config: config_dict.ConfigDict, workdir) -> None:
+  """Write the resolved config to WORKDIR/config.json, never half-written."""
+  atomic.write_text(epath.Path(workdir) / CONFIG_FILENAME, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def read_config(workdir) -> config_dict.ConfigDict:
+  """The config a run wrote into WORKDIR/config.json, on top of today's defaults (not validated:
+  a run's own config was valid when it was written)."""
+  source = epath.Path(workdir) / CONFIG_FILENAME
+  if not source.exists():
+    raise BertjaxError(f"--workdir {workdir}: no {CONFIG_FILENAME} there; pass the workdir of a bertjax run or --config FILE")
+  config = defaults.get_config()
+  _merge(config, json.loads(source.read_text()), prefix="")
+  return config
+
+
+def load_run_config(workdir, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """The validated config of an earlier run (WORKDIR/config.json) with overrides applied: how a
+  run is resumed, or an imported one trained, without naming its config file again."""
+  config = read_config(workdir)
+  for override in overrides:
+    apply_override(config, override)
+  validate(config)
+  return config
+
+
+def _merge(config: config_dict.ConfigDict, values: dict, prefix: str) -> None:
+  for key, value in values.items():
+    if key not in config:
+      print(f"warning: ignoring config key {prefix}{key} from an older or newer bertjax", file=sys.stderr)
+    elif isinstance(value, dict):
+      _merge(config[key], value, prefix=f"{prefix}{key}.")
+    else:
+      config[key] = value

@@ -1,0 +1,129 @@
+"""What the cached and the streaming pipelines share: the interface, examples, rows, the iterator.
+
+Both pipelines give the same interface (`Pipeline`): `batch(step, rows)` is the global batch of
+a training step, or just the rows a process holds; `eval_batches(rows)` the fixed held-out
+batches; `iterator(start, rows)` a prefetching iterator; `state_for(step)` / `restore(state)` the
+data position a checkpoint records. `make_examples` lays out and masks pairs the same way for
+both, and `BatchIterator` runs either one ahead in a background thread.
+"""
+
+import queue
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from bertjax.data import masking
+from bertjax.data import pairs as pairs_lib
+
+STATE_VERSION = 1
+TRAIN_STREAM, EVAL_STREAM = 0, 1  # pair-index streams of the keyed generators
+
+
+class Pipeline(Protocol):
+  """The interface of `cached.CachedPipeline` and `streaming.StreamingPipeline`."""
+
+  tokenizer: object
+  batch_size: int
+
+  def batch(self, step: int, rows=None) -> dict[str, np.ndarray]: ...
+  def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]: ...
+  def iterator(self, start_step: int = 0, rows=None) -> "BatchIterator": ...
+  def iterator_from_state(self, state: dict, rows=None) -> "BatchIterator": ...
+  def state_for(self, step: int) -> dict: ...
+  def restore(self, state: dict) -> int: ...
+  def epoch_of(self, step: int) -> float: ...
+
+
+def keyed_generator(*key: int) -> np.random.Generator:
+  """A generator seeded from a tuple of integers (seed, epoch, purpose, ...); never global."""
+  return np.random.Generator(np.random.Philox(np.random.SeedSequence(list(key))))
+
+
+def check_rows(rows, batch_size: int) -> np.ndarray:
+  """`rows` (global batch rows, None = all) as an int64 array, checked against the batch size."""
+  if rows is None:
+    return np.arange(batch_size)
+  rows = np.asarray(rows, np.int64).reshape(-1)
+  if len(rows) and (rows.min() < 0 or rows.max() >= batch_size):
+    raise ValueError(f"rows must lie in [0, {batch_size}), got {rows.min()}..{rows.max()}")
+  return rows
+
+
+def make_examples(tokens, pair_index: pairs_lib.PairIndex, keys: np.ndarray, seq_len: int,
+                  tokenizer, spec: masking.MaskingSpec) -> dict[str, np.ndarray]:
+  """Laid-out, masked examples of `pair_index` (spans into `tokens`), masked with `keys`."""
+  t = tokenizer
+  ids, segment_ids, attention_mask = pairs_lib.assemble(
+      tokens, pair_index, seq_len, t.cls_id, t.sep_id, t.pad_id)
+  out = masking.mask_batch(ids, attention_mask, keys, spec)
+  out["segment_ids"] = segment_ids
+  out["attention_mask"] = attention_mask
+  out["nsp_labels"] = pair_index.label.astype(np.int32)
+  return out
+
+
+def merge_parts(made, n_rows: int) -> dict[str, np.ndarray]:
+  """One batch from parts [(row selector, batch of those rows)] (a batch straddling epochs or
+  stream windows)."""
+  if len(made) == 1:
+    return made[0][1]
+  out = {}
+  for name, first in made[0][1].items():
+    arr = np.empty((n_rows,) + first.shape[1:], first.dtype)
+    for sel, b in made:
+      arr[sel] = b[name]
+    out[name] = arr
+  return out
+
+
+class BatchIterator:
+  """A background thread computes batches ahead; `state()` is the consumer's position."""
+
+  def __init__(self, pipeline, start_step: int, rows, prefetch: int):
+    self._pipeline = pipeline
+    self._next = start_step
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, args=(start_step, rows), daemon=True,
+                                    name="bertjax-data")
+    self._thread.start()
+
+  def _produce(self, step, rows):
+    while not self._stop.is_set():
+      try:
+        item = (step, self._pipeline.batch(step, rows))
+      except BaseException as e:  # hand it to the consumer, who re-raises it
+        item = e
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+      step += 1
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      raise item
+    self._next = item[0] + 1
+    return item
+
+  def state(self) -> dict:
+    return self._pipeline.state_for(self._next)
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -1,0 +1,181 @@
+"""Global batches from the tokenised, memory-mapped corpus: deterministic, per process, resumable.
+
+Data order is global. All pairs of epoch e are drawn from (seed, e) and shuffled; the epochs are
+laid end to end into one stream of examples, and step s takes positions [s B, (s + 1) B) of it.
+Example (e, i) is masked with keys from (seed, e, i). So the batch of step s depends only on the
+seed, the corpus and s; any subset of its rows can be built alone (a process builds just the rows
+its devices hold), and the iterator's state is just the consumer's next step.
+
+Held-out documents (data.eval_fraction of them, chosen from the seed) never reach training; their
+pairs and masks are drawn once (epoch 0) so every evaluation sees the same batches.
+
+`pipeline.make_pipeline(config, tokenizer)` chooses between this `CachedPipeline` and, with
+data.streaming, `streaming.StreamingPipeline` (same interface, no tokenised cache).
+"""
+
+import logging
+import threading
+
+import numpy as np
+
+from bertjax.data import keyed_random
+from bertjax.data import masking
+from bertjax.data import pairs as pairs_lib
+from bertjax.data.base import (EVAL_STREAM, STATE_VERSION, TRAIN_STREAM, BatchIterator, check_rows,
+                               keyed_generator, make_examples, merge_parts)
+from bertjax.data.corpus import load_corpus
+from bertjax.data.token_store import cache_root, open_token_store
+from bertjax.errors import BertjaxError
+
+log = logging.getLogger(__name__)
+
+
+class CachedPipeline:
+  """Global batches of training step s (or chosen rows of them), eval batches, and an iterator."""
+
+  def __init__(self, config, tokenizer, workdir=None):
+    del workdir  # the tokenised cache is shared between runs: data.cache_dir or the user cache
+    d = config.data
+    self.config = config
+    self.tokenizer = tokenizer
+    self.seed = int(config.train.seed)
+    self.batch_size = int(config.train.batch_size)
+    self.seq_len = int(d.seq_len)
+    self.corpus = load_corpus(config)
+    self.store = open_token_store(self.corpus, tokenizer, cache_root(d), int(d.num_proc))
+    if self.store.meta["tokenizer"] != tokenizer.fingerprint:
+      raise BertjaxError("tokenised cache does not match the tokenizer: clear data.cache_dir")
+    self.masking = masking.MaskingSpec.from_config(d, tokenizer)
+    self.train_docs, self.eval_docs = _split_documents(
+        self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source)
+    self._epoch_sizes: list[int] = []
+    self._epochs: dict[int, pairs_lib.PairIndex] = {}
+    self._lock = threading.Lock()
+    self._eval_index: pairs_lib.PairIndex | None = None
+
+  # -- sizes and positions ------------------------------------------------------------------
+  @property
+  def stats(self) -> dict:
+    m = self.store.meta
+    return {"source": m["source"], "corpus": m["corpus"], "tokenizer": m["tokenizer"],
+            "documents": m["documents"], "sentences": m["sentences"], "tokens": m["tokens"],
+            "train_documents": len(self.train_docs), "eval_documents": len(self.eval_docs),
+            "pairs_per_epoch": self._epoch_size(0), "warnings": m["warnings"]}
+
+  def _pair_index(self, docs, epoch: int, split: int) -> pairs_lib.PairIndex:
+    d = self.config.data
+    rng = keyed_generator(self.seed, epoch, split, 0x9A1)
+    return pairs_lib.build_pair_index(
+        self.store.sent_start, self.store.doc_start, docs, self.seq_len,
+        float(d.short_seq_prob), float(d.pair_random_next_prob), rng)
+
+  def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
+    """The shuffled pairs of one training epoch (the last few are kept)."""
+    with self._lock:
+      if epoch not in self._epochs:
+        index = self._pair_index(self.train_docs, epoch, TRAIN_STREAM)
+        perm = keyed_generator(self.seed, epoch, 0x5F1).permutation(len(index))
+        if len(self._epochs) >= 3:
+          self._epochs.pop(min(self._epochs))
+        self._epochs[epoch] = index.take(perm)
+      return self._epochs[epoch]
+
+  def _epoch_size(self, epoch: int) -> int:
+    while len(self._epoch_sizes) <= epoch:
+      self._epoch_sizes.append(len(self._epoch(len(self._epoch_sizes))))
+    return self._epoch_sizes[epoch]
+
+  def _locate(self, positions: np.ndarray):
+    """(epoch, index within the epoch) of global example positions."""
+    last = int(positions.max()) if len(positions) else 0
+    while sum(self._epoch_sizes) <= last:
+      self._epoch_size(len(self._epoch_sizes))
+    ends = np.cumsum(self._epoch_sizes)
+    epochs = np.searchsorted(ends, positions, side="right")
+    starts = ends[epochs] - np.asarray(self._epoch_sizes)[epochs]
+    return epochs, positions - starts
+
+  def epoch_of(self, step: int) -> float:
+    """The epoch (fractional) that step `step`'s first example belongs to, for logging."""
+    epoch, index = self._locate(np.array([step * self.batch_size]))
+    return float(epoch[0] + index[0] / self._epoch_sizes[int(epoch[0])])
+
+  # -- batches ------------------------------------------------------------------------------
+  def _rows(self, rows) -> np.ndarray:
+    return check_rows(rows, self.batch_size)
+
+  def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
+    """The global batch of training step `step`, or just its rows `rows` (global indices)."""
+    rows = self._rows(rows)
+    epochs, index = self._locate(int(step) * self.batch_size + rows)
+    parts = []
+    for e in np.unique(epochs):  # a batch straddles at most two epochs
+      sel = epochs == e
+      parts.append((sel, self._epoch(int(e)).take(index[sel]),
+                    keyed_random.row_keys(self.seed, int(e), index[sel])))
+    return merge_parts([(sel, self._make(p, k)) for sel, p, k in parts], len(rows))
+
+  def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
+    return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer,
+                         self.masking)
+
+  def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
+    """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
+    if len(self.eval_docs) == 0:
+      return []
+    if self._eval_index is None:  # pairs drawn once; masks are keyed, so they repeat exactly
+      self._eval_index = self._pair_index(self.eval_docs, 0, EVAL_STREAM)
+    rows = self._rows(rows)
+    out = []
+    for k in range(int(self.config.train.eval_batches)):
+      pos = (k * self.batch_size + rows) % len(self._eval_index)  # wraps when the split is small
+      out.append(self._make(self._eval_index.take(pos),
+                            keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos)))
+    return out
+
+  # -- iteration and state ------------------------------------------------------------------
+  def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
+    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
+    return BatchIterator(self, int(start_step), None if rows is None else self._rows(rows),
+                         int(self.config.data.prefetch))
+
+  def state_for(self, step: int) -> dict:
+    """The iterator state to checkpoint with the train state at `step`: the next step to consume."""
+    return {"version": STATE_VERSION, "kind": "cached", "step": int(step), "seed": self.seed,
+            "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.fingerprint,
+            "batch_size": self.batch_size}
+
+  def restore(self, state: dict) -> int:
+    """Checks a saved state against this pipeline; returns the step to start from."""
+    if state.get("kind", "cached") != "cached":
+      raise BertjaxError("the checkpoint's data position is a stream's (data.streaming=True): "
+                         "resume with --config.data.streaming=true")
+    if state.get("tokenizer") != self.tokenizer.fingerprint:
+      raise BertjaxError(f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
+                         f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer")
+    if state.get("batch_size") != self.batch_size or state.get("seed") != self.seed:
+      raise BertjaxError(
+          f"the checkpoint's data order used train.batch_size={state.get('batch_size')} and "
+          f"train.seed={state.get('seed')}: resume with the same values")
+    if state.get("corpus") != self.corpus.fingerprint:
+      log.warning("corpus fingerprint changed (%s -> %s): resumed data order differs",
+                  state.get("corpus"), self.corpus.fingerprint)
+    return int(state["step"])
+
+  def iterator_from_state(self, state: dict, rows=None) -> BatchIterator:
+    return self.iterator(self.restore(state), rows)
+
+
+def _split_documents(n_docs: int, fraction: float, seed: int, source: str):
+  """Train and eval document ids: whole documents held out, chosen from the seed alone."""
+  if n_docs < 2:
+    raise BertjaxError(f"corpus {source} has {n_docs} document(s): NSP needs at least two "
+                       "(separate documents with a blank line)")
+  n_eval = int(round(n_docs * fraction))
+  if fraction > 0:
+    n_eval = max(n_eval, 2)
+    if n_docs - n_eval < 2:
+      log.warning("corpus %s: %d documents are too few to hold out an eval split", source, n_docs)
+      n_eval = 0
+  perm = keyed_generator(seed, 0xE7A1).permutation(n_docs)
+  return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])

@@ -1,0 +1,1 @@
+"""Interop with transformers: the name map, reading folders, export, import, loading, tokenizers."""

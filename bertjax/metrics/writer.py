@@ -1,0 +1,123 @@
+"""Where a run's metrics go: WORKDIR/metrics.jsonl and TensorBoard event files in WORKDIR/tb/.
+
+    MetricsWriter   appends one JSON object per logged step or evaluation, and the same values
+                    as TensorBoard scalars `SPLIT/NAME` (tensorboardX: no TensorFlow needed)
+    read_metrics    metrics.jsonl back, tolerating the fragment a killed run left mid-line
+
+Only the primary process writes.
+"""
+
+import json
+import os
+import time
+from typing import Any, Self
+
+import numpy as np
+from etils import epath
+from tensorboardX import SummaryWriter
+
+METRICS_FILENAME = "metrics.jsonl"
+TENSORBOARD_DIRNAME = "tb"
+
+_RESERVED_FIELDS = ("step", "split", "time")
+
+
+def _plain(name: str, value: Any) -> int | float:
+  """A Python int or float from a Python, NumPy or JAX scalar (JSON wants plain ones)."""
+  array = np.asarray(value)
+  if array.size != 1:
+    raise ValueError(f"metric {name!r} is not a scalar (shape {array.shape})")
+  item = array.reshape(()).item()
+  if isinstance(item, (bool, int)):
+    return int(item)
+  return float(item)
+
+
+def _open_for_append(path: epath.Path):
+  """A text handle that appends to `path`, kept open for the run.
+
+  Object stores (gs://) may not append: there the existing lines are copied into a fresh file,
+  so a resumed run still never loses what an earlier one logged.
+  """
+  existing = path.read_text() if path.exists() else ""
+  try:
+    handle = path.open("a")
+  except (NotImplementedError, ValueError, OSError):
+    handle = path.open("w")
+    handle.write(existing)
+  if existing and not existing.endswith("\n"):
+    handle.write("\n")  # a run killed mid-line: keep its fragment on a line of its own
+  return handle
+
+
+class MetricsWriter:
+  """Appends metrics to WORKDIR/metrics.jsonl and TensorBoard scalars to WORKDIR/tb/.
+
+  Construct it on every process with `enabled=jax.process_index() == 0`: the others write
+  nothing. Files are opened at the first `write`; use it as a context manager or call `close`.
+  """
+
+  def __init__(self, workdir, enabled: bool = True):
+    self.workdir = epath.Path(workdir)
+    self.enabled = enabled
+    self._jsonl = None
+    self._events: SummaryWriter | None = None
+
+  def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+    if not self.enabled:
+      return
+    clashes = [name for name in metrics if name in _RESERVED_FIELDS]
+    if clashes:
+      raise ValueError(f"metric names {clashes} clash with the record fields {_RESERVED_FIELDS}")
+    values = {name: _plain(name, value) for name, value in metrics.items()}
+    now = time.time()
+    self._ensure_open()
+    self._jsonl.write(json.dumps({"step": int(step), "split": split, "time": now, **values}) + "\n")
+    for name, value in values.items():
+      self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step), walltime=now)
+    self.flush()  # a few records per log step: readers (bertjax plot, TensorBoard) see them now
+
+  def _ensure_open(self) -> None:
+    if self._jsonl is not None:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = _open_for_append(self.workdir / METRICS_FILENAME)
+    # A resumed run starts a new events file beside the old ones, and TensorBoard reads them in
+    # name order: the nanosecond suffix keeps two writers of one second apart and in order.
+    self._events = SummaryWriter(str(self.workdir / TENSORBOARD_DIRNAME), flush_secs=3600,
+                                 filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+
+  def flush(self) -> None:
+    for handle in (self._jsonl, self._events):
+      if handle is not None:
+        handle.flush()
+
+  def close(self) -> None:
+    for handle in (self._jsonl, self._events):
+      if handle is not None:
+        handle.close()
+    self._jsonl = self._events = None
+
+  def __enter__(self) -> Self:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl, in file order ([] if there is none yet).
+
+  A line that does not parse is the fragment a killed run left mid-write (the last line, or the
+  last of a run that was later resumed): it is skipped.
+  """
+  path = epath.Path(workdir) / METRICS_FILENAME
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return records

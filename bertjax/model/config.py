@@ -1,0 +1,133 @@
+"""The model's sizes and settings: BERT variants and the resolved `BertConfig`.
+
+A leaf of the package: plain dataclasses and tables, no JAX or Flax at import time, so the config
+validation and the FLOP model can read sizes without building anything.
+
+    VARIANTS          Google's compact BERTs (Turc et al. 2019), base and large: name -> sizes
+    variant_sizes     a run config's `model` section -> the sizes it asks for
+    resolve_config    a run config's `model` section -> BertConfig, with every `auto` decided
+"""
+
+import dataclasses
+from typing import Any
+
+VOCAB_MULTIPLE = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  num_layers: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+
+
+def _sized(num_layers: int, hidden_size: int) -> Variant:
+  # Google's recipe for every size: 64-dimensional heads, a 4x feed-forward.
+  return Variant(num_layers, hidden_size, hidden_size // 64, 4 * hidden_size)
+
+
+# Google's compact BERTs (Turc et al. 2019), L in {2..12} x H in {128..768}, plus base and large.
+VARIANTS: dict[str, Variant] = {
+    f"L{layers}_H{hidden}": _sized(layers, hidden)
+    for layers in (2, 4, 6, 8, 10, 12)
+    for hidden in (128, 256, 512, 768)
+}
+VARIANTS.update(
+    tiny=VARIANTS["L2_H128"],
+    mini=VARIANTS["L4_H256"],
+    small=VARIANTS["L4_H512"],
+    medium=VARIANTS["L8_H512"],
+    base=_sized(12, 768),
+    large=_sized(24, 1024),
+)
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Everything the network needs, resolved (no `auto` left)."""
+
+  vocab_size: int
+  hidden_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 2
+  intermediate_size: int = 512
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  dropout: float = 0.1
+  attention_dropout: float = 0.1
+  layer_norm_eps: float = 1e-12
+  initializer_range: float = 0.02
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+  attention_impl: str = "xla"  # xla | cudnn
+  remat: str = "none"
+  scan_layers: bool = True
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def padded_vocab_size(self) -> int:
+    return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+  @property
+  def compute_dtype(self):
+    """The numpy dtype (bfloat16 included) that activations are computed in."""
+    import jax.numpy as jnp  # the sizes above need no JAX; only the dtype does
+
+    return jnp.dtype(self.dtype)
+
+
+def variant_sizes(model_cfg: Any) -> Variant:
+  """The variant's sizes with the config's overrides applied (`None` keeps the variant's)."""
+  base = VARIANTS[model_cfg.variant]
+  hidden = model_cfg.hidden_size or base.hidden_size
+  derived = _sized(base.num_layers, hidden) if hidden != base.hidden_size else base
+  return Variant(
+      num_layers=model_cfg.num_layers or base.num_layers,
+      hidden_size=hidden,
+      num_heads=model_cfg.num_heads or max(derived.num_heads, 1),
+      intermediate_size=model_cfg.intermediate_size or derived.intermediate_size,
+  )
+
+
+def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) -> BertConfig:
+  """A BertConfig from the `model` section of a run config, resolving `auto` for `backend`.
+
+  `auto` dtype is bfloat16 on accelerators and float32 on CPU; `auto` attention is cuDNN flash
+  attention on NVIDIA GPUs when it applies (16-bit compute, no attention dropout), else XLA.
+  """
+  if backend is None:
+    import jax  # only to ask which platform runs this process
+
+    backend = jax.default_backend()
+  sizes = variant_sizes(model_cfg)
+  dtype = model_cfg.dtype
+  if dtype == "auto":
+    dtype = "float32" if backend == "cpu" else "bfloat16"
+  impl = model_cfg.attention_impl
+  if impl == "auto":
+    cudnn_ok = backend == "gpu" and dtype in ("bfloat16", "float16") and model_cfg.attention_dropout == 0
+    impl = "cudnn" if cudnn_ok else "xla"
+  return BertConfig(
+      vocab_size=vocab_size,
+      hidden_size=sizes.hidden_size,
+      num_layers=sizes.num_layers,
+      num_heads=sizes.num_heads,
+      intermediate_size=sizes.intermediate_size,
+      max_position_embeddings=model_cfg.max_position_embeddings,
+      type_vocab_size=model_cfg.type_vocab_size,
+      dropout=model_cfg.dropout,
+      attention_dropout=model_cfg.attention_dropout,
+      layer_norm_eps=model_cfg.layer_norm_eps,
+      initializer_range=model_cfg.initializer_range,
+      dtype=dtype,
+      attention_impl=impl,
+      remat=model_cfg.remat,
+      scan_layers=model_cfg.scan_layers,
+  )

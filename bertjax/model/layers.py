@@ -1,0 +1,240 @@
+"""BERT's building blocks in Flax NNX: embeddings, attention, feed-forward, encoder, heads.
+
+Every parameter carries its logical axis names (`bertjax.parallel.rules.RULES` places them on the
+mesh) and every block computes in the config's dtype with float32 parameters; LayerNorm
+statistics, softmax and logits are float32. The layouts are docs/architecture.md's.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bertjax.model.config import BertConfig
+from bertjax.parallel.rules import constrain
+
+# The most negative float32: masked logits vanish under softmax without producing inf - inf.
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+  # No eager sharding: placement comes from a jitted init with out-shardings derived from
+  # these names (bertjax.parallel.rules), so the model also builds where no mesh is set.
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(key: jax.Array | None, n: int) -> tuple[jax.Array | None, ...]:
+  return (None,) * n if key is None else tuple(jax.random.split(key, n))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with float32 statistics whatever the compute dtype."""
+
+  def __init__(self, size: int, cfg: BertConfig, axis_name: str = "embed"):
+    self.scale = _param(jnp.ones((size,), jnp.float32), (axis_name,))
+    self.bias = _param(jnp.zeros((size,), jnp.float32), (axis_name,))
+    self.eps = cfg.layer_norm_eps
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Embeddings(nnx.Module):
+  """Word + learned position + token-type (segment) embeddings, LayerNorm, dropout."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    h = cfg.hidden_size
+    self.word = _param(init(rngs.params(), (cfg.padded_vocab_size, h)), ("vocab", "embed"))
+    self.position = _param(init(rngs.params(), (cfg.max_position_embeddings, h)), ("position", "embed"))
+    self.segment = _param(init(rngs.params(), (cfg.type_vocab_size, h)), ("segment", "embed"))
+    self.norm = LayerNorm(h, cfg)
+    self.rate = cfg.dropout
+
+  def __call__(self, ids_BxL, segment_ids_BxL, position_ids_BxL, dropout_key=None):
+    x = (
+        jnp.take(self.word[...], ids_BxL, axis=0)
+        + jnp.take(self.position[...], position_ids_BxL, axis=0)
+        + jnp.take(self.segment[...], segment_ids_BxL, axis=0)
+    )
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    return _dropout(self.norm(x), self.rate, dropout_key)
+
+
+class SelfAttention(nnx.Module):
+  """Bidirectional multi-head self-attention with a fused QKV projection."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    self.qkv_kernel = _param(init(rngs.params(), (h, 3, n, d)), ("embed", "qkv", "heads", "kv"))
+    self.qkv_bias = _param(jnp.zeros((3, n, d), jnp.float32), ("qkv", "heads", "kv"))
+    self.out_kernel = _param(init(rngs.params(), (n, d, h)), ("heads", "kv", "embed"))
+    self.out_bias = _param(jnp.zeros((h,), jnp.float32), ("embed",))
+    self.dtype = cfg.compute_dtype
+    self.rate = cfg.attention_dropout
+    self.impl = cfg.attention_impl
+
+  def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None):
+    dt = self.dtype
+    qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
+    axes = ("act_batch", "act_length", "act_heads", "act_kv")
+    q, k, v = (constrain(qkv[:, :, i], axes) for i in range(3))
+    if dropout_key is not None and self.rate > 0.0:
+      ctx = self._attend_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key)
+    elif self.impl == "cudnn" and kv_lengths_B is not None:
+      # Padding is a length per row: cuDNN's flash kernel takes it without a dense mask.
+      ctx = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths_B, implementation="cudnn")
+    else:
+      ctx = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation=self.impl)
+    ctx = constrain(ctx, axes)
+    out = jnp.einsum("blhd,hde->ble", ctx, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+    return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+  def _attend_with_dropout(self, q, k, v, mask, key):
+    # jax.nn.dot_product_attention has no dropout on the probabilities; BERT has. Same math
+    # as its XLA path: float32 logits and softmax, probabilities cast back to the compute dtype.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask, logits * (q.shape[-1] ** -0.5), _NEG)
+    probs = _dropout(jax.nn.softmax(logits, axis=-1), self.rate, key).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class FeedForward(nnx.Module):
+  """Dense -> exact (erf) GELU -> dense."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    self.in_kernel = _param(init(rngs.params(), (h, m)), ("embed", "mlp"))
+    self.in_bias = _param(jnp.zeros((m,), jnp.float32), ("mlp",))
+    self.out_kernel = _param(init(rngs.params(), (m, h)), ("mlp", "embed"))
+    self.out_bias = _param(jnp.zeros((h,), jnp.float32), ("embed",))
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, x_BxLxE):
+    dt = self.dtype
+    h = jnp.einsum("ble,em->blm", x_BxLxE, self.in_kernel[...].astype(dt)) + self.in_bias[...].astype(dt)
+    # BERT's GELU is exact; jax.nn.gelu defaults to the tanh approximation.
+    h = constrain(jax.nn.gelu(h, approximate=False), ("act_batch", "act_length", "act_mlp"))
+    out = jnp.einsum("blm,me->ble", h, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
+    return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+
+class EncoderLayer(nnx.Module):
+  """One post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(ffn(x)))."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.attention = SelfAttention(cfg, rngs=rngs)
+    self.attention_norm = LayerNorm(cfg.hidden_size, cfg)
+    self.feed_forward = FeedForward(cfg, rngs=rngs)
+    self.output_norm = LayerNorm(cfg.hidden_size, cfg)
+    self.rate = cfg.dropout
+
+  def __call__(self, x, mask, kv_lengths, dropout_key=None):
+    attn_key, attn_out_key, ffn_out_key = _split(dropout_key, 3)
+    a = self.attention(x, mask, kv_lengths, attn_key)
+    x = self.attention_norm(x + _dropout(a, self.rate, attn_out_key))
+    f = self.feed_forward(x)
+    return self.output_norm(x + _dropout(f, self.rate, ffn_out_key))
+
+
+_REMAT = {
+    "full": dict(policy=None),
+    "dots": dict(policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+}
+
+
+class Encoder(nnx.Module):
+  """`num_layers` EncoderLayers with parameters stacked on a leading `layers` axis."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked_layers(layer_rngs):
+      return EncoderLayer(cfg, rngs=layer_rngs)
+
+    self.layers = stacked_layers(rngs)
+    self.num_layers = cfg.num_layers
+    self.remat = cfg.remat
+    self.scan = cfg.scan_layers
+
+  def __call__(self, x, mask, kv_lengths, dropout_key=None):
+    graphdef, stacked = nnx.split(self.layers)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
+
+    def apply_layer(h, layer_state_and_key):
+      layer_state, key = layer_state_and_key
+      return nnx.merge(graphdef, layer_state)(h, mask, kv_lengths, key), None
+
+    if self.remat != "none":
+      apply_layer = jax.checkpoint(apply_layer, prevent_cse=not self.scan, **_REMAT[self.remat])
+    if self.scan:
+      # One traced layer whatever the depth: compile time stays flat.
+      x, _ = jax.lax.scan(apply_layer, x, (stacked, keys))
+    else:
+      for i in range(self.num_layers):
+        x, _ = apply_layer(x, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
+    return x
+
+
+class Pooler(nnx.Module):
+  """tanh(dense) on the [CLS] hidden state."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    h = cfg.hidden_size
+    self.kernel = _param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
+    self.bias = _param(jnp.zeros((h,), jnp.float32), ("embed_out",))
+    self.dtype = cfg.compute_dtype
+
+  def __call__(self, cls_BxE):
+    dt = self.dtype
+    return jnp.tanh(cls_BxE @ self.kernel[...].astype(dt) + self.bias[...].astype(dt))
+
+
+class MaskedLMHead(nnx.Module):
+  """Dense + GELU + LayerNorm, then the decoder tied to the word embeddings, plus a bias."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    h = cfg.hidden_size
+    self.transform_kernel = _param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
+    self.transform_bias = _param(jnp.zeros((h,), jnp.float32), ("embed_out",))
+    self.transform_norm = LayerNorm(h, cfg)
+    self.output_bias = _param(jnp.zeros((cfg.padded_vocab_size,), jnp.float32), ("vocab",))
+    self.dtype = cfg.compute_dtype
+    self.vocab_size = cfg.vocab_size
+
+  def __call__(self, h_BxPxE, word_embeddings_VxE):
+    dt = self.dtype
+    h = h_BxPxE @ self.transform_kernel[...].astype(dt) + self.transform_bias[...].astype(dt)
+    h = self.transform_norm(jax.nn.gelu(h, approximate=False))
+    logits = jnp.einsum("bpe,ve->bpv", h, word_embeddings_VxE.astype(dt), preferred_element_type=jnp.float32)
+    logits = logits + self.output_bias[...]
+    # Rows past the real vocabulary exist only for alignment: they never win a softmax.
+    valid_V = jnp.arange(logits.shape[-1]) < self.vocab_size
+    return constrain(jnp.where(valid_V, logits, _NEG), ("act_batch", "act_predictions", "act_vocab"))
+
+
+class NextSentenceHead(nnx.Module):
+  """Two-way classifier on the pooled output: 0 = B follows A, 1 = B is random."""
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    self.kernel = _param(init(rngs.params(), (cfg.hidden_size, 2)), ("embed_out", "classes"))
+    self.bias = _param(jnp.zeros((2,), jnp.float32), ("classes",))
+
+  def __call__(self, pooled_BxE):
+    return pooled_BxE.astype(jnp.float32) @ self.kernel[...] + self.bias[...]

@@ -1,0 +1,98 @@
+"""`bertjax bench`: the compiled train step timed on synthetic batches of the config's shape.
+
+No corpus and no tokenizer: the vocabulary is `data.vocab_size` and batches are random ids with
+`data.max_predictions` masked positions, so the figure is the model's and the mesh's alone.
+Prints one JSON line per shape measured (the config's). With `--profile DIR` it also traces a few
+steps with `jax.profiler` (open DIR in TensorBoard or Perfetto) and adds where the time went:
+device time per step by kernel (XLA op on CPU), the biggest first.
+"""
+
+import statistics
+import time
+
+import jax
+from etils import epath
+
+from bertjax.config.validation import validate_for_devices
+from bertjax.data.synthetic import synthetic_batch
+from bertjax.metrics import flops as flops_lib
+from bertjax.model.config import resolve_config
+from bertjax.parallel import mesh as mesh_lib
+from bertjax.parallel.layout import MESH_AXES
+from bertjax.perf.profile import kernel_summary
+from bertjax.train import steps as steps_lib
+
+
+PROFILED_STEPS = 3
+
+
+def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
+  """Compile, warm up, then time `steps` train steps; the median step gives the throughput.
+
+  Args:
+    config: a validated run config; its model, data shapes, optimizer and mesh are used.
+    steps, warmup: timed steps, and untimed ones before them.
+    profile_dir: if given, PROFILED_STEPS more steps are traced there and their kernel summary
+      is added under "profile".
+  Returns:
+    The figures of one JSON line (compile time, step time, tokens/s, MFU where the chip's peak
+    is known, peak memory where the device reports it).
+  """
+  d, t = config.data, config.train
+  validate_for_devices(config, jax.device_count())
+  model_config = resolve_config(config.model, d.vocab_size)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  compiled = steps_lib.compile_steps(model_config, config.optim, t.steps, t.grad_accum, mesh)
+  state = compiled.init(t.seed)
+  batch = {k: jax.device_put(v, compiled.batch_sharding)
+           for k, v in synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size).items()}
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    executable = compiled.jitted["train"].lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def step(state):
+    with jax.set_mesh(mesh):
+      return executable(state, batch)
+
+  for _ in range(warmup):
+    state, out = step(state)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, out = step(state)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+
+  step_s = statistics.median(times)
+  device = jax.local_devices()[0]  # memory_stats needs a device of this process
+  flops = flops_lib.flops_per_sequence(model_config, d.seq_len, d.max_predictions)
+  peak = flops_lib.peak_flops_per_device(device.device_kind, config.metrics.peak_tflops)
+  result = {
+      "variant": config.model.variant, "seq_len": d.seq_len, "batch_size": t.batch_size,
+      "max_predictions": d.max_predictions, "vocab_size": d.vocab_size, "dtype": model_config.dtype,
+      "attention_impl": model_config.attention_impl, "remat": model_config.remat,
+      "dropout": model_config.dropout, "attention_dropout": model_config.attention_dropout,
+      "mesh": dict(zip(MESH_AXES, mesh.devices.shape)), "device": device.device_kind,
+      "devices": jax.device_count(), "steps": steps,
+      "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
+      "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
+      "tokens_per_s": round(t.batch_size * d.seq_len / step_s, 1),
+      "loss": float(out["loss"]),
+  }
+  if peak:
+    result["mfu"] = round(flops * t.batch_size / step_s / (peak * jax.device_count()), 4)
+  memory = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if memory and "peak_bytes_in_use" in memory:
+    result["peak_memory_gib"] = round(memory["peak_bytes_in_use"] / 2**30, 3)
+  if profile_dir is not None:
+    with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+      for _ in range(PROFILED_STEPS):
+        state, out = step(state)
+      jax.block_until_ready(out)
+    trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"),
+                key=lambda p: p.stat().mtime)
+    result["profile"] = {"trace": str(trace), **kernel_summary(trace, PROFILED_STEPS)}
+  return result

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, the pure steps, checkpoints, preemption, joining a job, the loop."""

@@ -1,0 +1,103 @@
+"""metrics.jsonl and the TensorBoard event files: records, resumes, crashes, and read-backs."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bertjax.metrics import writer as metrics
+
+
+
+
+def _write_two_steps(workdir, writer_cls=metrics.MetricsWriter):
+  with writer_cls(workdir) as writer:
+    writer.write(10, {"loss": 7.5, "mlm_accuracy": np.float32(0.125), "skipped_steps": np.int64(0)})
+    writer.write(10, {"loss": jnp.asarray(7.25)}, split="eval")
+
+
+def test_jsonl_records_parse_and_a_resumed_run_appends(tmp_path):
+  _write_two_steps(tmp_path)
+  with metrics.MetricsWriter(tmp_path) as writer:  # a resumed run
+    writer.write(20, {"loss": 6.0, "epoch": 1})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3
+  records = [json.loads(line) for line in lines]
+  assert records[0]["step"] == 10 and records[0]["split"] == "train" and records[0]["mlm_accuracy"] == 0.125
+  assert isinstance(records[0]["skipped_steps"], int) and isinstance(records[0]["time"], float)
+  assert records[1] == {"step": 10, "split": "eval", "time": records[1]["time"], "loss": 7.25}
+  assert records[2]["epoch"] == 1 and metrics.read_metrics(tmp_path) == records
+
+
+def test_read_metrics_skips_a_line_cut_by_a_crash(tmp_path):
+  _write_two_steps(tmp_path)
+  with (tmp_path / "metrics.jsonl").open("a") as f:
+    f.write('{"step": 11, "split": "tr')  # killed mid-write
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [10, 10]
+  with metrics.MetricsWriter(tmp_path) as writer:  # resuming starts a fresh line after the fragment
+    writer.write(12, {"loss": 5.0})
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [10, 10, 12]
+  assert metrics.read_metrics(tmp_path / "elsewhere") == []
+
+
+def test_a_store_that_cannot_append_keeps_the_earlier_lines(tmp_path):
+  class NoAppendPath(type(metrics.epath.Path(tmp_path))):  # like gs:// on some backends
+    def open(self, mode="r", *args, **kwargs):
+      if "a" in mode:
+        raise NotImplementedError("append")
+      return super().open(mode, *args, **kwargs)
+
+  path = NoAppendPath(tmp_path / "metrics.jsonl")
+  path.write_text('{"step": 1}\n{"step": 2')  # the second line was cut by a crash
+  with metrics._open_for_append(path) as handle:
+    handle.write('{"step": 3}\n')
+  assert path.read_text() == '{"step": 1}\n{"step": 2\n{"step": 3}\n'
+
+
+def test_writer_refuses_what_json_and_tensorboard_cannot_hold(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    with pytest.raises(ValueError, match="step"):
+      writer.write(1, {"step": 3.0})
+    with pytest.raises(ValueError, match="scalar"):
+      writer.write(1, {"loss": np.ones(3)})
+
+
+def test_tensorboard_reads_back_the_same_tags_steps_and_values(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  _write_two_steps(tmp_path)
+  with metrics.MetricsWriter(tmp_path) as writer:
+    writer.write(20, {"loss": 6.0})
+  files = sorted((tmp_path / "tb").iterdir())
+  assert len(files) == 2 and all(f.name.startswith("events.out.tfevents.") for f in files)
+
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  acc.Reload()
+  assert set(acc.Tags()["scalars"]) == {"train/loss", "train/mlm_accuracy", "train/skipped_steps", "eval/loss"}
+  assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(10, 7.5), (20, 6.0)]
+  assert [(e.step, e.value) for e in acc.Scalars("train/mlm_accuracy")] == [(10, 0.125)]
+  assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(10, 7.25)]
+
+
+def test_the_event_file_starts_with_the_file_version_and_its_checksums_verify(tmp_path):
+  from tensorboard.backend.event_processing import event_file_loader
+
+  _write_two_steps(tmp_path)
+  (path,) = (tmp_path / "tb").iterdir()
+  events = list(event_file_loader.EventFileLoader(str(path)).Load())
+  assert events[0].file_version == "brain.Event:2"
+  assert [e.step for e in events[1:]] == [10, 10, 10, 10]  # three train scalars, one eval
+  assert events[1].wall_time == pytest.approx(metrics.read_metrics(tmp_path)[0]["time"])
+  # Flip one payload byte: the data CRC no longer matches, which TensorBoard's reader checks.
+  raw = bytearray(path.read_bytes())
+  raw[-6] ^= 0xFF
+  path.write_bytes(bytes(raw))
+  assert len(list(event_file_loader.EventFileLoader(str(path)).Load())) < len(events)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  with metrics.MetricsWriter(tmp_path / "run", enabled=False) as writer:
+    writer.write(1, {"loss": 1.0})
+    writer.flush()
+  assert not (tmp_path / "run").exists()
