@@ -118,6 +118,19 @@ def test_epochs_reshuffle_and_remask(make_pipeline):
   e1 = p._epoch(1)
   assert not (len(e0) == len(e1) and np.array_equal(e0.a_start, e1.a_start))
 
+  # Remasking: a row of epoch 1 is masked with epoch 1's keys, so a pair seen in both epochs is
+  # masked afresh. The pairs themselves are redrawn each epoch (random targets, random B), so
+  # the same pair is masked here with both epochs' keys at the same index.
+  from bertjax.data import keyed_random
+
+  step = size // p.batch_size + 1  # wholly in epoch 1
+  epochs, index = p._locate(step * p.batch_size + np.arange(p.batch_size))
+  assert set(epochs.tolist()) == {1}
+  assert_batches_equal(p.batch(step), p._make(e1.take(index), keyed_random.row_keys(p.seed, 1, index)))
+  as_epoch_0 = p._make(e1.take(index), keyed_random.row_keys(p.seed, 0, index))
+  differ = [not np.array_equal(a, b) for a, b in zip(p.batch(step)["masked_positions"], as_epoch_0["masked_positions"])]
+  assert sum(differ) >= 0.75 * p.batch_size, differ
+
 
 def test_resume_equals_uninterrupted(make_pipeline):
   p = make_pipeline(prefetch=4)

@@ -17,7 +17,7 @@ from tests.support.extras import randomise, require
 torch = require("torch")
 transformers = require("transformers")
 
-TOLERANCE = 1e-4
+TOLERANCE = 5e-6  # float32 rounding: measured at most 2.4e-6 (hidden states), 1.2e-6 (logits)
 HF_DIMS = dict(vocab_size=250, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
                intermediate_size=96, max_position_embeddings=64, type_vocab_size=2)
 LENGTHS = (16, 11, 7)  # row 0 full, the others right-padded
