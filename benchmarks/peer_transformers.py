@@ -18,12 +18,12 @@ from transformers import BertConfig, BertForPreTraining
 
 VOCAB = 30522
 SIZES = {  # L, H, heads, intermediate: Google's compact BERTs, base and large
-    "tiny": (2, 128, 2, 512),
-    "mini": (4, 256, 4, 1024),
-    "small": (4, 512, 8, 2048),
-    "medium": (8, 512, 8, 2048),
-    "base": (12, 768, 12, 3072),
-    "large": (24, 1024, 16, 4096),
+  "tiny": (2, 128, 2, 512),
+  "mini": (4, 256, 4, 1024),
+  "small": (4, 512, 8, 2048),
+  "medium": (8, 512, 8, 2048),
+  "base": (12, 768, 12, 3072),
+  "large": (24, 1024, 16, 4096),
 }
 
 
@@ -49,10 +49,11 @@ def synthetic_batch(batch: int, seq: int, device: str) -> dict[str, torch.Tensor
   masked = torch.rand(batch, seq, generator=g) < 0.15
   labels[masked] = ids[masked]
   segments = torch.zeros_like(ids)
-  segments[:, seq // 2:] = 1
+  segments[:, seq // 2 :] = 1
   nsp = torch.randint(0, 2, (batch,), generator=g)
-  tensors = dict(input_ids=ids, token_type_ids=segments, attention_mask=torch.ones_like(ids), labels=labels,
-                 next_sentence_label=nsp)
+  tensors = dict(
+    input_ids=ids, token_type_ids=segments, attention_mask=torch.ones_like(ids), labels=labels, next_sentence_label=nsp
+  )
   return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -61,10 +62,17 @@ def main() -> None:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   layers, hidden, heads, intermediate = SIZES[a.size]
   attn_dropout = a.dropout if a.attn_dropout is None else a.attn_dropout
-  config = BertConfig(vocab_size=VOCAB, max_position_embeddings=512, attn_implementation="sdpa",
-                      hidden_dropout_prob=a.dropout, attention_probs_dropout_prob=attn_dropout,
-                      num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                      intermediate_size=intermediate)
+  config = BertConfig(
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    attn_implementation="sdpa",
+    hidden_dropout_prob=a.dropout,
+    attention_probs_dropout_prob=attn_dropout,
+    num_hidden_layers=layers,
+    hidden_size=hidden,
+    num_attention_heads=heads,
+    intermediate_size=intermediate,
+  )
   model = BertForPreTraining(config).to(device).train()
   optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
   batch = synthetic_batch(a.batch, a.seq, device)
@@ -88,11 +96,27 @@ def main() -> None:
   if device == "cuda":
     torch.cuda.synchronize()
   step_s = (time.perf_counter() - start) / a.steps
-  print(json.dumps(dict(
-      peer="transformers", size=a.size, seq=a.seq, batch=a.batch, compile=a.compile, dropout=a.dropout,
-      attn_dropout=attn_dropout, dtype=a.dtype, step_s=round(step_s, 5), tokens_per_s=round(a.batch * a.seq / step_s),
-      params=sum(p.numel() for p in model.parameters()), loss=float(loss.detach()),
-      device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__)), flush=True)
+  print(
+    json.dumps(
+      dict(
+        peer="transformers",
+        size=a.size,
+        seq=a.seq,
+        batch=a.batch,
+        compile=a.compile,
+        dropout=a.dropout,
+        attn_dropout=attn_dropout,
+        dtype=a.dtype,
+        step_s=round(step_s, 5),
+        tokens_per_s=round(a.batch * a.seq / step_s),
+        params=sum(p.numel() for p in model.parameters()),
+        loss=float(loss.detach()),
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        torch=torch.__version__,
+      )
+    ),
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ else is printed, no traceback.
 import argparse
 import os
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from bertjax.errors import BertjaxError
 
@@ -23,9 +23,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
-  p.add_argument("--config", required=required, metavar="FILE[:ARG]",
-                 help="config file, e.g. configs/base.py:phase=2 (or a packaged name: tiny, base, large); "
-                      "then any number of --config.KEY=VALUE overrides, e.g. --config.train.steps=1000")
+  p.add_argument(
+    "--config",
+    required=required,
+    metavar="FILE[:ARG]",
+    help="config file, e.g. configs/base.py:phase=2 (or a packaged name: tiny, base, large); "
+    "then any number of --config.KEY=VALUE overrides, e.g. --config.train.steps=1000",
+  )
 
 
 def _add_distributed(p: argparse.ArgumentParser) -> None:
@@ -44,10 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
   p.add_argument("--step", type=int, help="restore this checkpoint step instead of the newest")
   p.add_argument("--dry-run", action="store_true", help="print mesh, memory and expected step time; do not train")
-  p.add_argument("--devices", type=int, metavar="N",
-                 help="with --dry-run: plan for N devices in all (a v5p-128 has 64; default: this machine's)")
-  p.add_argument("--device-kind", metavar="KIND",
-                 help='with --dry-run: the chip, for its peak FLOP/s, e.g. "TPU v5p", "H100" (default: this machine\'s)')
+  p.add_argument(
+    "--devices",
+    type=int,
+    metavar="N",
+    help="with --dry-run: plan for N devices in all (a v5p-128 has 64; default: this machine's)",
+  )
+  p.add_argument(
+    "--device-kind",
+    metavar="KIND",
+    help='with --dry-run: the chip, for its peak FLOP/s, e.g. "TPU v5p", "H100" (default: this machine\'s)',
+  )
   _add_distributed(p)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
@@ -111,7 +122,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   while i < len(argv):
     arg = argv[i]
     if arg.startswith("--config."):
-      body = arg[len("--config."):]
+      body = arg[len("--config.") :]
       if "=" not in body:
         if i + 1 >= len(argv):
           raise BertjaxError(f"{arg}: missing value; write {arg}=VALUE")
@@ -221,8 +232,11 @@ def _train(args, overrides) -> int:
   result = loop.train(config, args.workdir, data=data, step=args.step)
   if jax.process_index() == 0:
     if result.stopped_by:
-      print(f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
-            f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume", flush=True)
+      print(
+        f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
+        f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume",
+        flush=True,
+      )
     else:
       _print_summary(result.final, args.workdir)
   return 0
@@ -242,10 +256,12 @@ def _eval(args, overrides) -> int:
 
 def _print_summary(final: dict, workdir: str) -> None:
   if final:
-    print(f"held-out MLM accuracy {final['mlm_accuracy']:.3f} (always the most frequent token: "
-          f"{final['mlm_baseline_accuracy']:.3f}), NSP accuracy {final['nsp_accuracy']:.3f} "
-          f"(always the majority label: {final['nsp_baseline_accuracy']:.3f}), "
-          f"MLM loss {final['mlm_loss']:.3f}, NSP loss {final['nsp_loss']:.3f}")
+    print(
+      f"held-out MLM accuracy {final['mlm_accuracy']:.3f} (always the most frequent token: "
+      f"{final['mlm_baseline_accuracy']:.3f}), NSP accuracy {final['nsp_accuracy']:.3f} "
+      f"(always the majority label: {final['nsp_baseline_accuracy']:.3f}), "
+      f"MLM loss {final['mlm_loss']:.3f}, NSP loss {final['nsp_loss']:.3f}"
+    )
   print(f"run folder {workdir}: config.json, tokenizer/, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
 
 
@@ -285,7 +301,7 @@ def _plot(args, overrides) -> int:
 
 # Commands the parser knows but this version does not implement: they say so and exit 2.
 _UNAVAILABLE = {
-    "finetune": "fine-tuning is not part of this version of bertjax",
+  "finetune": "fine-tuning is not part of this version of bertjax",
 }
 
 
@@ -299,16 +315,16 @@ def _unavailable(name: str) -> Callable:
 
 
 COMMANDS: dict[str, Callable] = {
-    **{name: _unavailable(name) for name in _UNAVAILABLE},
-    "train": _train,
-    "export": _export,
-    "import-hf": _import_hf,
-    "eval": _eval,
-    "bench": _bench,
-    "plot": _plot,
-    "tokenizer train": _tokenizer_train,
-    "data preview": _data_preview,
-    "data bench": _data_bench,
+  **{name: _unavailable(name) for name in _UNAVAILABLE},
+  "train": _train,
+  "export": _export,
+  "import-hf": _import_hf,
+  "eval": _eval,
+  "bench": _bench,
+  "plot": _plot,
+  "tokenizer train": _tokenizer_train,
+  "data preview": _data_preview,
+  "data bench": _data_bench,
 }
 
 
@@ -323,8 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
       parser.print_help()
       return EXIT_USER_ERROR
-    name = " ".join(filter(None, (args.command, getattr(args, "tokenizer_command", None),
-                                  getattr(args, "data_command", None))))
+    name = " ".join(
+      filter(None, (args.command, getattr(args, "tokenizer_command", None), getattr(args, "data_command", None)))
+    )
     if overrides and "config" not in vars(args):
       raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
     _setup_logging()

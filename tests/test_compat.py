@@ -49,16 +49,25 @@ def test_an_old_run_exports_byte_identically(old_run, tmp_path, fmt):
   for name, path in written.items():
     if name == MARKER:  # holds the --workdir given to export
       marker = json.loads(path.read_text())
-      assert {k: v for k, v in marker.items() if k != "workdir"} == \
-          EXPECTED["exports"]["skip_or_normalise"][f"{fmt}/{MARKER}"]["normalised"]
+      assert {k: v for k, v in marker.items() if k != "workdir"} == EXPECTED["exports"]["skip_or_normalise"][
+        f"{fmt}/{MARKER}"
+      ]["normalised"]
     else:
       assert _sha256(path) == expected[name], f"{fmt}/{name} differs from bertjax 0.1.0's export"
 
 
 def test_an_old_run_resumes_with_the_losses_it_would_have_logged(old_run, tmp_path):
   corpus = old_run / "corpus"
-  out = _run(["train", "--workdir", str(old_run / "run"), "--config.train.steps=6",
-              f"--config.data.source=files:{corpus}/*.txt", f"--config.data.cache_dir={tmp_path / 'cache'}"])
+  out = _run(
+    [
+      "train",
+      "--workdir",
+      str(old_run / "run"),
+      "--config.train.steps=6",
+      f"--config.data.source=files:{corpus}/*.txt",
+      f"--config.data.cache_dir={tmp_path / 'cache'}",
+    ]
+  )
   assert "resumed from checkpoint step 4" in out
   records = writer.read_metrics(old_run / "run")
   for split in ("train", "eval"):

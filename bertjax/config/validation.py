@@ -29,7 +29,9 @@ def validate(config: config_dict.ConfigDict) -> None:
   _check_optim(config)
   _positive(config, "checkpoint.every_steps", "checkpoint.keep")
   if config.checkpoint.keep_period < 0:
-    _fail("checkpoint.keep_period", f"{config.checkpoint.keep_period} is negative", "set it to 0 (off) or a step interval")
+    _fail(
+      "checkpoint.keep_period", f"{config.checkpoint.keep_period} is negative", "set it to 0 (off) or a step interval"
+    )
   layout.check_mesh_config(config.mesh)
 
 
@@ -46,56 +48,87 @@ def _check_model(config) -> None:
   if m.variant not in model_config.VARIANTS:
     named = ", ".join(k for k in model_config.VARIANTS if not k.startswith("L"))
     _fail("model.variant", f"{m.variant!r} is unknown", f"choose one of {named} or L{{2,4,..,12}}_H{{128,256,512,768}}")
-  _positive(config, "model.hidden_size", "model.num_layers", "model.num_heads", "model.intermediate_size",
-            "model.max_position_embeddings", "model.type_vocab_size", "model.layer_norm_eps",
-            "model.initializer_range")
+  _positive(
+    config,
+    "model.hidden_size",
+    "model.num_layers",
+    "model.num_heads",
+    "model.intermediate_size",
+    "model.max_position_embeddings",
+    "model.type_vocab_size",
+    "model.layer_norm_eps",
+    "model.initializer_range",
+  )
   sizes = model_config.variant_sizes(m)
   if sizes.hidden_size % sizes.num_heads:
-    _fail("model.hidden_size", f"{sizes.hidden_size} is not divisible by model.num_heads={sizes.num_heads}",
-          "set model.num_heads to a divisor of model.hidden_size")
+    _fail(
+      "model.hidden_size",
+      f"{sizes.hidden_size} is not divisible by model.num_heads={sizes.num_heads}",
+      "set model.num_heads to a divisor of model.hidden_size",
+    )
   _fraction(config, "model.dropout")
   _fraction(config, "model.attention_dropout")
   _choice(config, "model.dtype", model_config.DTYPES)
   _choice(config, "model.attention_impl", model_config.ATTENTION_IMPLS)
   _choice(config, "model.remat", model_config.REMAT_POLICIES)
   if m.attention_impl == "cudnn" and m.attention_dropout > 0:
-    _fail("model.attention_impl", "'cudnn' needs model.attention_dropout=0 (cuDNN flash attention has no attention dropout)",
-          "set --config.model.attention_dropout=0, or model.attention_impl=auto to fall back to XLA")
+    _fail(
+      "model.attention_impl",
+      "'cudnn' needs model.attention_dropout=0 (cuDNN flash attention has no attention dropout)",
+      "set --config.model.attention_dropout=0, or model.attention_impl=auto to fall back to XLA",
+    )
 
 
 def _check_data(config) -> None:
   m, d = config.model, config.data
   _positive(config, "data.seq_len", "data.max_predictions", "data.vocab_size", "data.tokenizer_sentences")
   if d.seq_len > m.max_position_embeddings:
-    _fail("data.seq_len", f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
-          "lower data.seq_len or raise model.max_position_embeddings")
+    _fail(
+      "data.seq_len",
+      f"{d.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}",
+      "lower data.seq_len or raise model.max_position_embeddings",
+    )
   if d.seq_len < 8:
     _fail("data.seq_len", f"{d.seq_len} leaves no room for a sentence pair", "set data.seq_len to at least 8")
   if d.max_predictions > d.seq_len:
-    _fail("data.max_predictions", f"{d.max_predictions} exceeds data.seq_len={d.seq_len}",
-          "set data.max_predictions to at most data.seq_len (BERT: 20 at 128, 80 at 512)")
+    _fail(
+      "data.max_predictions",
+      f"{d.max_predictions} exceeds data.seq_len={d.seq_len}",
+      "set data.max_predictions to at most data.seq_len (BERT: 20 at 128, 80 at 512)",
+    )
   _fraction(config, "data.mask_prob", low_open=True)
   _fraction(config, "data.short_seq_prob", high_open=False)
   _fraction(config, "data.eval_fraction")
   if d.vocab_size < 8:
-    _fail("data.vocab_size", f"{d.vocab_size} is too small", "set data.vocab_size to at least 8 (5 special tokens + pieces)")
+    _fail(
+      "data.vocab_size", f"{d.vocab_size} is too small", "set data.vocab_size to at least 8 (5 special tokens + pieces)"
+    )
   corpus.parse_source(d.source)
   _choice(config, "data.tokenizer_model", ("unigram", "bpe"))
   _fraction(config, "data.pair_random_next_prob", high_open=False)
   _fraction(config, "data.mask_token_prob", high_open=False)
   _fraction(config, "data.random_token_prob", high_open=False)
   if d.mask_token_prob + d.random_token_prob > 1:
-    _fail("data.mask_token_prob", f"{d.mask_token_prob} + data.random_token_prob={d.random_token_prob} exceeds 1",
-          "lower them so that their sum is at most 1 (BERT: 0.8 and 0.1)")
+    _fail(
+      "data.mask_token_prob",
+      f"{d.mask_token_prob} + data.random_token_prob={d.random_token_prob} exceeds 1",
+      "lower them so that their sum is at most 1 (BERT: 0.8 and 0.1)",
+    )
   _positive(config, "data.prefetch", "data.max_sentence_chars")
   if d.num_proc < 0:
     _fail("data.num_proc", f"{d.num_proc} is negative", "set it to 0 (one process per core) or more")
   if d.streaming_window_documents < 2:
-    _fail("data.streaming_window_documents", f"{d.streaming_window_documents} leaves no other document for a "
-          "random next sentence", "set it to at least 2")
+    _fail(
+      "data.streaming_window_documents",
+      f"{d.streaming_window_documents} leaves no other document for a random next sentence",
+      "set it to at least 2",
+    )
   if d.streaming_eval_documents == 1 or d.streaming_eval_documents < 0:
-    _fail("data.streaming_eval_documents", f"{d.streaming_eval_documents} cannot make NSP pairs",
-          "set it to 0 (no held-out split) or at least 2")
+    _fail(
+      "data.streaming_eval_documents",
+      f"{d.streaming_eval_documents} cannot make NSP pairs",
+      "set it to 0 (no held-out split) or at least 2",
+    )
 
 
 def _check_train(config) -> None:
@@ -104,14 +137,20 @@ def _check_train(config) -> None:
   if t.eval_batches < 0:
     _fail("train.eval_batches", f"{t.eval_batches} is negative", "set it to 0 (no evaluation) or more")
   if t.batch_size % t.grad_accum:
-    _fail("train.batch_size", f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
-          "make the global batch a multiple of the number of microbatches")
+    _fail(
+      "train.batch_size",
+      f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}",
+      "make the global batch a multiple of the number of microbatches",
+    )
 
   if t.profile_steps:
     start, _, stop = t.profile_steps.partition(":")
     if not (start.isdigit() and stop.isdigit() and int(start) < int(stop)):
-      _fail("train.profile_steps", f"{t.profile_steps!r}: expected START:STOP with START < STOP",
-            "e.g. --config.train.profile_steps=10:15, or empty for no trace")
+      _fail(
+        "train.profile_steps",
+        f"{t.profile_steps!r}: expected START:STOP with START < STOP",
+        "e.g. --config.train.profile_steps=10:15, or empty for no trace",
+      )
   if t.distributed_timeout_s <= 0:
     _fail("train.distributed_timeout_s", f"{t.distributed_timeout_s} must be positive", "e.g. 300 (seconds)")
 
@@ -156,4 +195,8 @@ def _fraction(config, key: str, low_open: bool = False, high_open: bool = True):
   lo_ok = value > 0 if low_open else value >= 0
   hi_ok = value < 1 if high_open else value <= 1
   if not (lo_ok and hi_ok):
-    _fail(key, f"{value} is out of range", f"set --config.{key} to a value in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+    _fail(
+      key,
+      f"{value} is out of range",
+      f"set --config.{key} to a value in {'(' if low_open else '['}0, 1{')' if high_open else ']'}",
+    )

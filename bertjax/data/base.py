@@ -50,12 +50,12 @@ def check_rows(rows, batch_size: int) -> np.ndarray:
   return rows
 
 
-def make_examples(tokens, pair_index: pairs_lib.PairIndex, keys: np.ndarray, seq_len: int,
-                  tokenizer, spec: masking.MaskingSpec) -> dict[str, np.ndarray]:
+def make_examples(
+  tokens, pair_index: pairs_lib.PairIndex, keys: np.ndarray, seq_len: int, tokenizer, spec: masking.MaskingSpec
+) -> dict[str, np.ndarray]:
   """Laid-out, masked examples of `pair_index` (spans into `tokens`), masked with `keys`."""
   t = tokenizer
-  ids, segment_ids, attention_mask = pairs_lib.assemble(
-      tokens, pair_index, seq_len, t.cls_id, t.sep_id, t.pad_id)
+  ids, segment_ids, attention_mask = pairs_lib.assemble(tokens, pair_index, seq_len, t.cls_id, t.sep_id, t.pad_id)
   out = masking.mask_batch(ids, attention_mask, keys, spec)
   out["segment_ids"] = segment_ids
   out["attention_mask"] = attention_mask
@@ -85,8 +85,7 @@ class BatchIterator:
     self._next = start_step
     self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
     self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._produce, args=(start_step, rows), daemon=True,
-                                    name="bertjax-data")
+    self._thread = threading.Thread(target=self._produce, args=(start_step, rows), daemon=True, name="bertjax-data")
     self._thread.start()
 
   def _produce(self, step, rows):

@@ -28,8 +28,11 @@ def _tokenize_rate(corpus, tokenizer, max_chars: int = 4_000_000) -> dict:
   start = time.perf_counter()
   tokens = sum(map(len, tokenizer.encode_batch(sentences)))
   seconds = time.perf_counter() - start
-  return {"tokenize_tokens_per_s": round(tokens / seconds), "tokenize_chars_per_s":
-          round(chars / seconds), "tokenize_sentences": len(sentences)}
+  return {
+    "tokenize_tokens_per_s": round(tokens / seconds),
+    "tokenize_chars_per_s": round(chars / seconds),
+    "tokenize_sentences": len(sentences),
+  }
 
 
 def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
@@ -49,10 +52,13 @@ def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
   for s in range(n_direct):
     pipeline.batch(start_step + steps + s)
   direct = (time.perf_counter() - direct) / n_direct
-  return {"pipeline_tokens_per_s": round(tokens / elapsed),
-          "pipeline_masked_per_s": round(masked / elapsed),
-          "pipeline_steps_per_s": round(steps / elapsed, 2),
-          "batch_ms": round(direct * 1000, 2), "steps_timed": steps}
+  return {
+    "pipeline_tokens_per_s": round(tokens / elapsed),
+    "pipeline_masked_per_s": round(masked / elapsed),
+    "pipeline_steps_per_s": round(steps / elapsed, 2),
+    "batch_ms": round(direct * 1000, 2),
+    "steps_timed": steps,
+  }
 
 
 def run(config, workdir, seconds: float = 10.0) -> dict:
@@ -62,11 +68,16 @@ def run(config, workdir, seconds: float = 10.0) -> dict:
   start = time.perf_counter()
   pipeline = make_pipeline(config, tokenizer, workdir)
   setup_s = time.perf_counter() - start
-  result = {"source": config.data.source, "seq_len": int(config.data.seq_len),
-            "batch_size": int(config.train.batch_size), "vocab_size": tokenizer.vocab_size,
-            "whole_word_mask": bool(config.data.whole_word_mask),
-            "streaming": bool(config.data.streaming),
-            "corpus_tokens": pipeline.stats.get("tokens"), "pipeline_setup_s": round(setup_s, 2)}
+  result = {
+    "source": config.data.source,
+    "seq_len": int(config.data.seq_len),
+    "batch_size": int(config.train.batch_size),
+    "vocab_size": tokenizer.vocab_size,
+    "whole_word_mask": bool(config.data.whole_word_mask),
+    "streaming": bool(config.data.streaming),
+    "corpus_tokens": pipeline.stats.get("tokens"),
+    "pipeline_setup_s": round(setup_s, 2),
+  }
   result.update(_pipeline_rate(pipeline, seconds))
   if config.data.streaming:
     result["stream_tokens_read"] = pipeline.stats["tokens_read"]  # one pass (epoch 0) so far

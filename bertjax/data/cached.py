@@ -18,11 +18,18 @@ import threading
 
 import numpy as np
 
-from bertjax.data import keyed_random
-from bertjax.data import masking
+from bertjax.data import keyed_random, masking
 from bertjax.data import pairs as pairs_lib
-from bertjax.data.base import (EVAL_STREAM, STATE_VERSION, TRAIN_STREAM, BatchIterator, check_rows,
-                               keyed_generator, make_examples, merge_parts)
+from bertjax.data.base import (
+  EVAL_STREAM,
+  STATE_VERSION,
+  TRAIN_STREAM,
+  BatchIterator,
+  check_rows,
+  keyed_generator,
+  make_examples,
+  merge_parts,
+)
 from bertjax.data.corpus import load_corpus
 from bertjax.data.token_store import cache_root, open_token_store
 from bertjax.errors import BertjaxError
@@ -47,7 +54,8 @@ class CachedPipeline:
       raise BertjaxError("tokenised cache does not match the tokenizer: clear data.cache_dir")
     self.masking = masking.MaskingSpec.from_config(d, tokenizer)
     self.train_docs, self.eval_docs = _split_documents(
-        self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source)
+      self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source
+    )
     self._epoch_sizes: list[int] = []
     self._epochs: dict[int, pairs_lib.PairIndex] = {}
     self._lock = threading.Lock()
@@ -57,17 +65,31 @@ class CachedPipeline:
   @property
   def stats(self) -> dict:
     m = self.store.meta
-    return {"source": m["source"], "corpus": m["corpus"], "tokenizer": m["tokenizer"],
-            "documents": m["documents"], "sentences": m["sentences"], "tokens": m["tokens"],
-            "train_documents": len(self.train_docs), "eval_documents": len(self.eval_docs),
-            "pairs_per_epoch": self._epoch_size(0), "warnings": m["warnings"]}
+    return {
+      "source": m["source"],
+      "corpus": m["corpus"],
+      "tokenizer": m["tokenizer"],
+      "documents": m["documents"],
+      "sentences": m["sentences"],
+      "tokens": m["tokens"],
+      "train_documents": len(self.train_docs),
+      "eval_documents": len(self.eval_docs),
+      "pairs_per_epoch": self._epoch_size(0),
+      "warnings": m["warnings"],
+    }
 
   def _pair_index(self, docs, epoch: int, split: int) -> pairs_lib.PairIndex:
     d = self.config.data
     rng = keyed_generator(self.seed, epoch, split, 0x9A1)
     return pairs_lib.build_pair_index(
-        self.store.sent_start, self.store.doc_start, docs, self.seq_len,
-        float(d.short_seq_prob), float(d.pair_random_next_prob), rng)
+      self.store.sent_start,
+      self.store.doc_start,
+      docs,
+      self.seq_len,
+      float(d.short_seq_prob),
+      float(d.pair_random_next_prob),
+      rng,
+    )
 
   def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
     """The shuffled pairs of one training epoch (the last few are kept)."""
@@ -111,13 +133,11 @@ class CachedPipeline:
     parts = []
     for e in np.unique(epochs):  # a batch straddles at most two epochs
       sel = epochs == e
-      parts.append((sel, self._epoch(int(e)).take(index[sel]),
-                    keyed_random.row_keys(self.seed, int(e), index[sel])))
+      parts.append((sel, self._epoch(int(e)).take(index[sel]), keyed_random.row_keys(self.seed, int(e), index[sel])))
     return merge_parts([(sel, self._make(p, k)) for sel, p, k in parts], len(rows))
 
   def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
-    return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer,
-                         self.masking)
+    return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer, self.masking)
 
   def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
     """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
@@ -129,37 +149,50 @@ class CachedPipeline:
     out = []
     for k in range(int(self.config.train.eval_batches)):
       pos = (k * self.batch_size + rows) % len(self._eval_index)  # wraps when the split is small
-      out.append(self._make(self._eval_index.take(pos),
-                            keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos)))
+      out.append(self._make(self._eval_index.take(pos), keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos)))
     return out
 
   # -- iteration and state ------------------------------------------------------------------
   def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
     """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
-    return BatchIterator(self, int(start_step), None if rows is None else self._rows(rows),
-                         int(self.config.data.prefetch))
+    return BatchIterator(
+      self, int(start_step), None if rows is None else self._rows(rows), int(self.config.data.prefetch)
+    )
 
   def state_for(self, step: int) -> dict:
     """The iterator state to checkpoint with the train state at `step`: the next step to consume."""
-    return {"version": STATE_VERSION, "kind": "cached", "step": int(step), "seed": self.seed,
-            "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.fingerprint,
-            "batch_size": self.batch_size}
+    return {
+      "version": STATE_VERSION,
+      "kind": "cached",
+      "step": int(step),
+      "seed": self.seed,
+      "corpus": self.corpus.fingerprint,
+      "tokenizer": self.tokenizer.fingerprint,
+      "batch_size": self.batch_size,
+    }
 
   def restore(self, state: dict) -> int:
     """Checks a saved state against this pipeline; returns the step to start from."""
     if state.get("kind", "cached") != "cached":
-      raise BertjaxError("the checkpoint's data position is a stream's (data.streaming=True): "
-                         "resume with --config.data.streaming=true")
+      raise BertjaxError(
+        "the checkpoint's data position is a stream's (data.streaming=True): resume with --config.data.streaming=true"
+      )
     if state.get("tokenizer") != self.tokenizer.fingerprint:
-      raise BertjaxError(f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
-                         f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer")
+      raise BertjaxError(
+        f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
+        f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer"
+      )
     if state.get("batch_size") != self.batch_size or state.get("seed") != self.seed:
       raise BertjaxError(
-          f"the checkpoint's data order used train.batch_size={state.get('batch_size')} and "
-          f"train.seed={state.get('seed')}: resume with the same values")
+        f"the checkpoint's data order used train.batch_size={state.get('batch_size')} and "
+        f"train.seed={state.get('seed')}: resume with the same values"
+      )
     if state.get("corpus") != self.corpus.fingerprint:
-      log.warning("corpus fingerprint changed (%s -> %s): resumed data order differs",
-                  state.get("corpus"), self.corpus.fingerprint)
+      log.warning(
+        "corpus fingerprint changed (%s -> %s): resumed data order differs",
+        state.get("corpus"),
+        self.corpus.fingerprint,
+      )
     return int(state["step"])
 
   def iterator_from_state(self, state: dict, rows=None) -> BatchIterator:
@@ -169,8 +202,9 @@ class CachedPipeline:
 def _split_documents(n_docs: int, fraction: float, seed: int, source: str):
   """Train and eval document ids: whole documents held out, chosen from the seed alone."""
   if n_docs < 2:
-    raise BertjaxError(f"corpus {source} has {n_docs} document(s): NSP needs at least two "
-                       "(separate documents with a blank line)")
+    raise BertjaxError(
+      f"corpus {source} has {n_docs} document(s): NSP needs at least two (separate documents with a blank line)"
+    )
   n_eval = int(round(n_docs * fraction))
   if fraction > 0:
     n_eval = max(n_eval, 2)

@@ -38,16 +38,23 @@ def parse_source(source: str) -> tuple[str, str]:
   """`data.source` as (kind, argument): builtin, files:GLOB, hf:NAME[:CONFIG] or disk:DIR."""
   kind, _, arg = source.partition(":")
   if not ((kind == "builtin" and not arg) or (kind in ("files", "hf", "disk") and arg)):
-    raise BertjaxError(f"config data.source={source!r} is not understood; use builtin, files:GLOB, "
-                       "hf:NAME[:CONFIG] or disk:DIR")
+    raise BertjaxError(
+      f"config data.source={source!r} is not understood; use builtin, files:GLOB, hf:NAME[:CONFIG] or disk:DIR"
+    )
   return kind, arg
 
 
 class Corpus:
   """Documents of sentences from one source; iterate `documents()` as often as needed."""
 
-  def __init__(self, source: str, text_column: str = "text", max_sentence_chars: int = 10_000,
-               streaming: bool = False, hf_split: str = "train"):
+  def __init__(
+    self,
+    source: str,
+    text_column: str = "text",
+    max_sentence_chars: int = 10_000,
+    streaming: bool = False,
+    hf_split: str = "train",
+  ):
     self.source = source
     self.text_column = text_column
     self.max_sentence_chars = max_sentence_chars
@@ -66,8 +73,7 @@ class Corpus:
   # -- fingerprint --------------------------------------------------------------------------
   def _fingerprint(self) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([self.source, self.text_column, self.max_sentence_chars,
-                         sentence_rules.VERSION]).encode())
+    h.update(json.dumps([self.source, self.text_column, self.max_sentence_chars, sentence_rules.VERSION]).encode())
     if self.kind == "builtin":
       # The builtin text changes with the Python version: hash what is actually read.
       h.update(_BUILTIN_VERSION.encode() + sys.version.encode())
@@ -136,11 +142,12 @@ class Corpus:
           try:
             row = json.loads(line)
           except json.JSONDecodeError as e:
-            raise BertjaxError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove "
-                               "that line") from e
+            raise BertjaxError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from e
           if not isinstance(row, dict) or self.text_column not in row:
-            raise BertjaxError(f"{path}:{lineno} has no column {self.text_column!r}: set "
-                               "data.text_column to the column that holds the text")
+            raise BertjaxError(
+              f"{path}:{lineno} has no column {self.text_column!r}: set "
+              "data.text_column to the column that holds the text"
+            )
           doc = self.split_document(row[self.text_column])
           if doc:
             yield doc
@@ -154,11 +161,13 @@ class Corpus:
 
   def _parquet_documents(self, path: str):
     import pyarrow.parquet as pq  # only parquet corpora need it
+
     with epath.Path(path).open("rb") as f:
       pf = pq.ParquetFile(f)
       if self.text_column not in pf.schema_arrow.names:
-        raise BertjaxError(f"{path} has no column {self.text_column!r} (it has "
-                           f"{', '.join(pf.schema_arrow.names)}): set data.text_column")
+        raise BertjaxError(
+          f"{path} has no column {self.text_column!r} (it has {', '.join(pf.schema_arrow.names)}): set data.text_column"
+        )
       for batch in pf.iter_batches(columns=[self.text_column], batch_size=1024):
         for text in batch.column(0).to_pylist():
           doc = self.split_document(text)
@@ -168,41 +177,53 @@ class Corpus:
   # -- datasets -----------------------------------------------------------------------------
   def _load_hf_dataset(self):
     import datasets  # heavy: only hub and disk corpora need it here
+
     if self.kind == "disk":
       if not epath.Path(self._arg).exists():
-        raise BertjaxError(f"data.source={self.source!r}: {self._arg} does not exist; give a "
-                           "folder written by save_to_disk")
+        raise BertjaxError(
+          f"data.source={self.source!r}: {self._arg} does not exist; give a folder written by save_to_disk"
+        )
       try:
         ds = datasets.load_from_disk(self._arg)
       except FileNotFoundError as e:
-        raise BertjaxError(f"data.source={self.source!r} is not a saved dataset ({e}): give a "
-                           "folder written by save_to_disk") from e
+        raise BertjaxError(
+          f"data.source={self.source!r} is not a saved dataset ({e}): give a folder written by save_to_disk"
+        ) from e
       if isinstance(ds, datasets.DatasetDict):
         if self.hf_split not in ds:
-          raise BertjaxError(f"data.source={self.source!r} has no split {self.hf_split!r} "
-                             f"(it has {', '.join(ds)}): set data.hf_split")
+          raise BertjaxError(
+            f"data.source={self.source!r} has no split {self.hf_split!r} (it has {', '.join(ds)}): set data.hf_split"
+          )
         ds = ds[self.hf_split]
     else:
       name, _, conf = self._arg.partition(":")
       try:
-        ds = datasets.load_dataset(name, conf or None, split=self.hf_split,
-                                   streaming=self.streaming)
+        ds = datasets.load_dataset(name, conf or None, split=self.hf_split, streaming=self.streaming)
       except Exception as e:  # the hub raises many kinds; all mean "cannot get this dataset"
-        raise BertjaxError(f"data.source={self.source!r} could not be loaded "
-                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                           "check the name, config and network (HF_HUB_OFFLINE)") from e
+        raise BertjaxError(
+          f"data.source={self.source!r} could not be loaded "
+          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
+          "check the name, config and network (HF_HUB_OFFLINE)"
+        ) from e
     names = ds.column_names or []
     if names and self.text_column not in names:
-      raise BertjaxError(f"data.source={self.source!r} has no column {self.text_column!r} (it "
-                         f"has {', '.join(names)}): set data.text_column")
+      raise BertjaxError(
+        f"data.source={self.source!r} has no column {self.text_column!r} (it "
+        f"has {', '.join(names)}): set data.text_column"
+      )
     return ds
 
 
 def load_corpus(config) -> Corpus:
   """The corpus `config.data.source` names."""
   d = config.data
-  return Corpus(d.source, text_column=d.text_column, max_sentence_chars=d.max_sentence_chars,
-                streaming=d.streaming, hf_split=d.hf_split)
+  return Corpus(
+    d.source,
+    text_column=d.text_column,
+    max_sentence_chars=d.max_sentence_chars,
+    streaming=d.streaming,
+    hf_split=d.hf_split,
+  )
 
 
 def corpus_stats(corpus: Corpus, tokenizer=None) -> dict:
@@ -214,8 +235,13 @@ def corpus_stats(corpus: Corpus, tokenizer=None) -> dict:
     chars += sum(map(len, doc))
     if tokenizer is not None:
       tokens += sum(map(len, tokenizer.encode_batch(doc)))
-  stats = {"source": corpus.source, "fingerprint": corpus.fingerprint, "documents": docs,
-           "sentences": sents, "characters": chars}
+  stats = {
+    "source": corpus.source,
+    "fingerprint": corpus.fingerprint,
+    "documents": docs,
+    "sentences": sents,
+    "characters": chars,
+  }
   if tokenizer is not None:
     stats["tokens"] = tokens
     stats["tokenizer"] = tokenizer.fingerprint
@@ -231,19 +257,21 @@ def _expand_glob(pattern: str) -> list[str]:
   if "://" in pattern:  # gs:// and friends: let epath glob below the first wildcard
     head, _, rest = pattern.partition("*")
     root = epath.Path(head.rsplit("/", 1)[0])
-    files = sorted(str(p) for p in root.glob(pattern[len(str(root)) + 1:]))
+    files = sorted(str(p) for p in root.glob(pattern[len(str(root)) + 1 :]))
   else:
     files = sorted(globlib.glob(os.path.expanduser(pattern), recursive=True))
   files = [f for f in files if not epath.Path(f).is_dir()]
   if not files:
-    raise BertjaxError(f"data.source=files:{pattern} matches no files: check the path "
-                       "(quote the glob, use ** for subfolders)")
+    raise BertjaxError(
+      f"data.source=files:{pattern} matches no files: check the path (quote the glob, use ** for subfolders)"
+    )
   return files
 
 
 # -- the builtin corpus ---------------------------------------------------------------------
 def _pydoc_topics() -> dict:
   from pydoc_data import topics  # a data module: a dict of documentation pages
+
   return topics.topics
 
 
@@ -252,8 +280,7 @@ def _stdlib_sources() -> list[str]:
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-               if f.endswith(".py") and not f.startswith("test_"))
+    out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py") and not f.startswith("test_"))
   return out
 
 
@@ -265,8 +292,9 @@ def _module_docstrings(path: str) -> list[str]:
     tree = ast.parse(source, filename=path)
   except (SyntaxError, ValueError):  # a few stdlib files are templates or other Pythons' syntax
     return []
-  nodes = [n for n in ast.walk(tree) if isinstance(
-      n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+  nodes = [
+    n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+  ]
   nodes.sort(key=lambda n: getattr(n, "lineno", 0))
   return [d for d in (ast.get_docstring(n) for n in nodes) if d]
 

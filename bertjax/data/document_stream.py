@@ -32,6 +32,7 @@ class DocumentStream:
     self._ds = None
     if corpus.kind in ("hf", "disk"):
       import datasets  # only these sources need it
+
       ds = corpus._load_hf_dataset()
       if not isinstance(ds, datasets.IterableDataset):
         ds = ds.to_iterable_dataset()  # disk: (and hf: without streaming) read as a stream too
@@ -44,15 +45,18 @@ class DocumentStream:
       self._it = corpus.documents()
     skip = int(locator["docs"]) - self.docs
     if skip and len(self.take(skip)) < skip:
-      raise BertjaxError(f"corpus {corpus.source} ended before document {locator['docs']}: "
-                         "the stream changed since the checkpoint; resume with the same data")
+      raise BertjaxError(
+        f"corpus {corpus.source} ended before document {locator['docs']}: "
+        "the stream changed since the checkpoint; resume with the same data"
+      )
 
   def _rows(self, ds):
     column = self.corpus.text_column
     for row in ds:
       if column not in row:
-        raise BertjaxError(f"data.source={self.corpus.source!r} has no column {column!r} (it "
-                           f"has {', '.join(row)}): set data.text_column")
+        raise BertjaxError(
+          f"data.source={self.corpus.source!r} has no column {column!r} (it has {', '.join(row)}): set data.text_column"
+        )
       yield row[column]  # split into sentences with the tokenisation, maybe in a worker
 
   def position(self) -> dict:
@@ -104,12 +108,17 @@ class RecordTokeniser:
         import concurrent.futures
         import multiprocessing
         import weakref
+
         # spawn, not fork: the parent runs JAX's threads
         self._pool = concurrent.futures.ProcessPoolExecutor(
-            self._num_proc, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(self.corpus, self.tokenizer))
+          self._num_proc,
+          mp_context=multiprocessing.get_context("spawn"),
+          initializer=_init_worker,
+          initargs=(self.corpus, self.tokenizer),
+        )
         weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
       return self._pool
+
 
 _WORKER: tuple = ()  # (corpus, tokenizer) in a worker process
 

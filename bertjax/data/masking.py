@@ -23,13 +23,14 @@ _SELECT, _ACTION, _REPLACEMENT = 1, 2, 3  # keyed_random streams
 @dataclasses.dataclass(frozen=True)
 class MaskingSpec:
   """What masking needs from the config and the tokenizer (ids come from the tokenizer)."""
+
   mask_prob: float
   max_predictions: int
   mask_token_prob: float
   random_token_prob: float
   mask_id: int
-  maskable_V: np.ndarray      # bool [vocab]: may be chosen (not [PAD] [CLS] [SEP] [MASK])
-  random_ids: np.ndarray      # int32: what a "random token" is drawn from (no special tokens)
+  maskable_V: np.ndarray  # bool [vocab]: may be chosen (not [PAD] [CLS] [SEP] [MASK])
+  random_ids: np.ndarray  # int32: what a "random token" is drawn from (no special tokens)
   word_start_V: np.ndarray | None  # bool [vocab] for whole-word masking, else None
 
   @classmethod
@@ -39,18 +40,20 @@ class MaskingSpec:
     not_random = special.copy()
     not_random[tokenizer.unk_id] = True
     return cls(
-        mask_prob=float(data_config.mask_prob),
-        max_predictions=int(data_config.max_predictions),
-        mask_token_prob=float(data_config.mask_token_prob),
-        random_token_prob=float(data_config.random_token_prob),
-        mask_id=tokenizer.mask_id,
-        maskable_V=~special,
-        random_ids=np.flatnonzero(~not_random).astype(np.int32),
-        word_start_V=tokenizer.word_start_mask() if data_config.whole_word_mask else None)
+      mask_prob=float(data_config.mask_prob),
+      max_predictions=int(data_config.max_predictions),
+      mask_token_prob=float(data_config.mask_token_prob),
+      random_token_prob=float(data_config.random_token_prob),
+      mask_id=tokenizer.mask_id,
+      maskable_V=~special,
+      random_ids=np.flatnonzero(~not_random).astype(np.int32),
+      word_start_V=tokenizer.word_start_mask() if data_config.whole_word_mask else None,
+    )
 
 
-def mask_batch(ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarray,
-               spec: MaskingSpec) -> dict[str, np.ndarray]:
+def mask_batch(
+  ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarray, spec: MaskingSpec
+) -> dict[str, np.ndarray]:
   """Masks a batch; returns input_ids (masked), masked_positions, masked_ids, masked_weights."""
   n, length = ids_NxL.shape
   p = spec.max_predictions
@@ -63,7 +66,7 @@ def mask_batch(ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarra
   if spec.word_start_V is None:
     key = np.where(cand, u_select, np.inf)
     order = np.argsort(key, axis=1, kind="stable")
-    chosen_sorted = (cols[None, :] < budget[:, None])
+    chosen_sorted = cols[None, :] < budget[:, None]
   else:
     # A word is a word-start piece and the continuation pieces after it; a non-candidate
     # (special, padding) is a word of its own, so no word crosses a [SEP].
@@ -84,8 +87,7 @@ def mask_batch(ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarra
 
   u_action = keyed_random.uniform(keys_N, _ACTION, length)
   to_mask = chosen & (u_action < spec.mask_token_prob)
-  to_random = chosen & (u_action >= spec.mask_token_prob) & (
-      u_action < spec.mask_token_prob + spec.random_token_prob)
+  to_random = chosen & (u_action >= spec.mask_token_prob) & (u_action < spec.mask_token_prob + spec.random_token_prob)
   u_token = keyed_random.uniform(keys_N, _REPLACEMENT, length)
   random_tokens = spec.random_ids[(u_token * len(spec.random_ids)).astype(np.int64)]
   masked = np.where(to_mask, spec.mask_id, np.where(to_random, random_tokens, ids_NxL))
@@ -97,8 +99,8 @@ def mask_batch(ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarra
   positions = np.where(weights, positions, 0)
   masked_ids = np.where(weights, np.take_along_axis(ids_NxL, positions, axis=1), 0)
   return {
-      "input_ids": masked.astype(np.int32),
-      "masked_positions": positions.astype(np.int32),
-      "masked_ids": masked_ids.astype(np.int32),
-      "masked_weights": weights.astype(np.float32),
+    "input_ids": masked.astype(np.int32),
+    "masked_positions": positions.astype(np.int32),
+    "masked_ids": masked_ids.astype(np.int32),
+    "masked_weights": weights.astype(np.float32),
   }

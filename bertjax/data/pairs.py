@@ -22,11 +22,12 @@ import numpy as np
 @dataclasses.dataclass
 class PairIndex:
   """Spans (after truncation) of each pair's segments in the flat token array, and NSP labels."""
+
   a_start: np.ndarray  # int64 [P]
-  a_len: np.ndarray    # int32 [P]
+  a_len: np.ndarray  # int32 [P]
   b_start: np.ndarray  # int64 [P]
-  b_len: np.ndarray    # int32 [P]
-  label: np.ndarray    # int32 [P]: 0 = B follows A, 1 = B is random
+  b_len: np.ndarray  # int32 [P]
+  label: np.ndarray  # int32 [P]: 0 = B follows A, 1 = B is random
 
   def __len__(self):
     return len(self.label)
@@ -54,9 +55,15 @@ def truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int):
   return np.where(over, new_a, len_a), np.where(over, new_b, len_b)
 
 
-def build_pair_index(sent_start: np.ndarray, doc_start: np.ndarray, doc_ids: np.ndarray,
-                     seq_len: int, short_seq_prob: float, random_next_prob: float,
-                     rng: np.random.Generator) -> PairIndex:
+def build_pair_index(
+  sent_start: np.ndarray,
+  doc_start: np.ndarray,
+  doc_ids: np.ndarray,
+  seq_len: int,
+  short_seq_prob: float,
+  random_next_prob: float,
+  rng: np.random.Generator,
+) -> PairIndex:
   """Pairs from the documents `doc_ids` (random B drawn among them too), in document order.
 
   `sent_start` [S+1] gives each sentence's first token, `doc_start` [D+1] each document's first
@@ -68,7 +75,7 @@ def build_pair_index(sent_start: np.ndarray, doc_start: np.ndarray, doc_ids: np.
   a0, a1, b0, b1, labels = [], [], [], [], []
   for pos, d in enumerate(doc_ids.tolist()):
     s0, s1 = int(doc_start[d]), int(doc_start[d + 1])
-    offsets = sent_start[s0:s1 + 1].tolist()  # token offsets of this document's sentences
+    offsets = sent_start[s0 : s1 + 1].tolist()  # token offsets of this document's sentences
     target = max_tokens
     if rng.random() < short_seq_prob:
       target = int(rng.integers(2, max_tokens + 1))
@@ -92,7 +99,7 @@ def build_pair_index(sent_start: np.ndarray, doc_start: np.ndarray, doc_ids: np.
         start = int(rng.integers(r0, r1))
         target_b = target - (offsets[a_end] - offsets[i])
         want = int(sent_start[start]) + max(target_b, 1)
-        stop = int(np.searchsorted(sent_start[start + 1:r1 + 1], want)) + start + 1
+        stop = int(np.searchsorted(sent_start[start + 1 : r1 + 1], want)) + start + 1
         stop = min(stop, r1)
         b0.append(int(sent_start[start])), b1.append(int(sent_start[stop]))
         labels.append(1)
@@ -111,12 +118,12 @@ def build_pair_index(sent_start: np.ndarray, doc_start: np.ndarray, doc_ids: np.
   # Which end each trimmed token came from is a fair coin per token: only the counts matter.
   cut_a = rng.binomial(a_len - new_a, 0.5)
   cut_b = rng.binomial(b_len - new_b, 0.5)
-  return PairIndex(a_start + cut_a, new_a.astype(np.int32), b_start + cut_b,
-                   new_b.astype(np.int32), np.array(labels, np.int32))
+  return PairIndex(
+    a_start + cut_a, new_a.astype(np.int32), b_start + cut_b, new_b.astype(np.int32), np.array(labels, np.int32)
+  )
 
 
-def assemble(tokens: np.ndarray, pairs: PairIndex, seq_len: int, cls_id: int, sep_id: int,
-             pad_id: int):
+def assemble(tokens: np.ndarray, pairs: PairIndex, seq_len: int, cls_id: int, sep_id: int, pad_id: int):
   """`[CLS] A [SEP] B [SEP]` then padding: input_ids, segment_ids, attention_mask, int32 [N, L]."""
   j = np.arange(seq_len, dtype=np.int64)[None, :]
   la = pairs.a_len.astype(np.int64)[:, None]

@@ -33,7 +33,6 @@ def describe_example(tokenizer, ex: dict) -> str:
     piece = tokenizer.id_to_piece(int(ex["input_ids"][pos]))
     if pos in masked_at:
       truth = tokenizer.id_to_piece(masked_at[pos])
-      piece = f"[MASK={truth}]" if int(ex["input_ids"][pos]) == tokenizer.mask_id else (
-          f"{{{piece}->{truth}}}")
+      piece = f"[MASK={truth}]" if int(ex["input_ids"][pos]) == tokenizer.mask_id else (f"{{{piece}->{truth}}}")
     words.append(piece)
   return " ".join(words)

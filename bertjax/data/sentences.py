@@ -12,10 +12,12 @@ import re
 
 VERSION = "sentences-v1"  # part of every corpus fingerprint: bump when the rules change
 
-_ABBREVIATIONS = frozenset("""
+_ABBREVIATIONS = frozenset(
+  """
 e.g i.e etc cf vs viz al mr mrs ms dr prof sr jr st mt no nos fig figs eq eqs vol vols ch sec
 approx dept est inc ltd co corp jan feb mar apr jun jul aug sep sept oct nov dec
-""".split())
+""".split()
+)
 _BOUNDARY = re.compile(r"[.!?]+[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _SPACES = re.compile(r"\s+")
 
@@ -27,11 +29,10 @@ def split_sentences(paragraph: str) -> list[str]:
     return []
   out, start = [], 0
   for m in _BOUNDARY.finditer(text):
-    before = text[start:m.start()].rsplit(" ", 1)[-1].lstrip("\"'([").lower()
-    if text[m.start()] == "." and (before in _ABBREVIATIONS or len(before) == 1
-                                   or before.isdigit()):
+    before = text[start : m.start()].rsplit(" ", 1)[-1].lstrip("\"'([").lower()
+    if text[m.start()] == "." and (before in _ABBREVIATIONS or len(before) == 1 or before.isdigit()):
       continue
-    out.append(text[start:m.end()].rstrip())
+    out.append(text[start : m.end()].rstrip())
     start = m.end()
   tail = text[start:].strip()
   if tail:
@@ -64,9 +65,11 @@ def prose_paragraphs(text: str) -> list[str]:
     lines = block.split("\n")
     if not lines or lines[0][:1].isspace():
       continue
-    kept = [ln.strip() for ln in lines
-            if not ln.lstrip().startswith((">>>", "... "))
-            and not re.fullmatch(r"\s*([=\-~*^#+])\1{2,}\s*", ln)]
+    kept = [
+      ln.strip()
+      for ln in lines
+      if not ln.lstrip().startswith((">>>", "... ")) and not re.fullmatch(r"\s*([=\-~*^#+])\1{2,}\s*", ln)
+    ]
     joined = " ".join(k for k in kept if k)
     if any(c.isalpha() for c in joined):
       out.append(joined)

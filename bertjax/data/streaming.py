@@ -28,29 +28,37 @@ import threading
 
 import numpy as np
 
-from bertjax.data import keyed_random
-from bertjax.data import masking
+from bertjax.data import keyed_random, masking
 from bertjax.data import pairs as pairs_lib
+from bertjax.data.base import (
+  EVAL_STREAM,
+  STATE_VERSION,
+  TRAIN_STREAM,
+  BatchIterator,
+  check_rows,
+  keyed_generator,
+  make_examples,
+  merge_parts,
+)
 from bertjax.data.corpus import load_corpus
 from bertjax.data.document_stream import DocumentStream, RecordTokeniser
-from bertjax.data.base import (EVAL_STREAM, STATE_VERSION, TRAIN_STREAM, BatchIterator, check_rows,
-                               keyed_generator, make_examples, merge_parts)
 from bertjax.errors import BertjaxError
 
 log = logging.getLogger(__name__)
 STATE_KIND = "streaming"
-_KEEP_WINDOWS = 3     # built windows kept in memory (a batch straddles at most a few)
+_KEEP_WINDOWS = 3  # built windows kept in memory (a batch straddles at most a few)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Window:
   """Where one window sits: in the epochs, in the example stream and in the document stream."""
+
   epoch: int
-  index: int          # within the epoch
+  index: int  # within the epoch
   first_example: int  # global position of its first example
-  size: int           # examples (pairs)
-  documents: int      # documents read for it
-  locator: dict       # {"docs": documents before it in the pass, "stream": state_dict or None}
+  size: int  # examples (pairs)
+  documents: int  # documents read for it
+  locator: dict  # {"docs": documents before it in the pass, "stream": state_dict or None}
 
 
 class StreamingPipeline:
@@ -95,17 +103,17 @@ class StreamingPipeline:
     while True:
       epoch, index, first, locator = self._next
       if self._reader is None:
-        self._reader = DocumentStream(self.corpus,
-                                       locator or {"docs": self.eval_documents, "stream": None})
+        self._reader = DocumentStream(self.corpus, locator or {"docs": self.eval_documents, "stream": None})
       where = self._reader.position()
       docs = self._reader.take(self.window_documents)
       if len(docs) >= 2:
         break
       if index == 0:  # nothing left for training after the held-out documents
         raise BertjaxError(
-            f"corpus {self.corpus.source} has {self._reader.docs} document(s): streaming NSP "
-            f"needs at least two after the {self.eval_documents} held out for evaluation; lower "
-            "data.streaming_eval_documents or add text")
+          f"corpus {self.corpus.source} has {self._reader.docs} document(s): streaming NSP "
+          f"needs at least two after the {self.eval_documents} held out for evaluation; lower "
+          "data.streaming_eval_documents or add text"
+        )
       if docs:
         self.corpus.warnings["documents left alone at the end of a pass (skipped)"] += 1
       self._end_pass(epoch, index, first)
@@ -124,8 +132,10 @@ class StreamingPipeline:
 
   def _end_pass(self, epoch: int, windows: int, first: int):
     if first == self._pass_first:  # passes without a single pair would never end
-      raise BertjaxError(f"corpus {self.corpus.source} gives no sentence pairs: its documents "
-                         "hold no text the tokenizer encodes; check data.text_column")
+      raise BertjaxError(
+        f"corpus {self.corpus.source} gives no sentence pairs: its documents "
+        "hold no text the tokenizer encodes; check data.text_column"
+      )
     self._pass_first = first
     self._windows_per_epoch = windows
     self._next = (epoch + 1, 0, first, None)
@@ -143,15 +153,20 @@ class StreamingPipeline:
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
       return tokens, _empty_pairs()
     index_ = pairs_lib.build_pair_index(
-        sent_start, doc_start, np.arange(n_docs), self.seq_len, float(d.short_seq_prob),
-        float(d.pair_random_next_prob), keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1))
+      sent_start,
+      doc_start,
+      np.arange(n_docs),
+      self.seq_len,
+      float(d.short_seq_prob),
+      float(d.pair_random_next_prob),
+      keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1),
+    )
     return tokens, index_.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
 
   def _cover(self, last: int, first: int | None = None):
     """Extends (or restarts) the table until it holds example positions first..last."""
     if self._windows and first is not None and first < self._windows[0].first_example:
-      log.warning("data position %d lies before the resumed window: reading the stream again "
-                  "from its start", first)
+      log.warning("data position %d lies before the resumed window: reading the stream again from its start", first)
       self._seek(0, 0, 0, None)
     while not len(self._ends) or self._ends[-1] <= last:
       if self._failed is not None:
@@ -170,16 +185,18 @@ class StreamingPipeline:
         if (self._generation, len(self._windows)) == (generation, known) and not self._failed:
           try:
             self._advance()
-          except BaseException as e:  # noqa: BLE001 - raised again where the window is needed
+          except BaseException as e:
             self._failed = e
+
     self._ahead = threading.Thread(target=work, daemon=True, name="bertjax-stream-ahead")
     self._ahead.start()
 
   def _find(self, positions: np.ndarray) -> np.ndarray:
     """Indices into the table of the windows holding example `positions`."""
     ends, windows = self._ends, self._windows  # entries are appended before `_ends` grows
-    if len(positions) and len(ends) and windows[0].first_example <= positions.min() and (
-        positions.max() < ends[-1]):  # already known: no lock, so no wait on a window build
+    if (
+      len(positions) and len(ends) and windows[0].first_example <= positions.min() and (positions.max() < ends[-1])
+    ):  # already known: no lock, so no wait on a window build
       return np.searchsorted(ends, positions, side="right")
     with self._lock:
       if len(positions):
@@ -199,20 +216,29 @@ class StreamingPipeline:
         docs = DocumentStream(self.corpus, win.locator).take(win.documents)
         tokens, pair_index = self._build_window(win.epoch, win.index, docs)
         if len(docs) != win.documents or len(pair_index) != win.size:
-          raise BertjaxError(f"corpus {self.corpus.source} changed while reading it (window "
-                             f"{win.index} of pass {win.epoch} differs): restart the run")
+          raise BertjaxError(
+            f"corpus {self.corpus.source} changed while reading it (window "
+            f"{win.index} of pass {win.epoch} differs): restart the run"
+          )
         self._keep(key, (tokens, pair_index))
       return self._built[key]
 
   # -- the Pipeline interface ---------------------------------------------------------------
   @property
   def stats(self) -> dict:
-    return {"source": self.corpus.source, "corpus": self.corpus.fingerprint,
-            "tokenizer": self.tokenizer.fingerprint, "streaming": True,
-            "window_documents": self.window_documents, "eval_documents": self.eval_documents,
-            "documents_read": self._read["documents"], "tokens_read": self._read["tokens"],
-            "windows_read": self._read["windows"], "windows_per_epoch": self._windows_per_epoch,
-            "warnings": dict(self.corpus.warnings)}
+    return {
+      "source": self.corpus.source,
+      "corpus": self.corpus.fingerprint,
+      "tokenizer": self.tokenizer.fingerprint,
+      "streaming": True,
+      "window_documents": self.window_documents,
+      "eval_documents": self.eval_documents,
+      "documents_read": self._read["documents"],
+      "tokens_read": self._read["tokens"],
+      "windows_read": self._read["windows"],
+      "windows_per_epoch": self._windows_per_epoch,
+      "warnings": dict(self.corpus.warnings),
+    }
 
   def epoch_of(self, step: int) -> float:
     """The pass over the stream that step `step`'s first example belongs to; fractional once
@@ -234,9 +260,19 @@ class StreamingPipeline:
       sel = which == w
       tokens, pair_index = self._window(int(w))
       local = positions[sel] - self._windows[int(w)].first_example
-      made.append((sel, make_examples(tokens, pair_index.take(local),
-                                      keyed_random.row_keys(self.seed, 0, positions[sel]),
-                                      self.seq_len, self.tokenizer, self.masking)))
+      made.append(
+        (
+          sel,
+          make_examples(
+            tokens,
+            pair_index.take(local),
+            keyed_random.row_keys(self.seed, 0, positions[sel]),
+            self.seq_len,
+            self.tokenizer,
+            self.masking,
+          ),
+        )
+      )
     self._read_ahead(int(which.max()))
     return merge_parts(made, len(rows))
 
@@ -248,62 +284,100 @@ class StreamingPipeline:
       docs = DocumentStream(self.corpus, {"docs": 0, "stream": None}).take(self.eval_documents)
       tokens, sent_start, doc_start = self._tokeniser.tokenise(docs)
       if len(doc_start) < 3:
-        raise BertjaxError(f"corpus {self.corpus.source}: the held-out documents hold fewer than "
-                           "two with text; raise data.streaming_eval_documents")
+        raise BertjaxError(
+          f"corpus {self.corpus.source}: the held-out documents hold fewer than "
+          "two with text; raise data.streaming_eval_documents"
+        )
       d = self.config.data
-      self._eval = (tokens, pairs_lib.build_pair_index(
-          sent_start, doc_start, np.arange(len(doc_start) - 1), self.seq_len,
-          float(d.short_seq_prob), float(d.pair_random_next_prob), keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1)))
+      self._eval = (
+        tokens,
+        pairs_lib.build_pair_index(
+          sent_start,
+          doc_start,
+          np.arange(len(doc_start) - 1),
+          self.seq_len,
+          float(d.short_seq_prob),
+          float(d.pair_random_next_prob),
+          keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1),
+        ),
+      )
     tokens, index = self._eval
     rows = check_rows(rows, self.batch_size)
     out = []
     for k in range(int(self.config.train.eval_batches)):
       pos = (k * self.batch_size + rows) % len(index)  # wraps when the split is small
-      out.append(make_examples(tokens, index.take(pos),
-                               keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos), self.seq_len,
-                               self.tokenizer, self.masking))
+      out.append(
+        make_examples(
+          tokens,
+          index.take(pos),
+          keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos),
+          self.seq_len,
+          self.tokenizer,
+          self.masking,
+        )
+      )
     return out
 
   def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
     """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
-    return BatchIterator(self, int(start_step), None if rows is None else
-                         check_rows(rows, self.batch_size), int(self.config.data.prefetch))
+    return BatchIterator(
+      self, int(start_step), None if rows is None else check_rows(rows, self.batch_size), int(self.config.data.prefetch)
+    )
 
   def state_for(self, step: int) -> dict:
     """The state to checkpoint at `step` (the next step to consume) and where its window starts."""
     pos = np.array([int(step) * self.batch_size])
     win = self._windows[int(self._find(pos)[0])]  # the prefetcher has read it: no wait
-    return {"version": STATE_VERSION, "kind": STATE_KIND, "step": int(step), "seed": self.seed,
-            "corpus": self.corpus.fingerprint, "tokenizer": self.tokenizer.fingerprint,
-            "batch_size": self.batch_size, "window_documents": self.window_documents,
-            "eval_documents": self.eval_documents, "epoch": win.epoch, "window": win.index,
-            "first_example": win.first_example, "locator": win.locator,
-            "windows_per_epoch": self._windows_per_epoch}
+    return {
+      "version": STATE_VERSION,
+      "kind": STATE_KIND,
+      "step": int(step),
+      "seed": self.seed,
+      "corpus": self.corpus.fingerprint,
+      "tokenizer": self.tokenizer.fingerprint,
+      "batch_size": self.batch_size,
+      "window_documents": self.window_documents,
+      "eval_documents": self.eval_documents,
+      "epoch": win.epoch,
+      "window": win.index,
+      "first_example": win.first_example,
+      "locator": win.locator,
+      "windows_per_epoch": self._windows_per_epoch,
+    }
 
   def restore(self, state: dict) -> int:
     """Checks a saved state and moves the reader to its window; returns the step to start from."""
     if state.get("kind") != STATE_KIND:
-      raise BertjaxError("the checkpoint's data position is the cached pipeline's "
-                         "(data.streaming=False): resume with --config.data.streaming=false")
+      raise BertjaxError(
+        "the checkpoint's data position is the cached pipeline's "
+        "(data.streaming=False): resume with --config.data.streaming=false"
+      )
     if state.get("tokenizer") != self.tokenizer.fingerprint:
-      raise BertjaxError(f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
-                         f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer")
-    for key, mine in (("batch_size", self.batch_size), ("seed", self.seed),
-                      ("window_documents", self.window_documents),
-                      ("eval_documents", self.eval_documents)):
+      raise BertjaxError(
+        f"the checkpoint's tokenizer {state.get('tokenizer')} is not this run's "
+        f"{self.tokenizer.fingerprint}: resume with the same data.tokenizer"
+      )
+    for key, mine in (
+      ("batch_size", self.batch_size),
+      ("seed", self.seed),
+      ("window_documents", self.window_documents),
+      ("eval_documents", self.eval_documents),
+    ):
       if state.get(key) != mine:
-        name = {"batch_size": "train.batch_size", "seed": "train.seed"}.get(
-            key, f"data.streaming_{key}")
-        raise BertjaxError(f"the checkpoint's data order used {name}={state.get(key)}, this run "
-                           f"{mine}: resume with the same value")
+        name = {"batch_size": "train.batch_size", "seed": "train.seed"}.get(key, f"data.streaming_{key}")
+        raise BertjaxError(
+          f"the checkpoint's data order used {name}={state.get(key)}, this run {mine}: resume with the same value"
+        )
     if state.get("corpus") != self.corpus.fingerprint:
-      log.warning("corpus fingerprint changed (%s -> %s): resumed data order differs",
-                  state.get("corpus"), self.corpus.fingerprint)
+      log.warning(
+        "corpus fingerprint changed (%s -> %s): resumed data order differs",
+        state.get("corpus"),
+        self.corpus.fingerprint,
+      )
     with self._lock:
       known = [w for w in self._windows if (w.epoch, w.index) == (state["epoch"], state["window"])]
       if not (known and known[0].first_example == state["first_example"]):
-        self._seek(int(state["epoch"]), int(state["window"]), int(state["first_example"]),
-                   state["locator"])
+        self._seek(int(state["epoch"]), int(state["window"]), int(state["first_example"]), state["locator"])
       if state.get("windows_per_epoch"):
         self._windows_per_epoch = int(state["windows_per_epoch"])
     return int(state["step"])

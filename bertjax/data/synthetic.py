@@ -10,8 +10,9 @@ import numpy as np
 FIRST_ORDINARY_ID = 5  # ids below are the special tokens of a tokenizer bertjax trains
 
 
-def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_size: int, *,
-                    seed: int = 0, padded: bool = False) -> dict[str, np.ndarray]:
+def synthetic_batch(
+  batch_size: int, seq_len: int, max_predictions: int, vocab_size: int, *, seed: int = 0, padded: bool = False
+) -> dict[str, np.ndarray]:
   """A batch as the input pipeline lays it out, from `seed` alone.
 
   Args:
@@ -41,7 +42,11 @@ def synthetic_batch(batch_size: int, seq_len: int, max_predictions: int, vocab_s
   positions = np.where(weights > 0, positions, 0).astype(np.int32)
   masked_ids = np.where(weights > 0, np.take_along_axis(ids, positions, 1), 0).astype(np.int32)
   return {
-      "input_ids": ids, "segment_ids": segment_ids, "attention_mask": attention_mask,
-      "masked_positions": positions, "masked_ids": masked_ids, "masked_weights": weights,
-      "nsp_labels": rng.integers(0, 2, batch_size).astype(np.int32),
+    "input_ids": ids,
+    "segment_ids": segment_ids,
+    "attention_mask": attention_mask,
+    "masked_positions": positions,
+    "masked_ids": masked_ids,
+    "masked_weights": weights,
+    "nsp_labels": rng.integers(0, 2, batch_size).astype(np.int32),
   }

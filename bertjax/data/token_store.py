@@ -61,8 +61,10 @@ def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
   """The cached tokenisation of `corpus` by `tokenizer`, built on first use."""
   root = epath.Path(root)
   if "://" in str(root):
-    raise BertjaxError(f"data.cache_dir={root} is remote: memory-mapped token arrays need a "
-                       "local folder; set data.cache_dir to local disk")
+    raise BertjaxError(
+      f"data.cache_dir={root} is remote: memory-mapped token arrays need a "
+      "local folder; set data.cache_dir to local disk"
+    )
   key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   final = root / "tokenized" / key
   if not (final / "meta.json").exists():
@@ -102,8 +104,10 @@ def _generate_documents(corpus):
 
 def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
   import datasets  # heavy; only a cache miss needs it
-  features = datasets.Features({"ids": datasets.Sequence(datasets.Value("int32")),
-                                "lengths": datasets.Sequence(datasets.Value("int32"))})
+
+  features = datasets.Features(
+    {"ids": datasets.Sequence(datasets.Value("int32")), "lengths": datasets.Sequence(datasets.Value("int32"))}
+  )
   hf_cache = str(tmp / "hf")
   key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   if corpus.kind in ("builtin", "files"):
@@ -111,9 +115,12 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
       raise BertjaxError(f"corpus {corpus.source} is empty: point data.source at some text")
     corpus.warnings.clear()  # the peek must not count its document's repairs twice
     docs = datasets.Dataset.from_generator(
-        _generate_documents, gen_kwargs={"corpus": corpus}, cache_dir=hf_cache,
-        fingerprint=f"docs-{corpus.fingerprint}",
-        features=datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))}))
+      _generate_documents,
+      gen_kwargs={"corpus": corpus},
+      cache_dir=hf_cache,
+      fingerprint=f"docs-{corpus.fingerprint}",
+      features=datasets.Features({"sentences": datasets.Sequence(datasets.Value("string"))}),
+    )
     column = "sentences"
   else:
     docs = corpus._load_hf_dataset()
@@ -122,15 +129,24 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
     raise BertjaxError(f"corpus {corpus.source} is empty: point data.source at some text")
   num_proc = max(1, min(num_proc, len(docs) // 64))  # tiny corpora are not worth the processes
   tokenized = docs.map(
-      _TokenizeDocuments(tokenizer, corpus, column), batched=True, batch_size=64,
-      num_proc=num_proc if num_proc > 1 else None, remove_columns=docs.column_names,
-      features=features, cache_file_name=os.path.join(hf_cache, "tokens.arrow"),
-      new_fingerprint=f"tok-{key}", desc="tokenising")
+    _TokenizeDocuments(tokenizer, corpus, column),
+    batched=True,
+    batch_size=64,
+    num_proc=num_proc if num_proc > 1 else None,
+    remove_columns=docs.column_names,
+    features=features,
+    cache_file_name=os.path.join(hf_cache, "tokens.arrow"),
+    new_fingerprint=f"tok-{key}",
+    desc="tokenising",
+  )
   vocab = tokenizer.vocab_size
   dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
   n_tokens = n_sents = n_docs = 0
-  with open(tmp / "tokens.bin", "wb") as f_tok, open(tmp / "sent_start.bin", "wb") as f_sent, \
-      open(tmp / "doc_start.bin", "wb") as f_doc:
+  with (
+    open(tmp / "tokens.bin", "wb") as f_tok,
+    open(tmp / "sent_start.bin", "wb") as f_sent,
+    open(tmp / "doc_start.bin", "wb") as f_doc,
+  ):
     f_sent.write(np.zeros(1, np.int64).tobytes())
     f_doc.write(np.zeros(1, np.int64).tobytes())
     for record_batch in tokenized.data.table.to_batches(max_chunksize=4096):
@@ -146,12 +162,19 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
       n_docs += len(per_doc)
   shutil.rmtree(hf_cache, ignore_errors=True)
   if n_docs == 0:
-    raise BertjaxError(f"corpus {corpus.source} is empty after tokenisation: point data.source "
-                       "at some text")
+    raise BertjaxError(f"corpus {corpus.source} is empty after tokenisation: point data.source at some text")
   warnings = dict(corpus.warnings)
   for what, count in warnings.items():
     log.warning("corpus %s: %d %s", corpus.source, count, what)
-  meta = {"format": FORMAT, "corpus": corpus.fingerprint, "source": corpus.source,
-          "tokenizer": tokenizer.fingerprint, "token_dtype": np.dtype(dtype).name,
-          "tokens": n_tokens, "sentences": n_sents, "documents": n_docs, "warnings": warnings}
+  meta = {
+    "format": FORMAT,
+    "corpus": corpus.fingerprint,
+    "source": corpus.source,
+    "tokenizer": tokenizer.fingerprint,
+    "token_dtype": np.dtype(dtype).name,
+    "tokens": n_tokens,
+    "sentences": n_sents,
+    "documents": n_docs,
+    "warnings": warnings,
+  }
   (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -57,16 +57,15 @@ class Tokenizer:
     missing = [t for t in SPECIAL_TOKENS if t not in self._index]
     if missing:
       raise BertjaxError(
-          f"tokenizer {self._source} lacks the special tokens {' '.join(missing)}: "
-          "use a BERT vocabulary with [PAD] [UNK] [CLS] [SEP] [MASK], or let bertjax train one "
-          "(data.tokenizer='')")
-    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-        self._index[t] for t in SPECIAL_TOKENS)
+        f"tokenizer {self._source} lacks the special tokens {' '.join(missing)}: "
+        "use a BERT vocabulary with [PAD] [UNK] [CLS] [SEP] [MASK], or let bertjax train one "
+        "(data.tokenizer='')"
+      )
+    self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._index[t] for t in SPECIAL_TOKENS)
     self.fingerprint = hashlib.sha256(self.kind.encode() + self._data).hexdigest()[:16]
 
   def __getstate__(self):
-    return {"kind": self.kind, "data": self._data, "lowercase": self._lowercase,
-            "source": self._source}
+    return {"kind": self.kind, "data": self._data, "lowercase": self._lowercase, "source": self._source}
 
   def __setstate__(self, state):
     self.kind, self._data = state["kind"], state["data"]
@@ -139,9 +138,13 @@ class Tokenizer:
     else:
       (directory / "tokenizer.json").write_bytes(self._data)
       (directory / "vocab.txt").write_text("".join(p + "\n" for p in self._pieces))
-    info = {"kind": self.kind, "fingerprint": self.fingerprint, "vocab_size": self.vocab_size,
-            "lowercase": self._lowercase,
-            "special_ids": dict(zip(SPECIAL_TOKENS, self.special_ids.tolist()))}
+    info = {
+      "kind": self.kind,
+      "fingerprint": self.fingerprint,
+      "vocab_size": self.vocab_size,
+      "lowercase": self._lowercase,
+      "special_ids": dict(zip(SPECIAL_TOKENS, self.special_ids.tolist())),
+    }
     (directory / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     return directory
 
@@ -150,8 +153,10 @@ def load_tokenizer(path) -> Tokenizer:
   """Loads a tokenizer: a folder holding spm.model / tokenizer.json / vocab.txt, or such a file."""
   path = epath.Path(path)
   if not path.exists():
-    raise BertjaxError(f"tokenizer {path} does not exist: set data.tokenizer to a tokenizer folder "
-                       "or file, or leave it empty to train one")
+    raise BertjaxError(
+      f"tokenizer {path} does not exist: set data.tokenizer to a tokenizer folder "
+      "or file, or leave it empty to train one"
+    )
   lowercase = None
   if path.is_dir():
     info = path / INFO_FILE
@@ -164,9 +169,11 @@ def load_tokenizer(path) -> Tokenizer:
     else:
       models = sorted(path.glob("*.model"))
       if not models:
-        raise BertjaxError(f"tokenizer folder {path} holds no spm.model, tokenizer.json or "
-                           "vocab.txt: point data.tokenizer at a tokenizer bertjax or "
-                           "transformers saved")
+        raise BertjaxError(
+          f"tokenizer folder {path} holds no spm.model, tokenizer.json or "
+          "vocab.txt: point data.tokenizer at a tokenizer bertjax or "
+          "transformers saved"
+        )
       path = models[0]
   name = path.name
   if name.endswith(".model"):
@@ -174,21 +181,20 @@ def load_tokenizer(path) -> Tokenizer:
     try:
       spm.SentencePieceProcessor(model_proto=data)
     except Exception as e:  # sentencepiece raises RuntimeError / OSError on junk
-      raise BertjaxError(f"tokenizer {path} is not a sentencepiece model ({e}): "
-                         "give a valid .model file") from e
+      raise BertjaxError(f"tokenizer {path} is not a sentencepiece model ({e}): give a valid .model file") from e
     return Tokenizer("sentencepiece", data, source=str(path))
   if name.endswith(".json"):
     text = path.read_text()
     try:
       tokenizers.Tokenizer.from_str(text)
     except Exception as e:
-      raise BertjaxError(f"tokenizer {path} is not a tokenizers JSON file ({e}): "
-                         "give a transformers tokenizer.json") from e
+      raise BertjaxError(
+        f"tokenizer {path} is not a tokenizers JSON file ({e}): give a transformers tokenizer.json"
+      ) from e
     return Tokenizer("wordpiece", text.encode("utf-8"), lowercase=False, source=str(path))
   if name.endswith(".txt"):
     return _from_vocab_txt(path, lowercase)
-  raise BertjaxError(f"tokenizer {path} is neither a .model, a tokenizer.json nor a vocab.txt: "
-                     "give one of those")
+  raise BertjaxError(f"tokenizer {path} is neither a .model, a tokenizer.json nor a vocab.txt: give one of those")
 
 
 def from_vocab_txt(path, lowercase: bool | None = None) -> Tokenizer:
@@ -204,12 +210,12 @@ def _from_vocab_txt(path: epath.Path, lowercase: bool | None) -> Tokenizer:
     words.pop()
   if lowercase is None:
     # An uncased vocabulary has no upper-case word pieces besides the bracketed specials.
-    lowercase = not any(any(c.isupper() for c in w) for w in words
-                        if not (w.startswith("[") and w.endswith("]")))
+    lowercase = not any(any(c.isupper() for c in w) for w in words if not (w.startswith("[") and w.endswith("]")))
   model = tokenizers.models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]")
   tk = tokenizers.Tokenizer(model)
   tk.normalizer = tokenizers.normalizers.BertNormalizer(
-      clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+    clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+  )
   tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
   tk.decoder = tokenizers.decoders.WordPiece(prefix="##")
   return Tokenizer("wordpiece", tk.to_str().encode("utf-8"), lowercase=False, source=str(path))
@@ -219,9 +225,10 @@ def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
   """Refuses a tokenizer whose vocabulary differs from the model's embedding rows (unpadded)."""
   if tokenizer.vocab_size != model_vocab_size:
     raise BertjaxError(
-        f"tokenizer {tokenizer.fingerprint} has {tokenizer.vocab_size} pieces but the model "
-        f"expects {model_vocab_size}: set data.vocab_size={tokenizer.vocab_size} or use the "
-        "tokenizer the model was trained with")
+      f"tokenizer {tokenizer.fingerprint} has {tokenizer.vocab_size} pieces but the model "
+      f"expects {model_vocab_size}: set data.vocab_size={tokenizer.vocab_size} or use the "
+      "tokenizer the model was trained with"
+    )
 
 
 def sample_sentences(corpus, limit: int, seed: int) -> list[str]:
@@ -244,28 +251,41 @@ def sample_sentences(corpus, limit: int, seed: int) -> list[str]:
 def train_tokenizer(config, out_dir) -> Tokenizer:
   """Trains a sentencepiece model on the configured corpus and saves it into `out_dir`."""
   from bertjax.data.corpus import load_corpus  # corpus imports nothing from here; keep it lazy
+
   d = config.data
   sentences = sample_sentences(load_corpus(config), int(d.tokenizer_sentences), config.train.seed)
   if not sentences:
-    raise BertjaxError(f"corpus {d.source} has no sentences to train a tokenizer on: "
-                       "point data.source at some text")
+    raise BertjaxError(f"corpus {d.source} has no sentences to train a tokenizer on: point data.source at some text")
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=int(d.vocab_size),
-        model_type=d.tokenizer_model, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
-        pad_piece="[PAD]", unk_piece="[UNK]", control_symbols=["[CLS]", "[SEP]", "[MASK]"],
-        normalization_rule_name="nmt_nfkc_cf" if d.lowercase else "nmt_nfkc",
-        input_sentence_size=len(sentences), shuffle_input_sentence=False,
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+      sentence_iterator=iter(sentences),
+      model_writer=model,
+      vocab_size=int(d.vocab_size),
+      model_type=d.tokenizer_model,
+      pad_id=0,
+      unk_id=1,
+      bos_id=-1,
+      eos_id=-1,
+      pad_piece="[PAD]",
+      unk_piece="[UNK]",
+      control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+      normalization_rule_name="nmt_nfkc_cf" if d.lowercase else "nmt_nfkc",
+      input_sentence_size=len(sentences),
+      shuffle_input_sentence=False,
+      max_sentence_length=1 << 16,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+    )
   except RuntimeError as e:
-    raise BertjaxError(f"sentencepiece could not train {d.vocab_size} pieces on {d.source} "
-                       f"({str(e).splitlines()[0]}): lower data.vocab_size or give more text") from e
+    raise BertjaxError(
+      f"sentencepiece could not train {d.vocab_size} pieces on {d.source} "
+      f"({str(e).splitlines()[0]}): lower data.vocab_size or give more text"
+    ) from e
   tokenizer = Tokenizer("sentencepiece", model.getvalue(), source=f"trained on {d.source}")
   tokenizer.save(out_dir)
   log.info("trained %s on %d sentences", tokenizer, len(sentences))
   return tokenizer
-
 
 
 def tokenizer_for_run(config, workdir) -> Tokenizer:
@@ -280,8 +300,10 @@ def tokenizer_for_run(config, workdir) -> Tokenizer:
   if (target / INFO_FILE).exists():
     existing = load_tokenizer(target)
     if config.data.tokenizer and load_tokenizer(config.data.tokenizer).fingerprint != existing.fingerprint:
-      raise BertjaxError(f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
-                         f"{target} this workdir was trained with: use that one or a new workdir")
+      raise BertjaxError(
+        f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
+        f"{target} this workdir was trained with: use that one or a new workdir"
+      )
     return existing
   with atomic.staged_folder(target, replace=False) as staging:  # another process may win: use theirs
     if config.data.tokenizer:

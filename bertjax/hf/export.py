@@ -62,8 +62,10 @@ def read_run(workdir, step: int | None = None) -> RunSnapshot:
   with checkpoint.Checkpoints(workdir, read_only=True) as checkpoints:
     if not checkpoints.steps():
       raise BertjaxError(f"--workdir {workdir}: no checkpoints yet; train first (bertjax train) or import one")
+
     def check(meta):
       checkpoint.check_compatible(meta, model_config, tokenizer.fingerprint, f"--workdir {workdir}")
+
     params, meta = checkpoints.restore_params(step=step, check=check)
   return RunSnapshot(config, model_config, tokenizer, params, int(meta["step"]))
 
@@ -77,8 +79,13 @@ def _check_out(out: epath.Path) -> None:
 
 
 def _marker(fmt: str, workdir, run: RunSnapshot) -> str:
-  return json.dumps({"format": fmt, "workdir": str(workdir), "step": run.step,
-                     "tokenizer_fingerprint": run.tokenizer.fingerprint}, indent=1) + "\n"
+  return (
+    json.dumps(
+      {"format": fmt, "workdir": str(workdir), "step": run.step, "tokenizer_fingerprint": run.tokenizer.fingerprint},
+      indent=1,
+    )
+    + "\n"
+  )
 
 
 def default_out(workdir, fmt: str) -> epath.Path:
@@ -109,10 +116,13 @@ def export_params(workdir, out=None, step: int | None = None) -> epath.Path:
   padding included), with the model config and the tokenizer: see load_params_export."""
   run = read_run(workdir, step)
   out = epath.Path(out) if out else default_out(workdir, "params")
-  tensors = {path: np.ascontiguousarray(value, np.float32)
-             for path, value in flatten_dict(run.params, sep="/").items()}
-  model_config = {"format": PARAMS_FORMAT, "step": run.step, "bert_config": dataclasses.asdict(run.model_config),
-                  "run_config": config_loading.to_dict(run.config)}
+  tensors = {path: np.ascontiguousarray(value, np.float32) for path, value in flatten_dict(run.params, sep="/").items()}
+  model_config = {
+    "format": PARAMS_FORMAT,
+    "step": run.step,
+    "bert_config": dataclasses.asdict(run.model_config),
+    "run_config": config_loading.to_dict(run.config),
+  }
 
   _check_out(out)
   with atomic.staged_folder(out, replace=True) as folder:

@@ -23,6 +23,7 @@ def read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load(data)
   except TypeError:  # bfloat16 has no numpy dtype: let torch read it and widen to float32
     from safetensors import torch as safetensors_torch
+
     return {k: v.float().numpy() for k, v in safetensors_torch.load(data).items()}
   except Exception as e:  # safetensors raises its own error types on a damaged header
     raise BertjaxError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
@@ -41,16 +42,22 @@ def _read_weights(directory: epath.Path) -> dict[str, np.ndarray]:
     try:
       import torch
     except ImportError:
-      raise BertjaxError(f"{directory}/pytorch_model.bin needs PyTorch to read; install torch or convert "
-                         "the checkpoint to model.safetensors") from None
+      raise BertjaxError(
+        f"{directory}/pytorch_model.bin needs PyTorch to read; install torch or convert "
+        "the checkpoint to model.safetensors"
+      ) from None
     try:
       state = torch.load(str(directory / "pytorch_model.bin"), map_location="cpu", weights_only=True)
     except Exception as e:
-      raise BertjaxError(f"{directory}/pytorch_model.bin cannot be read ({type(e).__name__}); "
-                         "re-download it or convert it to model.safetensors") from e
+      raise BertjaxError(
+        f"{directory}/pytorch_model.bin cannot be read ({type(e).__name__}); "
+        "re-download it or convert it to model.safetensors"
+      ) from e
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
-  raise BertjaxError(f"transformers folder {directory} holds no model.safetensors or pytorch_model.bin; point it at a "
-                     "transformers BERT folder (save_pretrained output)")
+  raise BertjaxError(
+    f"transformers folder {directory} holds no model.safetensors or pytorch_model.bin; point it at a "
+    "transformers BERT folder (save_pretrained output)"
+  )
 
 
 def read_hf_checkpoint(directory) -> tuple[dict, dict[str, np.ndarray]]:

@@ -46,8 +46,10 @@ class ImportResult:
     """One line for the CLI to print."""
     cfg = self.config
     fresh = f"; initialised fresh: {', '.join(self.fresh_parameters)}" if self.fresh_parameters else ""
-    return (f"imported a {cfg.num_layers}-layer, {cfg.hidden_size}-wide BERT (vocabulary {self.vocab_size}) "
-            f"into {self.workdir} at step 0{fresh}")
+    return (
+      f"imported a {cfg.num_layers}-layer, {cfg.hidden_size}-wide BERT (vocabulary {self.vocab_size}) "
+      f"into {self.workdir} at step 0{fresh}"
+    )
 
 
 def _variant_name(cfg: model_config.BertConfig) -> str:
@@ -64,10 +66,17 @@ def run_config_for(cfg: model_config.BertConfig, tokenizer_dir: str, seed: int =
   config = defaults.get_config()
   config.model.variant = _variant_name(cfg)
   config.model.update(
-      hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-      intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings,
-      type_vocab_size=cfg.type_vocab_size, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-      layer_norm_eps=cfg.layer_norm_eps, initializer_range=cfg.initializer_range)
+    hidden_size=cfg.hidden_size,
+    num_layers=cfg.num_layers,
+    num_heads=cfg.num_heads,
+    intermediate_size=cfg.intermediate_size,
+    max_position_embeddings=cfg.max_position_embeddings,
+    type_vocab_size=cfg.type_vocab_size,
+    dropout=cfg.dropout,
+    attention_dropout=cfg.attention_dropout,
+    layer_norm_eps=cfg.layer_norm_eps,
+    initializer_range=cfg.initializer_range,
+  )
   config.data.tokenizer = tokenizer_dir
   config.data.vocab_size = cfg.vocab_size
   config.data.seq_len = min(config.data.seq_len, cfg.max_position_embeddings)
@@ -90,8 +99,10 @@ def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
   cfg = names.bert_config_from_hf(hf_config)
   tokenizer = hf_tokenizer.load_from_transformers(hf_dir)
   if tokenizer.vocab_size != cfg.vocab_size:
-    raise BertjaxError(f"--hf {hf_dir}: the tokenizer has {tokenizer.vocab_size} pieces but config.json "
-                       f"vocab_size is {cfg.vocab_size}; use the tokenizer saved with these weights")
+    raise BertjaxError(
+      f"--hf {hf_dir}: the tokenizer has {tokenizer.vocab_size} pieces but config.json "
+      f"vocab_size is {cfg.vocab_size}; use the tokenizer saved with these weights"
+    )
   config = run_config_for(cfg, str(workdir / "tokenizer"), seed)
   resolved = model_config.resolve_config(config.model, tokenizer.vocab_size, backend="cpu")
   if checkpoint.model_sizes(resolved) != checkpoint.model_sizes(cfg):  # the run must rebuild this model
@@ -104,9 +115,13 @@ def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
     log.warning("%s lacks %s: initialised fresh", hf_dir, ", ".join(fresh))
   params = jax.tree.map(jnp.asarray, params)
   state = steps.fresh_state(params, optim.build_optimizer(config.optim, config.train.steps), seed)
-  meta = {"config": config_loading.to_dict(config), "model": checkpoint.model_sizes(cfg),
-          "tokenizer_fingerprint": tokenizer.fingerprint, "imported_from": str(hf_dir),
-          "fresh_parameters": fresh}
+  meta = {
+    "config": config_loading.to_dict(config),
+    "model": checkpoint.model_sizes(cfg),
+    "tokenizer_fingerprint": tokenizer.fingerprint,
+    "imported_from": str(hf_dir),
+    "fresh_parameters": fresh,
+  }
 
   with atomic.staged_folder(workdir, replace=True) as partial:  # replaces at most an empty folder
     tokenizer.save(partial / "tokenizer")

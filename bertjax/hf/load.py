@@ -1,9 +1,9 @@
 """Loading a BERT into Python: from a transformers folder, a bertjax export, or a bertjax run.
 
-    from_pretrained(folder)          -> (model, tokenizer) from any of the three
-    model_from_hf_folder(folder)     -> (model, parameters the checkpoint lacked)
-    load_params_export(folder)       -> (params, BertConfig) of `bertjax export --format params`
-    params_of(model), load_params_into(model, params)   an NNX model <-> a parameter pure dict
+from_pretrained(folder)          -> (model, tokenizer) from any of the three
+model_from_hf_folder(folder)     -> (model, parameters the checkpoint lacked)
+load_params_export(folder)       -> (params, BertConfig) of `bertjax export --format params`
+params_of(model), load_params_into(model, params)   an NNX model <-> a parameter pure dict
 """
 
 import dataclasses
@@ -40,20 +40,23 @@ def load_params_into(model: nnx.Module, params: dict) -> None:
   given = flatten_dict(params, sep="/")
   if set(given) != set(current):
     diff = sorted(set(given) ^ set(current))
-    raise BertjaxError(f"parameters {diff[:3]} are in only one of the given tree and the model; "
-                       "build the model with the config the parameters came from")
+    raise BertjaxError(
+      f"parameters {diff[:3]} are in only one of the given tree and the model; "
+      "build the model with the config the parameters came from"
+    )
   for path, old in current.items():
     if tuple(np.shape(given[path])) != tuple(old.shape):
-      raise BertjaxError(f"parameter {path} has shape {tuple(np.shape(given[path]))}, the model "
-                         f"expects {tuple(old.shape)}; build the model with the matching config")
+      raise BertjaxError(
+        f"parameter {path} has shape {tuple(np.shape(given[path]))}, the model "
+        f"expects {tuple(old.shape)}; build the model with the matching config"
+      )
     # device_put onto the old sharding: a model laid out over a mesh stays laid out.
     given[path] = jax.device_put(np.asarray(given[path], old.dtype), old.sharding)
   nnx.replace_by_pure_dict(state, unflatten_dict(given, sep="/"))
   nnx.update(model, state)
 
 
-def model_from_hf_folder(directory, *, dtype: str = "float32", seed: int = 0
-                         ) -> tuple[BertForPreTraining, list[str]]:
+def model_from_hf_folder(directory, *, dtype: str = "float32", seed: int = 0) -> tuple[BertForPreTraining, list[str]]:
   """(model, bertjax paths initialised fresh because the checkpoint lacks them)."""
   hf_config, tensors = folders.read_hf_checkpoint(directory)
   cfg = dataclasses.replace(names.bert_config_from_hf(hf_config), dtype=dtype)
@@ -78,8 +81,9 @@ def load_params_export(directory) -> tuple[dict, BertConfig]:
   return unflatten_dict(folders.read_safetensors(directory / PARAMS_FILE), sep="/"), cfg
 
 
-def from_pretrained(directory, *, dtype: str = "float32", step: int | None = None
-                    ) -> tuple[BertForPreTraining, tokenizer_lib.Tokenizer | None]:
+def from_pretrained(
+  directory, *, dtype: str = "float32", step: int | None = None
+) -> tuple[BertForPreTraining, tokenizer_lib.Tokenizer | None]:
   """(model, tokenizer) from a transformers BERT folder, a bertjax export or a bertjax workdir.
 
   The model computes in `dtype` (float32 by default; parameters are float32 always). The
@@ -102,8 +106,10 @@ def from_pretrained(directory, *, dtype: str = "float32", step: int | None = Non
     run = read_run(directory, step)
     params, cfg, tokenizer = run.params, run.model_config, run.tokenizer
   else:
-    raise BertjaxError(f"{directory}: holds neither a transformers config.json with weights, a {PARAMS_FILE} "
-                       "nor checkpoints; give a transformers BERT folder, a bertjax export or workdir")
+    raise BertjaxError(
+      f"{directory}: holds neither a transformers config.json with weights, a {PARAMS_FILE} "
+      "nor checkpoints; give a transformers BERT folder, a bertjax export or workdir"
+    )
   model = init_model(dataclasses.replace(cfg, dtype=dtype, attention_impl="xla"))
   load_params_into(model, params)
   return model, tokenizer

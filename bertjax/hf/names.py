@@ -54,39 +54,41 @@ def name_map(cfg: BertConfig) -> list[tuple[str, str, tuple, str]]:
   tensor of a transformers `BertForPreTraining`, the tied decoder weight excepted."""
   real_vocab = (slice(0, cfg.vocab_size),)  # padded rows exist only in bertjax
   rows = [
-      ("bert.embeddings.word_embeddings.weight", "embeddings/word", real_vocab, "same"),
-      ("bert.embeddings.position_embeddings.weight", "embeddings/position", (), "same"),
-      ("bert.embeddings.token_type_embeddings.weight", "embeddings/segment", (), "same"),
-      ("bert.embeddings.LayerNorm.weight", "embeddings/norm/scale", (), "same"),
-      ("bert.embeddings.LayerNorm.bias", "embeddings/norm/bias", (), "same"),
+    ("bert.embeddings.word_embeddings.weight", "embeddings/word", real_vocab, "same"),
+    ("bert.embeddings.position_embeddings.weight", "embeddings/position", (), "same"),
+    ("bert.embeddings.token_type_embeddings.weight", "embeddings/segment", (), "same"),
+    ("bert.embeddings.LayerNorm.weight", "embeddings/norm/scale", (), "same"),
+    ("bert.embeddings.LayerNorm.bias", "embeddings/norm/bias", (), "same"),
   ]
   for i in range(cfg.num_layers):
     hf, bj = f"bert.encoder.layer.{i}.", "encoder/layers/"
     for k, projection in enumerate(("query", "key", "value")):  # order of the fused qkv axis
-      rows.append((f"{hf}attention.self.{projection}.weight", bj + "attention/qkv_kernel", (i, slice(None), k), "kernel"))
+      rows.append(
+        (f"{hf}attention.self.{projection}.weight", bj + "attention/qkv_kernel", (i, slice(None), k), "kernel")
+      )
       rows.append((f"{hf}attention.self.{projection}.bias", bj + "attention/qkv_bias", (i, k), "flat"))
     rows += [
-        (hf + "attention.output.dense.weight", bj + "attention/out_kernel", (i,), "heads_kernel"),
-        (hf + "attention.output.dense.bias", bj + "attention/out_bias", (i,), "same"),
-        (hf + "attention.output.LayerNorm.weight", bj + "attention_norm/scale", (i,), "same"),
-        (hf + "attention.output.LayerNorm.bias", bj + "attention_norm/bias", (i,), "same"),
-        (hf + "intermediate.dense.weight", bj + "feed_forward/in_kernel", (i,), "kernel"),
-        (hf + "intermediate.dense.bias", bj + "feed_forward/in_bias", (i,), "same"),
-        (hf + "output.dense.weight", bj + "feed_forward/out_kernel", (i,), "kernel"),
-        (hf + "output.dense.bias", bj + "feed_forward/out_bias", (i,), "same"),
-        (hf + "output.LayerNorm.weight", bj + "output_norm/scale", (i,), "same"),
-        (hf + "output.LayerNorm.bias", bj + "output_norm/bias", (i,), "same"),
+      (hf + "attention.output.dense.weight", bj + "attention/out_kernel", (i,), "heads_kernel"),
+      (hf + "attention.output.dense.bias", bj + "attention/out_bias", (i,), "same"),
+      (hf + "attention.output.LayerNorm.weight", bj + "attention_norm/scale", (i,), "same"),
+      (hf + "attention.output.LayerNorm.bias", bj + "attention_norm/bias", (i,), "same"),
+      (hf + "intermediate.dense.weight", bj + "feed_forward/in_kernel", (i,), "kernel"),
+      (hf + "intermediate.dense.bias", bj + "feed_forward/in_bias", (i,), "same"),
+      (hf + "output.dense.weight", bj + "feed_forward/out_kernel", (i,), "kernel"),
+      (hf + "output.dense.bias", bj + "feed_forward/out_bias", (i,), "same"),
+      (hf + "output.LayerNorm.weight", bj + "output_norm/scale", (i,), "same"),
+      (hf + "output.LayerNorm.bias", bj + "output_norm/bias", (i,), "same"),
     ]
   return rows + [
-      ("bert.pooler.dense.weight", "pooler/kernel", (), "kernel"),
-      ("bert.pooler.dense.bias", "pooler/bias", (), "same"),
-      ("cls.predictions.transform.dense.weight", "mlm_head/transform_kernel", (), "kernel"),
-      ("cls.predictions.transform.dense.bias", "mlm_head/transform_bias", (), "same"),
-      ("cls.predictions.transform.LayerNorm.weight", "mlm_head/transform_norm/scale", (), "same"),
-      ("cls.predictions.transform.LayerNorm.bias", "mlm_head/transform_norm/bias", (), "same"),
-      ("cls.predictions.bias", "mlm_head/output_bias", real_vocab, "same"),
-      ("cls.seq_relationship.weight", "nsp_head/kernel", (), "kernel"),
-      ("cls.seq_relationship.bias", "nsp_head/bias", (), "same"),
+    ("bert.pooler.dense.weight", "pooler/kernel", (), "kernel"),
+    ("bert.pooler.dense.bias", "pooler/bias", (), "same"),
+    ("cls.predictions.transform.dense.weight", "mlm_head/transform_kernel", (), "kernel"),
+    ("cls.predictions.transform.dense.bias", "mlm_head/transform_bias", (), "same"),
+    ("cls.predictions.transform.LayerNorm.weight", "mlm_head/transform_norm/scale", (), "same"),
+    ("cls.predictions.transform.LayerNorm.bias", "mlm_head/transform_norm/bias", (), "same"),
+    ("cls.predictions.bias", "mlm_head/output_bias", real_vocab, "same"),
+    ("cls.seq_relationship.weight", "nsp_head/kernel", (), "kernel"),
+    ("cls.seq_relationship.bias", "nsp_head/bias", (), "same"),
   ]
 
 
@@ -96,8 +98,9 @@ def to_hf_state_dict(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
   The decoder weight is left out: transformers ties it to the word embeddings on load."""
   flat = {path: np.asarray(value, np.float32) for path, value in flatten_dict(params, sep="/").items()}
   # Copies: the tensors own their memory, so they neither alias nor pin the parameters.
-  return {name: np.array(_to_hf(kind, flat[path][index]), np.float32, order="C")
-          for name, path, index, kind in name_map(cfg)}
+  return {
+    name: np.array(_to_hf(kind, flat[path][index]), np.float32, order="C") for name, path, index, kind in name_map(cfg)
+  }
 
 
 # Buffers that older transformers versions saved with the weights; they are not parameters.
@@ -122,12 +125,15 @@ def _canonical_names(tensors: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _check_tied(tensors: dict[str, np.ndarray], alias: str, canonical: str) -> None:
   if alias in tensors and canonical in tensors and not np.array_equal(tensors[alias], tensors[canonical]):
-    raise BertjaxError(f"checkpoint tensor {alias} differs from {canonical}: bertjax ties the MLM "
-                       "decoder to them; import a checkpoint with tied decoder weights")
+    raise BertjaxError(
+      f"checkpoint tensor {alias} differs from {canonical}: bertjax ties the MLM "
+      "decoder to them; import a checkpoint with tied decoder weights"
+    )
 
 
-def from_hf_state_dict(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
-                       init_params: dict | None = None) -> tuple[dict, list[str]]:
+def from_hf_state_dict(
+  tensors: Mapping[str, np.ndarray], cfg: BertConfig, *, init_params: dict | None = None
+) -> tuple[dict, list[str]]:
   """transformers BERT tensors -> (bertjax parameters, bertjax paths taken from `init_params`).
 
   Accepts BertForPreTraining, BertForMaskedLM and plain BertModel state dicts; parameters the
@@ -148,8 +154,10 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
     raise RuntimeError(f"bertjax.hf.names.name_map has no transformers name for {sorted(uncovered)}")
   if unknown := sorted(set(tensors) - {name for name, _, _, _ in rows}):
     listed = ", ".join(f"{n} {tuple(tensors[n].shape)}" for n in unknown[:3])
-    raise BertjaxError(f"checkpoint has {len(unknown)} tensor(s) a {cfg.num_layers}-layer "
-                       f"BertForPreTraining lacks: {listed}; check that config.json matches the weights")
+    raise BertjaxError(
+      f"checkpoint has {len(unknown)} tensor(s) a {cfg.num_layers}-layer "
+      f"BertForPreTraining lacks: {listed}; check that config.json matches the weights"
+    )
 
   found: dict[str, list[str]] = {}
   absent: dict[str, list[str]] = {}
@@ -160,11 +168,14 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
       continue
     found.setdefault(path, []).append(name)
     tensor = tensors[name]
-    expected = jax.eval_shape(lambda x, kind=kind: _to_hf(kind, x),
-                              jax.ShapeDtypeStruct(target.shape, np.float32)).shape
+    expected = jax.eval_shape(
+      lambda x, kind=kind: _to_hf(kind, x), jax.ShapeDtypeStruct(target.shape, np.float32)
+    ).shape
     if tuple(tensor.shape) != tuple(expected):
-      raise BertjaxError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected "
-                         f"{tuple(expected)} for this config; check that config.json matches the weights")
+      raise BertjaxError(
+        f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, expected "
+        f"{tuple(expected)} for this config; check that config.json matches the weights"
+      )
     target[...] = _from_hf(kind, tensor.astype(np.float32), target.shape)
 
   for path, names in absent.items():
@@ -173,8 +184,10 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], cfg: BertConfig, *,
   missing = sorted(absent)
   if missing:
     if init_params is None:
-      raise BertjaxError(f"checkpoint lacks {', '.join(absent[p][0] for p in missing[:3])} "
-                         f"({len(missing)} bertjax parameter(s)); pass init_params to start them fresh")
+      raise BertjaxError(
+        f"checkpoint lacks {', '.join(absent[p][0] for p in missing[:3])} "
+        f"({len(missing)} bertjax parameter(s)); pass init_params to start them fresh"
+      )
     init_flat = flatten_dict(init_params, sep="/")
     for path in missing:
       value = np.asarray(init_flat[path], np.float32)
@@ -189,53 +202,60 @@ def bert_config_from_hf(hf_config: Mapping) -> BertConfig:
 
   Absent optional keys take transformers' BertConfig defaults, as transformers itself does."""
   if hf_config.get("model_type") != "bert":
-    raise BertjaxError(f"config.json model_type is {hf_config.get('model_type')!r}, not 'bert'; "
-                       "bertjax imports BERT checkpoints only")
+    raise BertjaxError(
+      f"config.json model_type is {hf_config.get('model_type')!r}, not 'bert'; bertjax imports BERT checkpoints only"
+    )
   if hf_config.get("hidden_act", "gelu") != "gelu":
-    raise BertjaxError(f"config.json hidden_act is {hf_config['hidden_act']!r}; bertjax computes the "
-                       "exact (erf) GELU, 'gelu'; import a checkpoint trained with it")
+    raise BertjaxError(
+      f"config.json hidden_act is {hf_config['hidden_act']!r}; bertjax computes the "
+      "exact (erf) GELU, 'gelu'; import a checkpoint trained with it"
+    )
   if hf_config.get("position_embedding_type", "absolute") != "absolute":
-    raise BertjaxError(f"config.json position_embedding_type is {hf_config['position_embedding_type']!r}; "
-                       "bertjax has absolute position embeddings only")
+    raise BertjaxError(
+      f"config.json position_embedding_type is {hf_config['position_embedding_type']!r}; "
+      "bertjax has absolute position embeddings only"
+    )
   required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
   if absent := [key for key in required if key not in hf_config]:
     raise BertjaxError(f"config.json lacks {', '.join(absent)}; use the config.json saved with the weights")
   if hf_config["hidden_size"] % hf_config["num_attention_heads"]:
-    raise BertjaxError(f"config.json hidden_size {hf_config['hidden_size']} is not a multiple of "
-                       f"num_attention_heads {hf_config['num_attention_heads']}")
+    raise BertjaxError(
+      f"config.json hidden_size {hf_config['hidden_size']} is not a multiple of "
+      f"num_attention_heads {hf_config['num_attention_heads']}"
+    )
   return BertConfig(
-      vocab_size=int(hf_config["vocab_size"]),
-      hidden_size=int(hf_config["hidden_size"]),
-      num_layers=int(hf_config["num_hidden_layers"]),
-      num_heads=int(hf_config["num_attention_heads"]),
-      intermediate_size=int(hf_config["intermediate_size"]),
-      max_position_embeddings=int(hf_config.get("max_position_embeddings", 512)),
-      type_vocab_size=int(hf_config.get("type_vocab_size", 2)),
-      dropout=float(hf_config.get("hidden_dropout_prob", 0.1)),
-      attention_dropout=float(hf_config.get("attention_probs_dropout_prob", 0.1)),
-      layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
-      initializer_range=float(hf_config.get("initializer_range", 0.02)),
+    vocab_size=int(hf_config["vocab_size"]),
+    hidden_size=int(hf_config["hidden_size"]),
+    num_layers=int(hf_config["num_hidden_layers"]),
+    num_heads=int(hf_config["num_attention_heads"]),
+    intermediate_size=int(hf_config["intermediate_size"]),
+    max_position_embeddings=int(hf_config.get("max_position_embeddings", 512)),
+    type_vocab_size=int(hf_config.get("type_vocab_size", 2)),
+    dropout=float(hf_config.get("hidden_dropout_prob", 0.1)),
+    attention_dropout=float(hf_config.get("attention_probs_dropout_prob", 0.1)),
+    layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
+    initializer_range=float(hf_config.get("initializer_range", 0.02)),
   )
 
 
 def hf_config_from_bert(cfg: BertConfig, pad_token_id: int = 0) -> dict:
   """A transformers config.json dict describing `cfg` as a BertForPreTraining."""
   return {
-      "model_type": "bert",
-      "architectures": ["BertForPreTraining"],
-      "vocab_size": cfg.vocab_size,  # the real vocabulary: padding rows are not exported
-      "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "intermediate_size": cfg.intermediate_size,
-      "hidden_act": "gelu",
-      "hidden_dropout_prob": cfg.dropout,
-      "attention_probs_dropout_prob": cfg.attention_dropout,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "type_vocab_size": cfg.type_vocab_size,
-      "initializer_range": cfg.initializer_range,
-      "layer_norm_eps": cfg.layer_norm_eps,
-      "position_embedding_type": "absolute",
-      "tie_word_embeddings": True,
-      "pad_token_id": pad_token_id,
+    "model_type": "bert",
+    "architectures": ["BertForPreTraining"],
+    "vocab_size": cfg.vocab_size,  # the real vocabulary: padding rows are not exported
+    "hidden_size": cfg.hidden_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "intermediate_size": cfg.intermediate_size,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": cfg.dropout,
+    "attention_probs_dropout_prob": cfg.attention_dropout,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "type_vocab_size": cfg.type_vocab_size,
+    "initializer_range": cfg.initializer_range,
+    "layer_norm_eps": cfg.layer_norm_eps,
+    "position_embedding_type": "absolute",
+    "tie_word_embeddings": True,
+    "pad_token_id": pad_token_id,
   }

@@ -49,8 +49,10 @@ def _spm_fast_tokenizer(model_proto: bytes) -> tokenizers.Tokenizer:
   elif model_type == 2:  # a dict asks SpmConverter for BPE, merges ranked by piece score
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
   else:
-    raise BertjaxError(f"the sentencepiece model is of type {model_type}, neither unigram nor bpe; "
-                       "export a tokenizer trained with data.tokenizer_model=unigram or bpe")
+    raise BertjaxError(
+      f"the sentencepiece model is of type {model_type}, neither unigram nor bpe; "
+      "export a tokenizer trained with data.tokenizer_model=unigram or bpe"
+    )
   fast = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
   if fast is None:
     raise RuntimeError("transformers' SpmConverter built no tokenizer from the sentencepiece model")
@@ -77,8 +79,10 @@ def fast_tokenizer(tokenizer: Tokenizer) -> tokenizers.Tokenizer:
   fast.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
   cls, sep = "[CLS]", "[SEP]"
   fast.post_processor = processors.TemplateProcessing(
-      single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-      special_tokens=[(cls, tokenizer.cls_id), (sep, tokenizer.sep_id)])
+    single=f"{cls}:0 $A:0 {sep}:0",
+    pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+    special_tokens=[(cls, tokenizer.cls_id), (sep, tokenizer.sep_id)],
+  )
   return fast
 
 
@@ -88,12 +92,14 @@ def _is_wordpiece(fast: tokenizers.Tokenizer) -> bool:
 
 def _lowercases(fast: tokenizers.Tokenizer) -> bool:
   """Whether the pipeline lower-cases (for BertTokenizer's do_lower_case flag)."""
+
   def walk(spec):
     if not spec:
       return False
     if spec.get("type") == "Lowercase" or (spec.get("type") == "BertNormalizer" and spec.get("lowercase")):
       return True
     return any(walk(s) for s in spec.get("normalizers", []))
+
   return walk(json.loads(fast.to_str()).get("normalizer"))
 
 
@@ -104,8 +110,13 @@ def save_for_transformers(tokenizer: Tokenizer, directory, model_max_length: int
   fast = fast_tokenizer(tokenizer)
   files = {"tokenizer.json": fast.to_str(pretty=True)}
   special_tokens = dict(zip(_SPECIAL_ATTRIBUTES, SPECIAL_TOKENS))
-  config = {**special_tokens, "model_max_length": model_max_length, "model_input_names": _MODEL_INPUT_NAMES,
-            "padding_side": "right", "clean_up_tokenization_spaces": False}
+  config = {
+    **special_tokens,
+    "model_max_length": model_max_length,
+    "model_input_names": _MODEL_INPUT_NAMES,
+    "padding_side": "right",
+    "clean_up_tokenization_spaces": False,
+  }
   if tokenizer.kind == "sentencepiece":
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     (directory / tokenizer_lib.SPM_FILE).write_bytes(tokenizer.serialized_model)
@@ -137,8 +148,10 @@ def load_from_transformers(directory) -> Tokenizer:
     try:
       fast = tokenizers.Tokenizer.from_str(source.read_text())
     except Exception as e:  # tokenizers raises its own exception types on bad JSON
-      raise BertjaxError(f"{source} is not a tokenizers JSON file ({e}); give the folder's original "
-                         "tokenizer.json or delete it to use vocab.txt") from e
+      raise BertjaxError(
+        f"{source} is not a tokenizers JSON file ({e}); give the folder's original "
+        "tokenizer.json or delete it to use vocab.txt"
+      ) from e
     # The stored pipeline is kept as is, but saved padding or truncation would change encode().
     fast.no_truncation()
     fast.no_padding()
@@ -151,5 +164,7 @@ def load_from_transformers(directory) -> Tokenizer:
     if config_file.exists():
       lowercase = json.loads(config_file.read_text()).get("do_lower_case")
     return tokenizer_lib.from_vocab_txt(directory / "vocab.txt", lowercase)
-  raise BertjaxError(f"transformers folder {directory} holds no vocab.txt, tokenizer.json or spm.model; copy the "
-                     "checkpoint's tokenizer files into that folder")
+  raise BertjaxError(
+    f"transformers folder {directory} holds no vocab.txt, tokenizer.json or spm.model; copy the "
+    "checkpoint's tokenizer files into that folder"
+  )

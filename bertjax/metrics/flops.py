@@ -1,14 +1,15 @@
 """The FLOP model of BERT pretraining, the chips' peaks, and throughput and MFU from them.
 
-    flops_per_sequence   model FLOPs of one sequence (matmuls only), the basis of MFU
-    PEAK_TFLOPS          datasheet dense bf16 TFLOP/s per chip; `peak_flops_per_device` looks a
-                         device kind up (or takes `metrics.peak_tflops` from the config)
-    Throughput           tokens/s, sequences/s, step time and MFU over an interval
+flops_per_sequence   model FLOPs of one sequence (matmuls only), the basis of MFU
+PEAK_TFLOPS          datasheet dense bf16 TFLOP/s per chip; `peak_flops_per_device` looks a
+                     device kind up (or takes `metrics.peak_tflops` from the config)
+Throughput           tokens/s, sequences/s, step time and MFU over an interval
 """
 
 import re
 
 from bertjax.model.config import BertConfig
+
 
 def flops_per_sequence(cfg: BertConfig, seq_len: int, max_predictions: int, training: bool = True) -> float:
   """Model FLOPs of one sequence of `seq_len` tokens through BERT pretraining.
@@ -54,25 +55,25 @@ def flops_per_token(cfg: BertConfig, seq_len: int, max_predictions: int, trainin
 
 # Datasheet dense bf16 TFLOP/s per chip: MFU is model FLOP/s over this peak.
 PEAK_TFLOPS: dict[str, float] = {
-    "TPU v4": 275.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v6e": 918.0,
-    "A100": 312.0,
-    "H100": 989.0,
-    "H200": 989.0,
+  "TPU v4": 275.0,
+  "TPU v5e": 197.0,
+  "TPU v5p": 459.0,
+  "TPU v6e": 918.0,
+  "A100": 312.0,
+  "H100": 989.0,
+  "H200": 989.0,
 }
 
 # `jax.devices()[0].device_kind` spellings, most specific first: a v5e reports "TPU v5 lite" and a
 # v5p plain "TPU v5", so the lite patterns must be tried before the bare generation.
 _DEVICE_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"\btpu v5 ?(lite|e)", "TPU v5e"),
-    (r"\btpu v5p?\b", "TPU v5p"),
-    (r"\btpu v6 ?(lite|e)?\b", "TPU v6e"),
-    (r"\btpu v4\b", "TPU v4"),
-    (r"\ba100\b", "A100"),
-    (r"\bh100\b", "H100"),
-    (r"\bh200\b", "H200"),
+  (r"\btpu v5 ?(lite|e)", "TPU v5e"),
+  (r"\btpu v5p?\b", "TPU v5p"),
+  (r"\btpu v6 ?(lite|e)?\b", "TPU v6e"),
+  (r"\btpu v4\b", "TPU v4"),
+  (r"\ba100\b", "A100"),
+  (r"\bh100\b", "H100"),
+  (r"\bh200\b", "H200"),
 )
 
 
@@ -96,8 +97,9 @@ class Throughput:
   `flops_per_sequence`, which covers every position the model computed, padding included.
   """
 
-  def __init__(self, flops_per_sequence: float, num_devices: int, peak_flops_per_device: float | None,
-               start_step: int = 0):
+  def __init__(
+    self, flops_per_sequence: float, num_devices: int, peak_flops_per_device: float | None, start_step: int = 0
+  ):
     self.flops_per_sequence = flops_per_sequence
     self.num_devices = num_devices
     self.peak_flops_per_device = peak_flops_per_device
@@ -110,9 +112,9 @@ class Throughput:
     steps = max(step - self.last_step, 1)
     self.last_step = step
     rates = {
-        "tokens_per_s": tokens / seconds,
-        "sequences_per_s": sequences / seconds,
-        "step_s": seconds / steps,
+      "tokens_per_s": tokens / seconds,
+      "sequences_per_s": sequences / seconds,
+      "step_s": seconds / steps,
     }
     if self.peak_flops_per_device:
       model_flops_per_s = self.flops_per_sequence * sequences / seconds

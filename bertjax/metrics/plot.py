@@ -33,13 +33,15 @@ def plot_curves(workdir, out_path=None) -> epath.Path:
   """Render CURVES of WORKDIR/metrics.jsonl to `out_path` (default WORKDIR/curves.png)."""
   workdir = epath.Path(workdir)
   if not (workdir / METRICS_FILENAME).exists():
-    raise BertjaxError(f"--workdir {workdir}: no {METRICS_FILENAME} there; train first, "
-                       "or pass the workdir of a bertjax run")
+    raise BertjaxError(
+      f"--workdir {workdir}: no {METRICS_FILENAME} there; train first, or pass the workdir of a bertjax run"
+    )
   records = read_metrics(workdir)
   curves = {name: curves_by_split(records, name) for name in CURVES}
   if not any(curves.values()):
-    raise BertjaxError(f"--workdir {workdir}: {METRICS_FILENAME} has no loss or accuracy yet; "
-                       "plot after the first log step")
+    raise BertjaxError(
+      f"--workdir {workdir}: {METRICS_FILENAME} has no loss or accuracy yet; plot after the first log step"
+    )
   out_path = epath.Path(out_path) if out_path else workdir / DEFAULT_FILENAME
 
   figure = Figure(figsize=(15, 8), layout="constrained")

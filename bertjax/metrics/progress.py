@@ -21,8 +21,14 @@ class ProgressBar:
   construction (compilation included, so the first estimate is pessimistic).
   """
 
-  def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, stream: TextIO = sys.stderr,
-               clock: Callable[[], float] = time.monotonic):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int = 0,
+    enabled: bool = True,
+    stream: TextIO = sys.stderr,
+    clock: Callable[[], float] = time.monotonic,
+  ):
     self.total_steps = total_steps
     self.start_step = start_step
     self.enabled = enabled

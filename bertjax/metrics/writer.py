@@ -84,8 +84,9 @@ class MetricsWriter:
     self._jsonl = _open_for_append(self.workdir / METRICS_FILENAME)
     # A resumed run starts a new events file beside the old ones, and TensorBoard reads them in
     # name order: the nanosecond suffix keeps two writers of one second apart and in order.
-    self._events = SummaryWriter(str(self.workdir / TENSORBOARD_DIRNAME), flush_secs=3600,
-                                 filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+    self._events = SummaryWriter(
+      str(self.workdir / TENSORBOARD_DIRNAME), flush_secs=3600, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
+    )
 
   def flush(self) -> None:
     for handle in (self._jsonl, self._events):

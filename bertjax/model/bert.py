@@ -42,8 +42,9 @@ class BertForPreTraining(nnx.Module):
     self.mlm_head = MaskedLMHead(cfg, rngs=rngs)
     self.nsp_head = NextSentenceHead(cfg, rngs=rngs)
 
-  def encode(self, input_ids, segment_ids=None, attention_mask=None, *,
-             position_ids=None, pair_ids=None, dropout_key=None):
+  def encode(
+    self, input_ids, segment_ids=None, attention_mask=None, *, position_ids=None, pair_ids=None, dropout_key=None
+  ):
     """Final hidden states [B, L, H]. Sequences are right-padded; `pair_ids` (packing) keeps
     tokens attending only within their pair, 0 marking padding."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -58,16 +59,27 @@ class BertForPreTraining(nnx.Module):
     x = self.embeddings(input_ids, segment_ids, position_ids, embed_key)
     return self.encoder(x, mask, kv_lengths, encoder_key)
 
-  def __call__(self, input_ids, segment_ids, attention_mask, masked_positions, *,
-               position_ids=None, pair_ids=None, nsp_positions=None, dropout_key=None):
+  def __call__(
+    self,
+    input_ids,
+    segment_ids,
+    attention_mask,
+    masked_positions,
+    *,
+    position_ids=None,
+    pair_ids=None,
+    nsp_positions=None,
+    dropout_key=None,
+  ):
     """Pretraining forward: (MLM logits [B, P, V_padded] at `masked_positions`, NSP logits).
 
     MLM logits are float32 with the padded vocabulary rows at the most negative float.
     `nsp_positions` [B] (default: every row's [CLS] at 0) gives NSP logits [B, 2]; [B, K]
     (K packed pairs a row) gives [B, K, 2].
     """
-    h = self.encode(input_ids, segment_ids, attention_mask, position_ids=position_ids,
-                    pair_ids=pair_ids, dropout_key=dropout_key)
+    h = self.encode(
+      input_ids, segment_ids, attention_mask, position_ids=position_ids, pair_ids=pair_ids, dropout_key=dropout_key
+    )
     mlm_logits = self.mlm_head(_gather_rows(h, jnp.asarray(masked_positions)), self.embeddings.word[...])
     if nsp_positions is None:
       nsp_positions = jnp.zeros(h.shape[:1], jnp.int32)

@@ -29,17 +29,15 @@ def _sized(num_layers: int, hidden_size: int) -> Variant:
 
 # Google's compact BERTs (Turc et al. 2019), L in {2..12} x H in {128..768}, plus base and large.
 VARIANTS: dict[str, Variant] = {
-    f"L{layers}_H{hidden}": _sized(layers, hidden)
-    for layers in (2, 4, 6, 8, 10, 12)
-    for hidden in (128, 256, 512, 768)
+  f"L{layers}_H{hidden}": _sized(layers, hidden) for layers in (2, 4, 6, 8, 10, 12) for hidden in (128, 256, 512, 768)
 }
 VARIANTS.update(
-    tiny=VARIANTS["L2_H128"],
-    mini=VARIANTS["L4_H256"],
-    small=VARIANTS["L4_H512"],
-    medium=VARIANTS["L8_H512"],
-    base=_sized(12, 768),
-    large=_sized(24, 1024),
+  tiny=VARIANTS["L2_H128"],
+  mini=VARIANTS["L4_H256"],
+  small=VARIANTS["L4_H512"],
+  medium=VARIANTS["L8_H512"],
+  base=_sized(12, 768),
+  large=_sized(24, 1024),
 )
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -89,10 +87,10 @@ def variant_sizes(model_cfg: Any) -> Variant:
   hidden = model_cfg.hidden_size or base.hidden_size
   derived = _sized(base.num_layers, hidden) if hidden != base.hidden_size else base
   return Variant(
-      num_layers=model_cfg.num_layers or base.num_layers,
-      hidden_size=hidden,
-      num_heads=model_cfg.num_heads or max(derived.num_heads, 1),
-      intermediate_size=model_cfg.intermediate_size or derived.intermediate_size,
+    num_layers=model_cfg.num_layers or base.num_layers,
+    hidden_size=hidden,
+    num_heads=model_cfg.num_heads or max(derived.num_heads, 1),
+    intermediate_size=model_cfg.intermediate_size or derived.intermediate_size,
   )
 
 
@@ -115,19 +113,19 @@ def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) 
     cudnn_ok = backend == "gpu" and dtype in ("bfloat16", "float16") and model_cfg.attention_dropout == 0
     impl = "cudnn" if cudnn_ok else "xla"
   return BertConfig(
-      vocab_size=vocab_size,
-      hidden_size=sizes.hidden_size,
-      num_layers=sizes.num_layers,
-      num_heads=sizes.num_heads,
-      intermediate_size=sizes.intermediate_size,
-      max_position_embeddings=model_cfg.max_position_embeddings,
-      type_vocab_size=model_cfg.type_vocab_size,
-      dropout=model_cfg.dropout,
-      attention_dropout=model_cfg.attention_dropout,
-      layer_norm_eps=model_cfg.layer_norm_eps,
-      initializer_range=model_cfg.initializer_range,
-      dtype=dtype,
-      attention_impl=impl,
-      remat=model_cfg.remat,
-      scan_layers=model_cfg.scan_layers,
+    vocab_size=vocab_size,
+    hidden_size=sizes.hidden_size,
+    num_layers=sizes.num_layers,
+    num_heads=sizes.num_heads,
+    intermediate_size=sizes.intermediate_size,
+    max_position_embeddings=model_cfg.max_position_embeddings,
+    type_vocab_size=model_cfg.type_vocab_size,
+    dropout=model_cfg.dropout,
+    attention_dropout=model_cfg.attention_dropout,
+    layer_norm_eps=model_cfg.layer_norm_eps,
+    initializer_range=model_cfg.initializer_range,
+    dtype=dtype,
+    attention_impl=impl,
+    remat=model_cfg.remat,
+    scan_layers=model_cfg.scan_layers,
   )

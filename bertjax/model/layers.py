@@ -64,9 +64,9 @@ class Embeddings(nnx.Module):
 
   def __call__(self, ids_BxL, segment_ids_BxL, position_ids_BxL, dropout_key=None):
     x = (
-        jnp.take(self.word[...], ids_BxL, axis=0)
-        + jnp.take(self.position[...], position_ids_BxL, axis=0)
-        + jnp.take(self.segment[...], segment_ids_BxL, axis=0)
+      jnp.take(self.word[...], ids_BxL, axis=0)
+      + jnp.take(self.position[...], position_ids_BxL, axis=0)
+      + jnp.take(self.segment[...], segment_ids_BxL, axis=0)
     )
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     return _dropout(self.norm(x), self.rate, dropout_key)
@@ -151,8 +151,8 @@ class EncoderLayer(nnx.Module):
 
 
 _REMAT = {
-    "full": dict(policy=None),
-    "dots": dict(policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+  "full": dict(policy=None),
+  "dots": dict(policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
 }
 
 

@@ -20,7 +20,7 @@ PARALLELISMS = ("", "data", "fsdp", "fsdp_tensor")
 
 def _config_value(mesh_cfg, key: str, default):
   # A plain {data, fsdp, tensor} dict (tests, notebooks) leaves the layout keys out.
-  return mesh_cfg[key] if key in mesh_cfg else default
+  return mesh_cfg.get(key, default)
 
 
 def dcn_slices(mesh_cfg) -> int:
@@ -39,8 +39,10 @@ def check_mesh_config(mesh_cfg) -> None:
     raise BertjaxError(f"config mesh.dcn_data={slices} is not a slice count; use 1 (one slice or node) or more")
   parallelism = _config_value(mesh_cfg, "parallelism", "")
   if parallelism not in PARALLELISMS:
-    raise BertjaxError(f"config mesh.parallelism={parallelism!r} is not a layout; choose data, fsdp, fsdp_tensor, "
-                       "or '' to give mesh.data/fsdp/tensor by hand")
+    raise BertjaxError(
+      f"config mesh.parallelism={parallelism!r} is not a layout; choose data, fsdp, fsdp_tensor, "
+      "or '' to give mesh.data/fsdp/tensor by hand"
+    )
   if not parallelism:
     if [mesh_cfg[axis] for axis in MESH_AXES].count(-1) > 1:
       raise BertjaxError("config mesh: more than one axis is -1; leave at most one axis to fill")
@@ -48,14 +50,20 @@ def check_mesh_config(mesh_cfg) -> None:
   # A named layout sizes data and fsdp itself: a hand-given size there would be silently ignored.
   for axis, default in (("data", -1), ("fsdp", 1)):
     if mesh_cfg[axis] != default:
-      raise BertjaxError(f"config mesh.{axis}={mesh_cfg[axis]} conflicts with mesh.parallelism={parallelism}, which "
-                         f"sizes the mesh itself; leave mesh.{axis}={default} or set mesh.parallelism='' to size it by hand")
+      raise BertjaxError(
+        f"config mesh.{axis}={mesh_cfg[axis]} conflicts with mesh.parallelism={parallelism}, which "
+        f"sizes the mesh itself; leave mesh.{axis}={default} or set mesh.parallelism='' to size it by hand"
+      )
   if parallelism == "fsdp_tensor" and mesh_cfg["tensor"] == -1:
-    raise BertjaxError("config mesh.tensor=-1 with mesh.parallelism=fsdp_tensor: give the tensor-parallel size, "
-                       "e.g. --config.mesh.tensor=4")
+    raise BertjaxError(
+      "config mesh.tensor=-1 with mesh.parallelism=fsdp_tensor: give the tensor-parallel size, "
+      "e.g. --config.mesh.tensor=4"
+    )
   if parallelism != "fsdp_tensor" and mesh_cfg["tensor"] != 1:
-    raise BertjaxError(f"config mesh.tensor={mesh_cfg['tensor']} is read only by mesh.parallelism=fsdp_tensor; "
-                       f"set mesh.parallelism=fsdp_tensor or mesh.tensor=1")
+    raise BertjaxError(
+      f"config mesh.tensor={mesh_cfg['tensor']} is read only by mesh.parallelism=fsdp_tensor; "
+      f"set mesh.parallelism=fsdp_tensor or mesh.tensor=1"
+    )
 
 
 def _named_mesh_shape(parallelism: str, tensor: int, device_count: int, slices: int) -> tuple[int, int, int]:
@@ -66,8 +74,10 @@ def _named_mesh_shape(parallelism: str, tensor: int, device_count: int, slices: 
   if parallelism == "fsdp":
     return slices, per_slice, 1
   if per_slice % tensor:
-    raise BertjaxError(f"config mesh.tensor={tensor} does not divide the {per_slice} devices of a slice; "
-                       "choose a tensor size that divides the devices per slice (or node), e.g. 4 or 8")
+    raise BertjaxError(
+      f"config mesh.tensor={tensor} does not divide the {per_slice} devices of a slice; "
+      "choose a tensor size that divides the devices per slice (or node), e.g. 4 or 8"
+    )
   return slices, per_slice // tensor, tensor
 
 
@@ -79,13 +89,17 @@ def _given_mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:
     fixed *= size if size != -1 else 1
   if -1 in sizes:
     if device_count % fixed:
-      raise BertjaxError(f"config mesh: {device_count} devices do not divide by the fixed axes' product {fixed}; "
-                         "choose mesh sizes whose product divides the device count")
+      raise BertjaxError(
+        f"config mesh: {device_count} devices do not divide by the fixed axes' product {fixed}; "
+        "choose mesh sizes whose product divides the device count"
+      )
     sizes[sizes.index(-1)] = device_count // fixed
   elif fixed != device_count:
     shape = "x".join(str(s) for s in sizes)
-    raise BertjaxError(f"config mesh: data x fsdp x tensor = {shape} = {fixed} devices, but {device_count} are present; "
-                       "make the product match or set one axis to -1")
+    raise BertjaxError(
+      f"config mesh: data x fsdp x tensor = {shape} = {fixed} devices, but {device_count} are present; "
+      "make the product match or set one axis to -1"
+    )
   return tuple(sizes)
 
 
@@ -99,23 +113,27 @@ def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:
   """
   slices = dcn_slices(mesh_cfg)
   if device_count % slices:
-    raise BertjaxError(f"config mesh.dcn_data={slices}: {device_count} devices do not split into {slices} equal "
-                       "slices; set mesh.dcn_data to the number of slices (TPU) or nodes (GPU)")
+    raise BertjaxError(
+      f"config mesh.dcn_data={slices}: {device_count} devices do not split into {slices} equal "
+      "slices; set mesh.dcn_data to the number of slices (TPU) or nodes (GPU)"
+    )
   parallelism = _config_value(mesh_cfg, "parallelism", "")
   if parallelism:
     return _named_mesh_shape(parallelism, mesh_cfg["tensor"], device_count, slices)
   data, fsdp, tensor = _given_mesh_shape(mesh_cfg, device_count)
   if data % slices:
-    raise BertjaxError(f"config mesh.data={data} is not a multiple of mesh.dcn_data={slices}: slices are "
-                       "data-parallel, so set mesh.data to a multiple of the slice count (or -1)")
+    raise BertjaxError(
+      f"config mesh.data={data} is not a multiple of mesh.dcn_data={slices}: slices are "
+      "data-parallel, so set mesh.data to a multiple of the slice count (or -1)"
+    )
   return data, fsdp, tensor
-
-
 
 
 def check_batch_split(batch_size: int, grad_accum: int, mesh: tuple[int, int, int]) -> None:
   """The global batch must split evenly over the data-parallel devices and the microbatches."""
   data, fsdp, _ = mesh
   if batch_size % (data * fsdp * grad_accum):
-    raise BertjaxError(f"config train.batch_size={batch_size} does not split over mesh data*fsdp={data * fsdp} "
-                       f"x grad_accum={grad_accum}; make the global batch a multiple of data*fsdp*grad_accum")
+    raise BertjaxError(
+      f"config train.batch_size={batch_size} does not split over mesh data*fsdp={data * fsdp} "
+      f"x grad_accum={grad_accum}; make the global batch a multiple of data*fsdp*grad_accum"
+    )

@@ -1,9 +1,9 @@
 """The device mesh: the `data` x `fsdp` x `tensor` grid over every process's devices.
 
-    make_mesh          the mesh a run uses, over real devices
-    abstract_mesh      a mesh of a given shape with no devices (planning, AOT compilation)
-    device_grid        devices laid out so that only `data` crosses slices or nodes
-    rows_for_sharding  which rows of the global batch this process's devices hold
+make_mesh          the mesh a run uses, over real devices
+abstract_mesh      a mesh of a given shape with no devices (planning, AOT compilation)
+device_grid        devices laid out so that only `data` crosses slices or nodes
+rows_for_sharding  which rows of the global batch this process's devices hold
 """
 
 from collections.abc import Sequence
@@ -51,8 +51,10 @@ def device_grid(mesh_cfg, devices: Sequence):
   data, fsdp, tensor = mesh_shape(mesh_cfg, len(devices))
   slices = dcn_slices(mesh_cfg)
   groups = _slice_groups(list(devices), slices)
-  per_slice = [mesh_utils.create_device_mesh((data // slices, fsdp, tensor), group, allow_split_physical_axes=True)
-               for group in groups]
+  per_slice = [
+    mesh_utils.create_device_mesh((data // slices, fsdp, tensor), group, allow_split_physical_axes=True)
+    for group in groups
+  ]
   return np.concatenate(per_slice, axis=0)
 
 
@@ -61,20 +63,25 @@ def _slice_groups(devices: list, slices: int) -> list[list]:
   if hasattr(devices[0], "slice_index"):
     keys = sorted({d.slice_index for d in devices})
     if slices == 1 and len(keys) > 1:  # a multislice job run as one slice: every collective on DCN
-      raise BertjaxError(f"config mesh.dcn_data=1, but the devices form {len(keys)} slices; "
-                         f"set --config.mesh.dcn_data={len(keys)}")
+      raise BertjaxError(
+        f"config mesh.dcn_data=1, but the devices form {len(keys)} slices; set --config.mesh.dcn_data={len(keys)}"
+      )
     groups = [[d for d in devices if d.slice_index == key] for key in keys]
   elif slices == 1:
     return [devices]
   else:
     processes = sorted({d.process_index for d in devices})
     if len(processes) % slices:
-      raise BertjaxError(f"config mesh.dcn_data={slices}: {len(processes)} processes do not split into {slices} "
-                         "equal nodes; set mesh.dcn_data to the number of nodes")
+      raise BertjaxError(
+        f"config mesh.dcn_data={slices}: {len(processes)} processes do not split into {slices} "
+        "equal nodes; set mesh.dcn_data to the number of nodes"
+      )
     node_of = {p: i * slices // len(processes) for i, p in enumerate(processes)}
     groups = [[d for d in devices if node_of[d.process_index] == node] for node in range(slices)]
   if len(groups) != slices or len({len(g) for g in groups}) != 1:
     sizes = ", ".join(str(len(g)) for g in groups)
-    raise BertjaxError(f"config mesh.dcn_data={slices}, but the devices form {len(groups)} slice(s) of sizes {sizes}; "
-                       "set mesh.dcn_data to the number of slices in the job")
+    raise BertjaxError(
+      f"config mesh.dcn_data={slices}, but the devices form {len(groups)} slice(s) of sizes {sizes}; "
+      "set mesh.dcn_data to the number of slices in the job"
+    )
   return [sorted(g, key=lambda d: d.id) for g in groups]

@@ -15,30 +15,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 # Parameters (no `act_` prefix) and activations (`act_`) have separate names so that the
 # placement of one never constrains the other.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("embed_out", "tensor"),  # the output side of square [embed, embed] kernels (pooler, MLM transform)
-    ("position", None),
-    ("segment", None),
-    ("qkv", None),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("classes", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("act_predictions", None),
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("embed_out", "tensor"),  # the output side of square [embed, embed] kernels (pooler, MLM transform)
+  ("position", None),
+  ("segment", None),
+  ("qkv", None),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("classes", None),
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  ("act_predictions", None),
 )
 
 
 def logical_to_spec(
-    logical_axes: Sequence[str | None], rules=RULES, mesh_axis_names: Sequence[str] | None = None
+  logical_axes: Sequence[str | None], rules=RULES, mesh_axis_names: Sequence[str] | None = None
 ) -> PartitionSpec:
   """The PartitionSpec for a tuple of logical names; a mesh axis is used at most once.
 
@@ -83,8 +83,8 @@ def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
   """Moments are sharded like their parameters; counters and other scalars are replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
   return optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
-      transform_non_params=lambda _: replicated)
+    tx, lambda _, sharding: sharding, abstract_opt_state, param_shardings, transform_non_params=lambda _: replicated
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

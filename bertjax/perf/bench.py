@@ -22,7 +22,6 @@ from bertjax.parallel.layout import MESH_AXES
 from bertjax.perf.profile import kernel_summary
 from bertjax.train import steps as steps_lib
 
-
 PROFILED_STEPS = 3
 
 
@@ -44,8 +43,10 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   compiled = steps_lib.compile_steps(model_config, config.optim, t.steps, t.grad_accum, mesh)
   state = compiled.init(t.seed)
-  batch = {k: jax.device_put(v, compiled.batch_sharding)
-           for k, v in synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size).items()}
+  batch = {
+    k: jax.device_put(v, compiled.batch_sharding)
+    for k, v in synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size).items()
+  }
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -71,16 +72,26 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
   flops = flops_lib.flops_per_sequence(model_config, d.seq_len, d.max_predictions)
   peak = flops_lib.peak_flops_per_device(device.device_kind, config.metrics.peak_tflops)
   result = {
-      "variant": config.model.variant, "seq_len": d.seq_len, "batch_size": t.batch_size,
-      "max_predictions": d.max_predictions, "vocab_size": d.vocab_size, "dtype": model_config.dtype,
-      "attention_impl": model_config.attention_impl, "remat": model_config.remat,
-      "dropout": model_config.dropout, "attention_dropout": model_config.attention_dropout,
-      "mesh": dict(zip(MESH_AXES, mesh.devices.shape)), "device": device.device_kind,
-      "devices": jax.device_count(), "steps": steps,
-      "compile_s": round(compile_s, 2), "step_s": round(step_s, 5),
-      "step_s_min": round(min(times), 5), "step_s_max": round(max(times), 5),
-      "tokens_per_s": round(t.batch_size * d.seq_len / step_s, 1),
-      "loss": float(out["loss"]),
+    "variant": config.model.variant,
+    "seq_len": d.seq_len,
+    "batch_size": t.batch_size,
+    "max_predictions": d.max_predictions,
+    "vocab_size": d.vocab_size,
+    "dtype": model_config.dtype,
+    "attention_impl": model_config.attention_impl,
+    "remat": model_config.remat,
+    "dropout": model_config.dropout,
+    "attention_dropout": model_config.attention_dropout,
+    "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
+    "device": device.device_kind,
+    "devices": jax.device_count(),
+    "steps": steps,
+    "compile_s": round(compile_s, 2),
+    "step_s": round(step_s, 5),
+    "step_s_min": round(min(times), 5),
+    "step_s_max": round(max(times), 5),
+    "tokens_per_s": round(t.batch_size * d.seq_len / step_s, 1),
+    "loss": float(out["loss"]),
   }
   if peak:
     result["mfu"] = round(flops * t.batch_size / step_s / (peak * jax.device_count()), 4)
@@ -92,7 +103,6 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
       for _ in range(PROFILED_STEPS):
         state, out = step(state)
       jax.block_until_ready(out)
-    trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"),
-                key=lambda p: p.stat().mtime)
+    trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().mtime)
     result["profile"] = {"trace": str(trace), **kernel_summary(trace, PROFILED_STEPS)}
   return result

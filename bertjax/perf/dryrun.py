@@ -31,8 +31,9 @@ ASSUMED_MFU = 0.5
 _GPU_KINDS = ("a100", "h100", "h200", "nvidia", "gpu")
 
 
-def describe(config, device_count: int | None = None, device_kind: str | None = None,
-             vocab_size: int | None = None) -> dict[str, Any]:
+def describe(
+  config, device_count: int | None = None, device_kind: str | None = None, vocab_size: int | None = None
+) -> dict[str, Any]:
   """The resolved mesh, per-device batch and memory, and expected step time of `config`.
 
   `device_count` and `device_kind` name the hardware (default: what this process sees);
@@ -47,33 +48,34 @@ def describe(config, device_count: int | None = None, device_kind: str | None = 
   t, d = config.train, config.data
   flops_per_step = flops_lib.flops_per_sequence(model_cfg, d.seq_len, d.max_predictions) * t.batch_size
   return {
-      "device_count": device_count,
-      "device_kind": device_kind,
-      "peak_tflops_per_device": peak / 1e12 if peak else None,
-      "mesh": dict(zip(MESH_AXES, mesh_shape)),
-      "parallelism": config.mesh.parallelism or "by hand",
-      "dcn_data": config.mesh.dcn_data,
-      "batch_size": t.batch_size,
-      "per_device_batch": t.batch_size // (data * fsdp),
-      "grad_accum": t.grad_accum,
-      "per_device_microbatch": t.batch_size // (data * fsdp * t.grad_accum),
-      "seq_len": d.seq_len,
-      "max_predictions": d.max_predictions,
-      "model": _model_summary(config.model.variant, model_cfg),
-      "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
-      "param_bytes_per_device": tree_bytes_per_device(state.params),
-      "opt_state_bytes_per_device": tree_bytes_per_device(state.opt_state),
-      "flops_per_step": flops_per_step,
-      "train_steps": t.steps,
-      **_expected_speed(flops_per_step, device_count, peak, t.batch_size * d.seq_len, t.steps),
+    "device_count": device_count,
+    "device_kind": device_kind,
+    "peak_tflops_per_device": peak / 1e12 if peak else None,
+    "mesh": dict(zip(MESH_AXES, mesh_shape)),
+    "parallelism": config.mesh.parallelism or "by hand",
+    "dcn_data": config.mesh.dcn_data,
+    "batch_size": t.batch_size,
+    "per_device_batch": t.batch_size // (data * fsdp),
+    "grad_accum": t.grad_accum,
+    "per_device_microbatch": t.batch_size // (data * fsdp * t.grad_accum),
+    "seq_len": d.seq_len,
+    "max_predictions": d.max_predictions,
+    "model": _model_summary(config.model.variant, model_cfg),
+    "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
+    "param_bytes_per_device": tree_bytes_per_device(state.params),
+    "opt_state_bytes_per_device": tree_bytes_per_device(state.opt_state),
+    "flops_per_step": flops_per_step,
+    "train_steps": t.steps,
+    **_expected_speed(flops_per_step, device_count, peak, t.batch_size * d.seq_len, t.steps),
   }
 
 
 def abstract_train_state(model_cfg: BertConfig, config, mesh_shape: tuple[int, int, int]) -> steps_lib.TrainState:
   """Shapes, dtypes and shardings of the train state on a mesh of `mesh_shape`, with no devices."""
   mesh = mesh_lib.abstract_mesh(mesh_shape)
-  return steps_lib.compile_steps(model_cfg, config.optim, config.train.steps, config.train.grad_accum,
-                                 mesh).abstract_state()
+  return steps_lib.compile_steps(
+    model_cfg, config.optim, config.train.steps, config.train.grad_accum, mesh
+  ).abstract_state()
 
 
 def bytes_per_device(leaf: jax.ShapeDtypeStruct) -> int:
@@ -107,8 +109,10 @@ def _peak_flops(device_kind: str, override_tflops: float) -> float | None:
   peak = flops_lib.peak_flops_per_device(device_kind, override_tflops)
   if peak is None and _backend(device_kind) != "cpu":
     known = ", ".join(flops_lib.PEAK_TFLOPS)
-    raise BertjaxError(f"--device-kind {device_kind!r}: no datasheet peak is known for it; name one of {known}, "
-                       "or give the chip's dense bf16 peak with --config.metrics.peak_tflops=N")
+    raise BertjaxError(
+      f"--device-kind {device_kind!r}: no datasheet peak is known for it; name one of {known}, "
+      "or give the chip's dense bf16 peak with --config.metrics.peak_tflops=N"
+    )
   return peak
 
 
@@ -131,21 +135,39 @@ def _vocab_size(config) -> int:
 
 
 def _model_summary(variant: str, cfg: BertConfig) -> dict[str, Any]:
-  return {"variant": variant, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-          "num_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-          "padded_vocab_size": cfg.padded_vocab_size, "dtype": cfg.dtype}
+  return {
+    "variant": variant,
+    "num_layers": cfg.num_layers,
+    "hidden_size": cfg.hidden_size,
+    "num_heads": cfg.num_heads,
+    "intermediate_size": cfg.intermediate_size,
+    "vocab_size": cfg.vocab_size,
+    "padded_vocab_size": cfg.padded_vocab_size,
+    "dtype": cfg.dtype,
+  }
 
 
-def _expected_speed(flops_per_step: float, device_count: int, peak: float | None, tokens_per_step: int,
-                    steps: int) -> dict[str, float | None]:
+def _expected_speed(
+  flops_per_step: float, device_count: int, peak: float | None, tokens_per_step: int, steps: int
+) -> dict[str, float | None]:
   """Step time, tokens/s and run length at 100% MFU and at ASSUMED_MFU (None without a known peak)."""
   if not peak:
-    return {"assumed_mfu": ASSUMED_MFU, "step_time_s_at_peak": None, "step_time_s": None, "tokens_per_s": None,
-            "train_hours": None}
+    return {
+      "assumed_mfu": ASSUMED_MFU,
+      "step_time_s_at_peak": None,
+      "step_time_s": None,
+      "tokens_per_s": None,
+      "train_hours": None,
+    }
   at_peak = flops_per_step / (device_count * peak)
   step_time = at_peak / ASSUMED_MFU
-  return {"assumed_mfu": ASSUMED_MFU, "step_time_s_at_peak": at_peak, "step_time_s": step_time,
-          "tokens_per_s": tokens_per_step / step_time, "train_hours": steps * step_time / 3600}
+  return {
+    "assumed_mfu": ASSUMED_MFU,
+    "step_time_s_at_peak": at_peak,
+    "step_time_s": step_time,
+    "tokens_per_s": tokens_per_step / step_time,
+    "train_hours": steps * step_time / 3600,
+  }
 
 
 def _mib(n: int) -> str:
@@ -165,31 +187,33 @@ def format_report(d: dict[str, Any]) -> str:
   peak = f" ({d['peak_tflops_per_device']:g} TFLOP/s dense bf16 peak each)" if d["peak_tflops_per_device"] else ""
   params, opt = d["param_bytes_per_device"], d["opt_state_bytes_per_device"]
   lines = [
-      "bertjax train --dry-run (nothing is trained)",
-      f"hardware    {d['device_count']} x {d['device_kind']}{peak}",
-      f"mesh        data {m['data']} x fsdp {m['fsdp']} x tensor {m['tensor']} "
-      f"(mesh.parallelism: {d['parallelism']}, mesh.dcn_data={d['dcn_data']})",
-      f"batch       {d['batch_size']} sequences global, {d['per_device_batch']} per device "
-      f"({d['per_device_microbatch']} per microbatch x {d['grad_accum']}), seq {d['seq_len']}, "
-      f"{d['max_predictions']} predictions",
-      f"model       {model['variant']}: L{model['num_layers']} H{model['hidden_size']} A{model['num_heads']} "
-      f"I{model['intermediate_size']}, vocab {model['vocab_size']} ({model['padded_vocab_size']} padded), "
-      f"compute {model['dtype']}",
-      f"parameters  {d['parameter_count']:,} (float32)",
-      f"memory      per device: parameters {_mib(params)} + optimizer state {_mib(opt)} = {_mib(params + opt)} "
-      "(gradients, activations and XLA buffers come on top)",
-      f"FLOPs       {_flops(d['flops_per_step'])} per step (the model's, bertjax.metrics.flops)",
+    "bertjax train --dry-run (nothing is trained)",
+    f"hardware    {d['device_count']} x {d['device_kind']}{peak}",
+    f"mesh        data {m['data']} x fsdp {m['fsdp']} x tensor {m['tensor']} "
+    f"(mesh.parallelism: {d['parallelism']}, mesh.dcn_data={d['dcn_data']})",
+    f"batch       {d['batch_size']} sequences global, {d['per_device_batch']} per device "
+    f"({d['per_device_microbatch']} per microbatch x {d['grad_accum']}), seq {d['seq_len']}, "
+    f"{d['max_predictions']} predictions",
+    f"model       {model['variant']}: L{model['num_layers']} H{model['hidden_size']} A{model['num_heads']} "
+    f"I{model['intermediate_size']}, vocab {model['vocab_size']} ({model['padded_vocab_size']} padded), "
+    f"compute {model['dtype']}",
+    f"parameters  {d['parameter_count']:,} (float32)",
+    f"memory      per device: parameters {_mib(params)} + optimizer state {_mib(opt)} = {_mib(params + opt)} "
+    "(gradients, activations and XLA buffers come on top)",
+    f"FLOPs       {_flops(d['flops_per_step'])} per step (the model's, bertjax.metrics.flops)",
   ]
   if d["step_time_s"] is None:
-    lines.append("step time   unknown: no peak FLOP/s for this device; name the chip with --device-kind "
-                 "or set --config.metrics.peak_tflops")
+    lines.append(
+      "step time   unknown: no peak FLOP/s for this device; name the chip with --device-kind "
+      "or set --config.metrics.peak_tflops"
+    )
   else:
     lines += [
-        f"step time   {d['step_time_s'] * 1e3:,.1f} ms at {d['assumed_mfu']:.0%} MFU (assumed), "
-        f"{d['step_time_s_at_peak'] * 1e3:,.1f} ms at 100%",
-        f"throughput  {d['tokens_per_s']:,.0f} tokens/s at {d['assumed_mfu']:.0%} MFU "
-        f"({d['tokens_per_s'] / d['device_count']:,.0f} per device)",
-        f"run         {d['step_time_s'] * 1e5 / 3600:,.1f} h per 100,000 steps; all of train.steps={d['train_steps']:,} "
-        f"from step 0: {d['train_hours']:,.1f} h",
+      f"step time   {d['step_time_s'] * 1e3:,.1f} ms at {d['assumed_mfu']:.0%} MFU (assumed), "
+      f"{d['step_time_s_at_peak'] * 1e3:,.1f} ms at 100%",
+      f"throughput  {d['tokens_per_s']:,.0f} tokens/s at {d['assumed_mfu']:.0%} MFU "
+      f"({d['tokens_per_s'] / d['device_count']:,.0f} per device)",
+      f"run         {d['step_time_s'] * 1e5 / 3600:,.1f} h per 100,000 steps; all of train.steps={d['train_steps']:,} "
+      f"from step 0: {d['train_hours']:,.1f} h",
     ]
   return "\n".join(lines)

@@ -42,7 +42,7 @@ def kernel_summary(trace_path, steps: int, top: int = TOP_KERNELS) -> dict:
     calls[e["name"]] += 1
   per = steps * n_devices
   return {
-      "devices": n_devices,
-      "busy_ms_per_step": round(sum(time_us.values()) / per / 1e3, 3),
-      "top": [[name, round(us / per / 1e3, 3), calls[name] / per] for name, us in time_us.most_common(top)],
+    "devices": n_devices,
+    "busy_ms_per_step": round(sum(time_us.values()) / per / 1e3, 3),
+    "top": [[name, round(us / per / 1e3, 3), calls[name] / per] for name, us in time_us.most_common(top)],
   }

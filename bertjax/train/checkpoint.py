@@ -36,8 +36,15 @@ MANIFEST = "bertjax_manifest.json"
 ITEMS = ("params", "opt_state", "meta")
 # Sizes that must match for a checkpoint's parameters to fit the model (dtype, dropout, remat
 # and attention kernel may change between runs; the arrays do not).
-STRUCTURAL_KEYS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                   "max_position_embeddings", "type_vocab_size")
+STRUCTURAL_KEYS = (
+  "vocab_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "intermediate_size",
+  "max_position_embeddings",
+  "type_vocab_size",
+)
 
 
 class CheckpointError(BertjaxError):
@@ -79,8 +86,12 @@ class Checkpoints:
     self.keep = cfg.keep if cfg is not None else 0
     self.keep_period = cfg.keep_period if cfg is not None else 0
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
-        enable_async_checkpointing=bool(cfg["async"]) if cfg is not None else False)
+      max_to_keep=None,
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=not read_only,
+      enable_async_checkpointing=bool(cfg["async"]) if cfg is not None else False,
+    )
     self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
     self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
     self.is_primary = jax.process_index() == 0
@@ -94,7 +105,7 @@ class Checkpoints:
       return
     try:  # already failing: finish what can be finished, but never mask the first error
       self.close()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       log.warning("while stopping after an error, closing the checkpoints failed too: %s", e)
 
   # -- what is there -------------------------------------------------------------------------
@@ -113,18 +124,25 @@ class Checkpoints:
   def save(self, state, meta: dict, *, wait: bool = False) -> None:
     """Save `state` (a TrainState) at its step with `meta`; asynchronous unless `wait`."""
     step = int(jax.device_get(state.step))
-    meta = {**meta, "step": step, "rng": np.asarray(jax.device_get(state.rng)).tolist(),
-            "code_version": bertjax.__version__}
+    meta = {
+      **meta,
+      "step": step,
+      "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+      "code_version": bertjax.__version__,
+    }
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(serialization.to_state_dict(state.opt_state)),
-        meta=ocp.args.JsonSave(meta))
+      params=ocp.args.StandardSave(state.params),
+      opt_state=ocp.args.StandardSave(serialization.to_state_dict(state.opt_state)),
+      meta=ocp.args.JsonSave(meta),
+    )
     try:
       self.manager.save(step, args=args, force=True)  # also surfaces an earlier async failure
-    except Exception as e:  # noqa: BLE001 - any failure to write is the same failure for the user
-      raise CheckpointError(f"saving checkpoint step {step} to {self.dir} failed ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); the run stops rather than go on "
-                            "without checkpoints: check the workdir's space and permissions") from e
+    except Exception as e:
+      raise CheckpointError(
+        f"saving checkpoint step {step} to {self.dir} failed ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}); the run stops rather than go on "
+        "without checkpoints: check the workdir's space and permissions"
+      ) from e
     self._unsealed.append(step)
     if wait:
       self.wait()
@@ -135,9 +153,11 @@ class Checkpoints:
     """Wait for pending saves, then seal and prune."""
     try:
       self.manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"an asynchronous checkpoint save to {self.dir} failed ({type(e).__name__}: {e}); "
-                            "the run stops rather than go on without checkpoints") from e
+    except Exception as e:
+      raise CheckpointError(
+        f"an asynchronous checkpoint save to {self.dir} failed ({type(e).__name__}: {e}); "
+        "the run stops rather than go on without checkpoints"
+      ) from e
     self._seal(finished=list(self._unsealed))
 
   def close(self) -> None:
@@ -160,7 +180,7 @@ class Checkpoints:
     if not self.keep:
       return
     steps, good = self.steps(), self.good_steps()
-    newest_good = good[-self.keep:]
+    newest_good = good[-self.keep :]
     if len(newest_good) < self.keep:
       return  # not enough good steps yet: delete nothing
     keep = set(newest_good) | {s for s in steps if s > newest_good[-1] or s in self._unsealed}
@@ -198,37 +218,43 @@ class Checkpoints:
         return candidate, self._restore_items(candidate, make_args())
       except BertjaxError:  # CheckpointError included: the user's to fix
         raise
-      except Exception as e:  # noqa: BLE001 - a broken checkpoint is skipped, whatever broke it
+      except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         if step is not None:
           raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored: {reason}") from e
         log.warning("skipping checkpoint step %d in %s: %s", candidate, self.dir, reason)
         problems.append(candidate)
-    raise CheckpointError(f"no checkpoint in {self.dir} can be restored (tried steps {problems}); "
-                          "remove the folder to start afresh")
+    raise CheckpointError(
+      f"no checkpoint in {self.dir} can be restored (tried steps {problems}); remove the folder to start afresh"
+    )
 
   def restore(self, abstract_state, step: int | None = None, check=None):
     """(state, meta) of `step` or the newest restorable step, placed as `abstract_state` says.
 
     `check(meta)` runs on a step's meta before its arrays are read (model sizes, tokenizer).
     """
+
     def make_args():
-      return dict(params=ocp.args.StandardRestore(abstract_state.params),
-                  opt_state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state.opt_state)),
-                  meta=ocp.args.JsonRestore())
+      return dict(
+        params=ocp.args.StandardRestore(abstract_state.params),
+        opt_state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state.opt_state)),
+        meta=ocp.args.JsonRestore(),
+      )
 
     _, items = self._first_restorable(step, make_args, check)
     meta = items["meta"]
     rng_sharding = abstract_state.rng.sharding
     state = abstract_state.replace(
-        step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), abstract_state.step.sharding),
-        params=items["params"],
-        opt_state=serialization.from_state_dict(abstract_state.opt_state, items["opt_state"]),
-        rng=jax.device_put(np.asarray(meta["rng"], np.uint32), rng_sharding))
+      step=jax.device_put(jnp.asarray(meta["step"], jnp.int32), abstract_state.step.sharding),
+      params=items["params"],
+      opt_state=serialization.from_state_dict(abstract_state.opt_state, items["opt_state"]),
+      rng=jax.device_put(np.asarray(meta["rng"], np.uint32), rng_sharding),
+    )
     return state, meta
 
   def restore_params(self, abstract_params=None, step: int | None = None, check=None):
     """(params, meta) of a step; without `abstract_params`, host arrays shaped as saved."""
+
     def make_args():
       target = abstract_params
       if target is None:
@@ -253,8 +279,10 @@ def check_room(workdir, abstract_state) -> None:
   needed = checkpoint_bytes(abstract_state)
   free = shutil.disk_usage(os.fspath(workdir)).free
   if free < needed:
-    raise BertjaxError(f"--workdir {workdir}: {free / 2**20:,.0f} MiB free, but one checkpoint needs about "
-                       f"{needed / 2**20:,.1f} MiB; free some space or choose another folder")
+    raise BertjaxError(
+      f"--workdir {workdir}: {free / 2**20:,.0f} MiB free, but one checkpoint needs about "
+      f"{needed / 2**20:,.1f} MiB; free some space or choose another folder"
+    )
 
 
 def model_sizes(model_config) -> dict:
@@ -267,12 +295,16 @@ def check_compatible(meta: dict, model_config, tokenizer_fingerprint: str | None
   saved, current = meta.get("model", {}), model_sizes(model_config)
   differing = [f"{k} {saved.get(k)} -> {current[k]}" for k in STRUCTURAL_KEYS if saved.get(k) != current[k]]
   if differing:
-    raise BertjaxError(f"{source}: the model differs from the checkpoint's ({', '.join(differing)}); "
-                       "use the checkpoint's model config or a new workdir")
+    raise BertjaxError(
+      f"{source}: the model differs from the checkpoint's ({', '.join(differing)}); "
+      "use the checkpoint's model config or a new workdir"
+    )
   saved_tokenizer = meta.get("tokenizer_fingerprint")
   if tokenizer_fingerprint and saved_tokenizer and saved_tokenizer != tokenizer_fingerprint:
-    raise BertjaxError(f"{source}: the tokenizer ({tokenizer_fingerprint}) differs from the one the checkpoint "
-                       f"was trained with ({saved_tokenizer}); use that tokenizer or a new workdir")
+    raise BertjaxError(
+      f"{source}: the tokenizer ({tokenizer_fingerprint}) differs from the one the checkpoint "
+      f"was trained with ({saved_tokenizer}); use that tokenizer or a new workdir"
+    )
 
 
 def warm_start(init_from, steps, model_config, *, params_only: bool, seed: int, tokenizer_fingerprint=None):
@@ -286,6 +318,7 @@ def warm_start(init_from, steps, model_config, *, params_only: bool, seed: int, 
   with Checkpoints(init_from, read_only=True) as source:
     if not source.steps():
       raise BertjaxError(f"train.init_from={init_from}: no checkpoints there; point it at a bertjax run folder")
+
     def check(meta):
       check_compatible(meta, model_config, tokenizer_fingerprint, f"train.init_from={init_from}")
 
@@ -294,4 +327,3 @@ def warm_start(init_from, steps, model_config, *, params_only: bool, seed: int, 
       return steps.init(seed).replace(params=params)
     state, _ = source.restore(steps.abstract_state(), check=check)
     return state
-

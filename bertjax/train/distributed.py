@@ -53,8 +53,9 @@ def check_spec(spec: ProcessSpec) -> None:
   if spec.coordinator is None or spec.num_processes is None or spec.process_id is None:
     raise BertjaxError("--coordinator, --num_processes and --process_id go together: give all three")
   if spec.num_processes < 1 or not 0 <= spec.process_id < spec.num_processes:
-    raise BertjaxError(f"--process_id {spec.process_id} is not in 0..{spec.num_processes - 1} "
-                       f"for --num_processes {spec.num_processes}")
+    raise BertjaxError(
+      f"--process_id {spec.process_id} is not in 0..{spec.num_processes - 1} for --num_processes {spec.num_processes}"
+    )
   host, _, port = spec.coordinator.rpartition(":")
   if not host or not port.isdigit():
     raise BertjaxError(f"--coordinator {spec.coordinator}: expected HOST:PORT, e.g. localhost:12355")
@@ -71,17 +72,19 @@ def initialize(spec: ProcessSpec, timeout_s: int) -> None:
 
   def watchdog():
     if not joined.wait(timeout_s):
-      print(f"bertjax: error: process {spec.process_id if spec.process_id is not None else '?'} could not "
-            f"join the job at {where} within {timeout_s} s (train.distributed_timeout_s): check that every "
-            "process was started with the same --coordinator and --num_processes, that process 0 is "
-            "running, and that its port is reachable", file=sys.stderr, flush=True)
+      print(
+        f"bertjax: error: process {spec.process_id if spec.process_id is not None else '?'} could not "
+        f"join the job at {where} within {timeout_s} s (train.distributed_timeout_s): check that every "
+        "process was started with the same --coordinator and --num_processes, that process 0 is "
+        "running, and that its port is reachable",
+        file=sys.stderr,
+        flush=True,
+      )
       os._exit(EXIT_USER_ERROR)
 
   threading.Thread(target=watchdog, name="bertjax-join-watchdog", daemon=True).start()
   kwargs = dict(initialization_timeout=timeout_s + _RUNTIME_GRACE_S)
   if spec.explicit:
-    kwargs.update(coordinator_address=spec.coordinator, num_processes=spec.num_processes,
-                  process_id=spec.process_id)
+    kwargs.update(coordinator_address=spec.coordinator, num_processes=spec.num_processes, process_id=spec.process_id)
   jax.distributed.initialize(**kwargs)
   joined.set()
-

@@ -67,25 +67,44 @@ class TrainResult:
 
 
 def _checkpoint_meta(run: Run, step: int) -> dict:
-  return {"data": run.pipeline.state_for(step), "config": config_loading.to_dict(run.config),
-          "model": checkpoint.model_sizes(run.model_config), "tokenizer_fingerprint": run.tokenizer.fingerprint,
-          "mesh": dict(zip(MESH_AXES, run.steps.mesh.devices.shape)),
-          "process_count": jax.process_count()}
+  return {
+    "data": run.pipeline.state_for(step),
+    "config": config_loading.to_dict(run.config),
+    "model": checkpoint.model_sizes(run.model_config),
+    "tokenizer_fingerprint": run.tokenizer.fingerprint,
+    "mesh": dict(zip(MESH_AXES, run.steps.mesh.devices.shape)),
+    "process_count": jax.process_count(),
+  }
 
 
 def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | None = None):
   """(state, data position or None): resume this workdir, warm-start from another, or init."""
   t = run.config.train
   if checkpoints.steps() or step is not None:
-    state, meta = checkpoints.restore(run.steps.abstract_state(), step, check=lambda meta: checkpoint.check_compatible(
-        meta, run.model_config, run.tokenizer.fingerprint, f"--workdir {run.workdir}"))
+    state, meta = checkpoints.restore(
+      run.steps.abstract_state(),
+      step,
+      check=lambda meta: checkpoint.check_compatible(
+        meta, run.model_config, run.tokenizer.fingerprint, f"--workdir {run.workdir}"
+      ),
+    )
     log.info("resumed from checkpoint step %d in %s", meta["step"], checkpoints.dir)
     return state, meta.get("data")
   if t.init_from:
-    state = checkpoint.warm_start(t.init_from, run.steps, run.model_config, params_only=t.init_params_only,
-                                  seed=t.seed, tokenizer_fingerprint=run.tokenizer.fingerprint)
-    log.info("started from %s at step %d (%s)", t.init_from, int(state.step),
-             "parameters only" if t.init_params_only else "parameters, optimizer state and step")
+    state = checkpoint.warm_start(
+      t.init_from,
+      run.steps,
+      run.model_config,
+      params_only=t.init_params_only,
+      seed=t.seed,
+      tokenizer_fingerprint=run.tokenizer.fingerprint,
+    )
+    log.info(
+      "started from %s at step %d (%s)",
+      t.init_from,
+      int(state.step),
+      "parameters only" if t.init_params_only else "parameters, optimizer state and step",
+    )
     return state, None
   return run.steps.init(t.seed), None
 
@@ -103,8 +122,12 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
       state, data_position = initial_state(run, checkpoints, step)
     start = int(jax.device_get(state.step))
     if start >= t.steps:  # nothing left to train: report where the run stands
-      log.info("the run in %s is already at step %d of train.steps=%d; raise train.steps to train further",
-               run.workdir, start, t.steps)
+      log.info(
+        "the run in %s is already at step %d of train.steps=%d; raise train.steps to train further",
+        run.workdir,
+        start,
+        t.steps,
+      )
       eval_batches, reference = run.held_out()
       final = evaluate(run, state.params, eval_batches)
       return TrainResult({**final, **reference} if final else {}, state)
@@ -170,8 +193,10 @@ class _Window:
 
 def _after_step(run: Run, step: int, step_metrics, writer, progress, throughput, window: _Window) -> None:
   t = run.config.train
-  consecutive, tokens = (int(x) if i == 0 else float(x) for i, x in
-                         enumerate(jax.device_get((step_metrics["nonfinite_consecutive"], step_metrics["tokens"]))))
+  consecutive, tokens = (
+    int(x) if i == 0 else float(x)
+    for i, x in enumerate(jax.device_get((step_metrics["nonfinite_consecutive"], step_metrics["tokens"])))
+  )
   optim.check_nonfinite(consecutive, run.config.optim.max_nonfinite, step + 1)
   window.tokens += tokens
   window.steps += 1

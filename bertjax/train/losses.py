@@ -5,7 +5,7 @@ step that accumulates microbatches can normalise by the whole batch's masked wei
 averaging per-microbatch means (which would weigh a microbatch with few masks too much).
 """
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +31,8 @@ def nsp_sums(logits_Bx2, labels_B, weights_B=None) -> dict[str, jax.Array]:
 def pretraining_sums(mlm_logits, nsp_logits, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Both heads' sums for one (micro)batch in the data pipeline's array names."""
   return {
-      **mlm_sums(mlm_logits, batch["masked_ids"], batch["masked_weights"]),
-      **nsp_sums(nsp_logits, batch["nsp_labels"], batch.get("nsp_weights")),
+    **mlm_sums(mlm_logits, batch["masked_ids"], batch["masked_weights"]),
+    **nsp_sums(nsp_logits, batch["nsp_labels"], batch.get("nsp_weights")),
   }
 
 
@@ -43,10 +43,10 @@ def _ratio(num, den):
 def from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """Losses and accuracies from (possibly accumulated) sums; `loss` = MLM + NSP as in BERT."""
   metrics = {
-      "mlm_loss": _ratio(sums["mlm_loss_sum"], sums["mlm_weight_sum"]),
-      "mlm_accuracy": _ratio(sums["mlm_correct_sum"], sums["mlm_weight_sum"]),
-      "nsp_loss": _ratio(sums["nsp_loss_sum"], sums["nsp_weight_sum"]),
-      "nsp_accuracy": _ratio(sums["nsp_correct_sum"], sums["nsp_weight_sum"]),
+    "mlm_loss": _ratio(sums["mlm_loss_sum"], sums["mlm_weight_sum"]),
+    "mlm_accuracy": _ratio(sums["mlm_correct_sum"], sums["mlm_weight_sum"]),
+    "nsp_loss": _ratio(sums["nsp_loss_sum"], sums["nsp_weight_sum"]),
+    "nsp_accuracy": _ratio(sums["nsp_correct_sum"], sums["nsp_weight_sum"]),
   }
   metrics["loss"] = metrics["mlm_loss"] + metrics["nsp_loss"]
   return metrics

@@ -156,5 +156,6 @@ def check_nonfinite(consecutive: int, max_nonfinite: int, step: int) -> None:
   consecutive = int(consecutive)
   if consecutive >= max_nonfinite:
     raise BertjaxError(
-        f"step {step}: the gradient was not finite for {consecutive} consecutive steps "
-        f"(optim.max_nonfinite={max_nonfinite}); lower optim.lr, enable optim.clip_norm, or check the data")
+      f"step {step}: the gradient was not finite for {consecutive} consecutive steps "
+      f"(optim.max_nonfinite={max_nonfinite}); lower optim.lr, enable optim.clip_norm, or check the data"
+    )

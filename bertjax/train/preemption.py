@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -44,8 +44,7 @@ class PreemptionGuard:
   `sync_point(step)` is the multi-process agreement (orbax's `CheckpointManager.reached_preemption`).
   """
 
-  def __init__(self, sync_point: Callable[[int], bool] | None = None, start: int = 0,
-               check_every: int = CHECK_EVERY):
+  def __init__(self, sync_point: Callable[[int], bool] | None = None, start: int = 0, check_every: int = CHECK_EVERY):
     self.received: str | None = None
     self.start = start
     self.check_every = check_every
@@ -56,8 +55,9 @@ class PreemptionGuard:
 
   def __enter__(self):
     self._processes = jax.process_count()
-    self._service = (self._processes > 1 and self._sync_point is not None
-                     and bool(jax.config.jax_enable_preemption_service))
+    self._service = (
+      self._processes > 1 and self._sync_point is not None and bool(jax.config.jax_enable_preemption_service)
+    )
     # With the service on, SIGTERM stays with its C++ handler: a Python one would replace it.
     signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
@@ -81,8 +81,11 @@ class PreemptionGuard:
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt(f"second {name}: aborting without saving")
     self.received = name
-    log.warning("received %s: finishing this step, saving a checkpoint, then stopping "
-                "(send SIGINT again to abort without saving)", name)
+    log.warning(
+      "received %s: finishing this step, saving a checkpoint, then stopping "
+      "(send SIGINT again to abort without saving)",
+      name,
+    )
     if self._service:
       signal.raise_signal(signal.SIGTERM)  # JAX's handler: the service tells the other processes
 

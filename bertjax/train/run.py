@@ -58,8 +58,10 @@ class Run:
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per field, sharded over the mesh."""
     size = self.config.train.batch_size
-    return {k: jax.make_array_from_process_local_data(self.steps.batch_sharding, v, (size, *v.shape[1:]))
-            for k, v in local.items()}
+    return {
+      k: jax.make_array_from_process_local_data(self.steps.batch_sharding, v, (size, *v.shape[1:]))
+      for k, v in local.items()
+    }
 
 
 def check_workdir(workdir: epath.Path) -> None:
@@ -70,8 +72,9 @@ def check_workdir(workdir: epath.Path) -> None:
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise BertjaxError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); "
-                       "choose a writable folder with free space") from None
+    raise BertjaxError(
+      f"--workdir {workdir}: cannot write there ({e.strerror or e}); choose a writable folder with free space"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +133,10 @@ def baselines(eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return {}
   masked = np.concatenate([b["masked_ids"][b["masked_weights"] > 0] for b in eval_batches])
   labels = np.concatenate([b["nsp_labels"] for b in eval_batches])
-  return {"mlm_baseline_accuracy": float(np.bincount(masked).max() / max(len(masked), 1)),
-          "nsp_baseline_accuracy": float(max(labels.mean(), 1 - labels.mean()))}
+  return {
+    "mlm_baseline_accuracy": float(np.bincount(masked).max() / max(len(masked), 1)),
+    "nsp_baseline_accuracy": float(max(labels.mean(), 1 - labels.mean())),
+  }
 
 
 def evaluate(run: Run, params, eval_batches: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -152,10 +157,11 @@ def evaluate_checkpoint(config, workdir, *, data: Data | None = None, step: int 
     if not checkpoints.steps():
       raise BertjaxError(f"--workdir {workdir}: no checkpoints there; train first")
     params, meta = checkpoints.restore_params(
-        run.steps.abstract_state().params, step,
-        check=lambda meta: checkpoint.check_compatible(meta, run.model_config, run.tokenizer.fingerprint,
-                                                       f"--workdir {workdir}"))
+      run.steps.abstract_state().params,
+      step,
+      check=lambda meta: checkpoint.check_compatible(
+        meta, run.model_config, run.tokenizer.fingerprint, f"--workdir {workdir}"
+      ),
+    )
   eval_batches, reference = run.held_out()
   return {"step": meta["step"], **evaluate(run, params, eval_batches), **reference}
-
-

@@ -51,8 +51,9 @@ def fresh_state(params, tx: optax.GradientTransformation, seed) -> TrainState:
     seed: `train.seed`; works traced (inside jit) or as a Python int.
   """
   rng = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(rng))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=jax.random.key_data(rng)
+  )
 
 
 def _init_state(cfg: BertConfig, tx: optax.GradientTransformation, seed) -> TrainState:
@@ -67,13 +68,25 @@ def _microbatches(batch: Batch, k: int) -> Batch:
 
 def _forward_sums(graphdef, params, batch: Batch, dropout_key) -> dict[str, jax.Array]:
   model = nnx.merge(graphdef, params)
-  mlm, nsp = model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["masked_positions"],
-                   dropout_key=dropout_key)
+  mlm, nsp = model(
+    batch["input_ids"],
+    batch["segment_ids"],
+    batch["attention_mask"],
+    batch["masked_positions"],
+    dropout_key=dropout_key,
+  )
   return losses.pretraining_sums(mlm, nsp, batch)
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum: int) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  graphdef,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch, accumulating `grad_accum` microbatches.
 
   The objective is normalised by the whole batch's masked weights and pair count, so k
@@ -94,12 +107,15 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientT
   if grad_accum == 1:
     grads, sums = grads_and_sums(state.params, batch, 0)
   else:
+
     def accumulate(carry, micro_and_index):
       grads, sums = grads_and_sums(state.params, *micro_and_index)
       return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_and_sums, state.params,
-                                                        jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch), 0))
+    zeros = jax.tree.map(
+      jnp.zeros_like,
+      jax.eval_shape(grads_and_sums, state.params, jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch), 0),
+    )
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -107,13 +123,13 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx: optax.GradientT
   consecutive, total = optim.nonfinite_counts(opt_state)
   real = batch["attention_mask"].astype(jnp.float32)
   metrics = {
-      **losses.from_sums(sums),
-      "grad_norm": optax.tree.norm(grads),
-      "learning_rate": schedule(state.step),
-      "nonfinite_consecutive": consecutive,
-      "skipped_steps": total,
-      "tokens": real.sum(),
-      "padding_fraction": 1.0 - real.mean(),
+    **losses.from_sums(sums),
+    "grad_norm": optax.tree.norm(grads),
+    "learning_rate": schedule(state.step),
+    "nonfinite_consecutive": consecutive,
+    "skipped_steps": total,
+    "tokens": real.sum(),
+    "padding_fraction": 1.0 - real.mean(),
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -159,12 +175,12 @@ class CompiledSteps:
     context = jax.sharding.use_abstract_mesh if isinstance(self.mesh, AbstractMesh) else jax.set_mesh
     with context(self.mesh):
       shapes = jax.eval_shape(self.jitted["init"], 0)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        self.state_shardings)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings)
 
 
-def compile_steps(cfg: BertConfig, optim_cfg, train_steps: int, grad_accum: int,
-                  mesh: Mesh | AbstractMesh) -> CompiledSteps:
+def compile_steps(
+  cfg: BertConfig, optim_cfg, train_steps: int, grad_accum: int, mesh: Mesh | AbstractMesh
+) -> CompiledSteps:
   """Shardings from the model's logical axes, then jitted init / train / eval over `mesh`.
 
   Args:
@@ -184,17 +200,32 @@ def compile_steps(cfg: BertConfig, optim_cfg, train_steps: int, grad_accum: int,
   abstract_state = jax.eval_shape(functools.partial(_init_state, cfg, tx), 0)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_shardings = TrainState(
-      step=replicated, params=param_shardings, rng=replicated,
-      opt_state=rules.optimizer_shardings(tx, abstract_state.opt_state, param_shardings, mesh))
+    step=replicated,
+    params=param_shardings,
+    rng=replicated,
+    opt_state=rules.optimizer_shardings(tx, abstract_state.opt_state, param_shardings, mesh),
+  )
   batch_sharding = rules.batch_sharding(mesh)
 
   # The init is jitted with the final out-shardings: no device ever holds all the parameters.
   init = jax.jit(functools.partial(_init_state, cfg, tx), out_shardings=state_shardings)
   train = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-      donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                     in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
-  return CompiledSteps(mesh=mesh, graphdef=graphdef, tx=tx, schedule=schedule, state_shardings=state_shardings,
-                       batch_sharding=batch_sharding, jitted={"init": init, "train": train, "eval": evaluate})
+    functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum),
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
+  evaluate = jax.jit(
+    functools.partial(eval_step, graphdef=graphdef),
+    in_shardings=(param_shardings, batch_sharding),
+    out_shardings=replicated,
+  )
+  return CompiledSteps(
+    mesh=mesh,
+    graphdef=graphdef,
+    tx=tx,
+    schedule=schedule,
+    state_shardings=state_shardings,
+    batch_sharding=batch_sharding,
+    jitted={"init": init, "train": train, "eval": evaluate},
+  )

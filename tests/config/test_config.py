@@ -41,15 +41,25 @@ def test_packaged_names_resolve_without_a_path():
 
 
 def test_overrides_are_parsed_with_the_fields_type():
-  c = config_lib.load_config("configs/tiny.py", [
-      "train.steps=1e3", "optim.lr=3e-4", "model.scan_layers=false", "data.source=files:/x/*.txt",
-      "model.hidden_size=256", "checkpoint.async=no"])
+  c = config_lib.load_config(
+    "configs/tiny.py",
+    [
+      "train.steps=1e3",
+      "optim.lr=3e-4",
+      "model.scan_layers=false",
+      "data.source=files:/x/*.txt",
+      "model.hidden_size=256",
+      "checkpoint.async=no",
+    ],
+  )
   assert c.train.steps == 1000 and isinstance(c.train.steps, int)
   assert c.optim.lr == 3e-4 and c.model.scan_layers is False and c.data.source == "files:/x/*.txt"
   assert c.model.hidden_size == 256 and c.checkpoint["async"] is False
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ("train.stepz=3", "unknown config key"),
     ("trian.steps=3", "unknown config key 'trian'"),
     ("train.steps=many", "expected an integer"),
@@ -57,7 +67,8 @@ def test_overrides_are_parsed_with_the_fields_type():
     ("optim.lr=fast", "expected a number"),
     ("model.scan_layers=maybe", "expected true or false"),
     ("train", "expected --config.KEY=VALUE"),
-])
+  ],
+)
 def test_bad_overrides_name_the_key(override, message):
   with pytest.raises(BertjaxError, match=message):
     config_lib.load_config("configs/tiny.py", [override])
@@ -65,8 +76,10 @@ def test_bad_overrides_name_the_key(override, message):
 
 def test_a_config_file_cannot_add_keys(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from configs import common\n\ndef get_config(arg=None):\n"
-                 "  c = common.get_config()\n  c.model.hiden_size = 3\n  return c\n")
+  bad.write_text(
+    "from configs import common\n\ndef get_config(arg=None):\n"
+    "  c = common.get_config()\n  c.model.hiden_size = 3\n  return c\n"
+  )
   with pytest.raises(BertjaxError, match="hiden_size"):
     config_lib.load_config(str(bad))
 
@@ -85,31 +98,31 @@ def test_unknown_phase_argument():
 
 # (overrides, text the one-line message must contain: the key, and the fix)
 VALIDATION_ERRORS = [
-    ({"model.variant": "huge"}, "model.variant='huge' is unknown; choose one of"),
-    ({"model.variant": "L3_H128"}, "model.variant='L3_H128' is unknown"),
-    ({"model.num_heads": 3}, "model.hidden_size=32 is not divisible by model.num_heads=3"),
-    ({"data.seq_len": 128}, "data.seq_len=128 exceeds model.max_position_embeddings=64"),
-    ({"data.max_predictions": 40}, "data.max_predictions=40 exceeds data.seq_len=32"),
-    ({"model.hidden_size": 0}, "model.hidden_size=0 must be positive"),
-    ({"model.num_layers": -2}, "model.num_layers=-2 must be positive"),
-    ({"data.seq_len": 0}, "data.seq_len=0 must be positive"),
-    ({"train.batch_size": 0}, "train.batch_size=0 must be positive"),
-    ({"train.steps": -1}, "train.steps=-1 must be positive"),
-    ({"optim.lr": 0.0}, "optim.lr=0.0 must be positive"),
-    ({"train.grad_accum": 3}, "train.batch_size=8 is not divisible by train.grad_accum=3"),
-    ({"model.dropout": 1.0}, "model.dropout=1.0 is out of range"),
-    ({"model.dtype": "float64"}, "model.dtype='float64' is not supported"),
-    ({"model.remat": "some"}, "model.remat='some' is not supported; choose one of none, full, dots"),
-    ({"model.attention_impl": "cudnn"}, "needs model.attention_dropout=0"),
-    ({"optim.name": "sgd"}, "optim.name='sgd' is not supported"),
-    ({"data.source": "web:x"}, "data.source='web:x' is not understood"),
-    ({"data.source": "files:"}, "data.source='files:' is not understood"),
-    ({"data.mask_prob": 0.0}, "data.mask_prob=0.0 is out of range"),
-    ({"data.mask_token_prob": 0.95}, "exceeds 1"),
-    ({"data.streaming_window_documents": 1}, "data.streaming_window_documents=1 leaves no other document"),
-    ({"data.streaming_eval_documents": 1}, "data.streaming_eval_documents=1 cannot make NSP pairs"),
-    ({"mesh.fsdp": 0}, "mesh.fsdp=0 is not a size"),
-    ({"checkpoint.keep": 0}, "checkpoint.keep=0 must be positive"),
+  ({"model.variant": "huge"}, "model.variant='huge' is unknown; choose one of"),
+  ({"model.variant": "L3_H128"}, "model.variant='L3_H128' is unknown"),
+  ({"model.num_heads": 3}, "model.hidden_size=32 is not divisible by model.num_heads=3"),
+  ({"data.seq_len": 128}, "data.seq_len=128 exceeds model.max_position_embeddings=64"),
+  ({"data.max_predictions": 40}, "data.max_predictions=40 exceeds data.seq_len=32"),
+  ({"model.hidden_size": 0}, "model.hidden_size=0 must be positive"),
+  ({"model.num_layers": -2}, "model.num_layers=-2 must be positive"),
+  ({"data.seq_len": 0}, "data.seq_len=0 must be positive"),
+  ({"train.batch_size": 0}, "train.batch_size=0 must be positive"),
+  ({"train.steps": -1}, "train.steps=-1 must be positive"),
+  ({"optim.lr": 0.0}, "optim.lr=0.0 must be positive"),
+  ({"train.grad_accum": 3}, "train.batch_size=8 is not divisible by train.grad_accum=3"),
+  ({"model.dropout": 1.0}, "model.dropout=1.0 is out of range"),
+  ({"model.dtype": "float64"}, "model.dtype='float64' is not supported"),
+  ({"model.remat": "some"}, "model.remat='some' is not supported; choose one of none, full, dots"),
+  ({"model.attention_impl": "cudnn"}, "needs model.attention_dropout=0"),
+  ({"optim.name": "sgd"}, "optim.name='sgd' is not supported"),
+  ({"data.source": "web:x"}, "data.source='web:x' is not understood"),
+  ({"data.source": "files:"}, "data.source='files:' is not understood"),
+  ({"data.mask_prob": 0.0}, "data.mask_prob=0.0 is out of range"),
+  ({"data.mask_token_prob": 0.95}, "exceeds 1"),
+  ({"data.streaming_window_documents": 1}, "data.streaming_window_documents=1 leaves no other document"),
+  ({"data.streaming_eval_documents": 1}, "data.streaming_eval_documents=1 cannot make NSP pairs"),
+  ({"mesh.fsdp": 0}, "mesh.fsdp=0 is not a size"),
+  ({"checkpoint.keep": 0}, "checkpoint.keep=0 must be positive"),
 ]
 
 
@@ -137,11 +150,14 @@ def _validate_for(c, devices):
   validate_for_devices(c, devices)
 
 
-@pytest.mark.parametrize("mesh, devices, message", [
+@pytest.mark.parametrize(
+  "mesh, devices, message",
+  [
     ((2, 2, 1), 8, "data x fsdp x tensor = 2x2x1 = 4 devices, but 8 are present"),
     ((-1, 3, 1), 8, "8 devices do not divide by the fixed axes' product 3"),
     ((-1, -1, 1), 8, "more than one axis is -1"),
-])
+  ],
+)
 def test_a_mesh_that_does_not_match_the_devices(mesh, devices, message):
   c = micro_run_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh

@@ -5,8 +5,15 @@ import pytest
 
 from bertjax.data import keyed_random, masking
 
-SHAPES = {"input_ids": (32,), "segment_ids": (32,), "attention_mask": (32,),
-          "masked_positions": (5,), "masked_ids": (5,), "masked_weights": (5,), "nsp_labels": ()}
+SHAPES = {
+  "input_ids": (32,),
+  "segment_ids": (32,),
+  "attention_mask": (32,),
+  "masked_positions": (5,),
+  "masked_ids": (5,),
+  "masked_weights": (5,),
+  "nsp_labels": (),
+}
 
 
 @pytest.fixture(scope="module")

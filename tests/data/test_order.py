@@ -41,22 +41,23 @@ def test_truncation_matches_google_loop():
 def test_numbered_pairs_are_consecutive_or_from_other_documents(seq_len):
   tokens, sent_start, doc_start = numbered_store()
   doc_of_sentence = np.repeat(np.arange(len(doc_start) - 1), np.diff(doc_start))
-  index = pairs.build_pair_index(sent_start, doc_start, np.arange(len(doc_start) - 1), seq_len,
-                                 0.1, 0.5, np.random.default_rng(1))
+  index = pairs.build_pair_index(
+    sent_start, doc_start, np.arange(len(doc_start) - 1), seq_len, 0.1, 0.5, np.random.default_rng(1)
+  )
   assert len(index) > 50
   assert np.all(index.a_len >= 1) and np.all(index.b_len >= 1)
   assert np.all(index.a_len + index.b_len <= seq_len - 3)
   consecutive = 0
   for i in range(len(index)):
-    a = tokens[index.a_start[i]:index.a_start[i] + index.a_len[i]]
-    b = tokens[index.b_start[i]:index.b_start[i] + index.b_len[i]]
+    a = tokens[index.a_start[i] : index.a_start[i] + index.a_len[i]]
+    b = tokens[index.b_start[i] : index.b_start[i] + index.b_len[i]]
     assert np.all(np.diff(a) >= 0) and np.all(np.diff(a) <= 1)  # contiguous sentences
     assert np.all(np.diff(b) >= 0) and np.all(np.diff(b) <= 1)
     assert len(set(doc_of_sentence[a])) == 1 and len(set(doc_of_sentence[b])) == 1
     if index.label[i] == 0:
       assert doc_of_sentence[a[0]] == doc_of_sentence[b[0]]
       gap = b[0] - a[-1]  # the next sentence; truncation may drop whole sentences at the seam
-      assert 1 <= gap
+      assert gap >= 1
       assert gap == 1 or index.a_len[i] + index.b_len[i] == seq_len - 3
       consecutive += gap == 1
     else:
@@ -69,6 +70,7 @@ def test_fewer_than_two_documents_is_refused(tmp_path, cache_dir, micro_tokenize
   from bertjax.data.cached import CachedPipeline
   from bertjax.errors import BertjaxError
   from tests.support.corpora import data_config
+
   (tmp_path / "one.txt").write_text("Only one document here.\nIt has two sentences.\n")
   with pytest.raises(BertjaxError, match="at least two"):
     CachedPipeline(data_config(f"files:{tmp_path}/one.txt", cache_dir), micro_tokenizer)
@@ -138,11 +140,13 @@ def test_resume_equals_uninterrupted(make_pipeline):
     first = [next(it) for _ in range(5)]
     state = it.state()
     import time
+
     time.sleep(0.2)  # let the prefetcher run ahead: the state must not move
     assert it.state() == state
     rest = [next(it) for _ in range(6)]
   assert state["step"] == 5 and [s for s, _ in first] == list(range(5))
   import json
+
   state = json.loads(json.dumps(state))
   fresh = make_pipeline()
   with fresh.iterator_from_state(state) as it:
@@ -158,6 +162,7 @@ def test_resume_equals_uninterrupted(make_pipeline):
 
 def test_restore_refuses_another_tokenizer_or_order(make_pipeline):
   from bertjax.errors import BertjaxError
+
   p = make_pipeline()
   state = p.state_for(12)
   assert p.restore(state) == 12
@@ -176,8 +181,7 @@ def test_eval_split_is_held_out_and_fixed(make_pipeline):
     assert_batches_equal(x, y)
   # No training pair touches an eval document.
   doc_start, sent_start = p.store.doc_start, p.store.sent_start
-  token_doc = lambda t: np.searchsorted(doc_start, np.searchsorted(sent_start, t, "right") - 1,
-                                        "right") - 1
+  token_doc = lambda t: np.searchsorted(doc_start, np.searchsorted(sent_start, t, "right") - 1, "right") - 1
   e0 = p._epoch(0)
   used = set(token_doc(e0.a_start)) | set(token_doc(e0.b_start))
   assert not used & set(p.eval_docs)
@@ -186,7 +190,9 @@ def test_eval_split_is_held_out_and_fixed(make_pipeline):
 
 def test_rows_for_sharding_on_fake_devices():
   import jax
+
   from bertjax.parallel.mesh import rows_for_sharding
+
   devices = np.array(jax.devices())
   mesh = jax.sharding.Mesh(devices, ("data",))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

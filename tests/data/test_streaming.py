@@ -30,6 +30,7 @@ def streamed(make_streaming):
 def test_factory_and_pass_structure(make_streaming, make_pipeline, streamed):
   from bertjax.data.cached import CachedPipeline
   from bertjax.data.streaming import StreamingPipeline
+
   p, _ = streamed
   assert isinstance(p, StreamingPipeline) and isinstance(make_pipeline(), CachedPipeline)
   assert p.stats["windows_per_epoch"] == 4 and p.stats["documents_read"] == 54
@@ -89,13 +90,13 @@ def test_files_and_hub_streams_of_the_same_documents_agree(make_streaming, strea
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_processes_assemble_the_same_global_batch(make_streaming, streamed, processes):
   p, batches = streamed
-  straddling = next(s for s in range(STEPS) if len(np.unique(
-      np.searchsorted(p._ends, s * 8 + np.arange(8), side="right"))) > 1)
+  straddling = next(
+    s for s in range(STEPS) if len(np.unique(np.searchsorted(p._ends, s * 8 + np.arange(8), side="right"))) > 1
+  )
   ranks = [make_streaming() for _ in range(processes)]  # each reads the stream itself
   for step in (0, straddling, STEPS - 1):
     parts = [r.batch(step, np.arange(8).reshape(processes, -1)[k]) for k, r in enumerate(ranks)]
-    assert_batches_equal({k: np.concatenate([q[k] for q in parts]) for k in parts[0]},
-                         batches[step])
+    assert_batches_equal({k: np.concatenate([q[k] for q in parts]) for k in parts[0]}, batches[step])
   rows = np.array([5, 0, 3])
   assert_batches_equal(ranks[0].batch(9, rows), {k: v[rows] for k, v in batches[9].items()})
 
@@ -112,25 +113,24 @@ def test_resume_equals_uninterrupted(make_streaming, streamed, source):
   assert state["step"] == 33 and [s for s, _ in first] == list(range(33))
   for step, b in first:
     assert_batches_equal(b, batches[step])
-  for state in (state, p.state_for(STEPS - 8)):  # mid-pass, and in the second pass
-    state = json.loads(json.dumps(state))  # checkpoints store it as JSON
-    assert (state["locator"]["stream"] is not None) == (source == "hf")
+  for saved in (state, p.state_for(STEPS - 8)):  # mid-pass, and in the second pass
+    saved = json.loads(json.dumps(saved))  # checkpoints store it as JSON
+    assert (saved["locator"]["stream"] is not None) == (source == "hf")
     fresh = make_streaming(source)
-    with fresh.iterator_from_state(state) as it:
+    with fresh.iterator_from_state(saved) as it:
       resumed = [next(it) for _ in range(6)]
-    assert [s for s, _ in resumed] == list(range(state["step"], state["step"] + 6))
+    assert [s for s, _ in resumed] == list(range(saved["step"], saved["step"] + 6))
     for step, b in resumed:
       assert_batches_equal(b, batches[step])
     # It started at the saved window: nothing before it was read or tokenised.
-    assert (fresh._windows[0].epoch, fresh._windows[0].index) == (state["epoch"], state["window"])
+    assert (fresh._windows[0].epoch, fresh._windows[0].index) == (saved["epoch"], saved["window"])
   with fresh.iterator(3, rows=[1, 6]) as it:  # before the resumed window: read from the start
     step, part = next(it)
   assert step == 3
   assert_batches_equal(part, {k: v[[1, 6]] for k, v in batches[3].items()})
 
 
-def test_restore_refuses_another_order_or_the_other_pipeline(make_streaming, make_pipeline,
-                                                             streamed):
+def test_restore_refuses_another_order_or_the_other_pipeline(make_streaming, make_pipeline, streamed):
   p, _ = streamed
   state = p.state_for(12)
   assert p.restore(state) == 12
@@ -150,8 +150,7 @@ def _doc_numbers(tokenizer, tokens) -> set[int]:
   return {int(d) for d in re.findall(r"doc (\d+) line", tokenizer.decode(tokens))}
 
 
-def test_eval_holds_out_the_first_documents_and_is_fixed(make_streaming, streamed,
-                                                         micro_tokenizer):
+def test_eval_holds_out_the_first_documents_and_is_fixed(make_streaming, streamed, micro_tokenizer):
   p, _ = streamed
   first, again = p.eval_batches(), make_streaming().eval_batches()
   assert len(first) == 2 and first[0]["input_ids"].shape == (8, 32)
@@ -167,12 +166,14 @@ def test_eval_holds_out_the_first_documents_and_is_fixed(make_streaming, streame
 
 def test_bad_streaming_settings(tmp_path, cache_dir, micro_tokenizer):
   from bertjax.data.pipeline import make_pipeline as factory
+
   docs = numbered_documents(5)
   write_bert_text(tmp_path / "few.txt", docs)
   source = f"files:{tmp_path}/few.txt"
   with pytest.raises(BertjaxError, match="at least two after the 4 held out"):
     factory(streaming_config(source, cache_dir, eval_documents=4), micro_tokenizer).batch(0)
   from bertjax.config.validation import validate  # the settings themselves: refused at the entry point
+
   with pytest.raises(BertjaxError, match="streaming_eval_documents"):
     validate(streaming_config(source, cache_dir, eval_documents=1))
   with pytest.raises(BertjaxError, match="streaming_window_documents"):
@@ -182,8 +183,7 @@ def test_bad_streaming_settings(tmp_path, cache_dir, micro_tokenizer):
   with pytest.raises(BertjaxError, match="no sentence pairs"):
     factory(streaming_config(f"hf:{hub}", cache_dir, eval_documents=0), micro_tokenizer).batch(0)
   # Windows of 2 over 5 documents: the lone last one is skipped, and the passes go on.
-  p = factory(streaming_config(source, cache_dir, window_documents=2, eval_documents=0),
-              micro_tokenizer)
+  p = factory(streaming_config(source, cache_dir, window_documents=2, eval_documents=0), micro_tokenizer)
   for s in range(30):
     assert p.batch(s)["input_ids"].shape == (8, 32)
   assert p.stats["windows_per_epoch"] == 2 and p.stats["warnings"]

@@ -29,11 +29,27 @@ transformers = require("transformers")
 TOLERANCE = 5e-6  # float32 rounding: measured at most 2.4e-6 (hidden states), 1.2e-6 (logits)
 VOCAB = 250
 TRAIN_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items()] + [
-    "data.seq_len=32", "data.max_predictions=5", f"data.vocab_size={VOCAB}", "train.batch_size=8",
-    "train.log_every=1", "train.eval_every=100", "train.eval_batches=1", "optim.warmup_steps=0", "optim.lr=3e-3",
-    "train.compilation_cache=off", "data.num_proc=1"]
-HF_DIMS = {"vocab_size": VOCAB, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3,
-           "intermediate_size": 96, "max_position_embeddings": 64, "type_vocab_size": 2}
+  "data.seq_len=32",
+  "data.max_predictions=5",
+  f"data.vocab_size={VOCAB}",
+  "train.batch_size=8",
+  "train.log_every=1",
+  "train.eval_every=100",
+  "train.eval_batches=1",
+  "optim.warmup_steps=0",
+  "optim.lr=3e-3",
+  "train.compilation_cache=off",
+  "data.num_proc=1",
+]
+HF_DIMS = {
+  "vocab_size": VOCAB,
+  "hidden_size": 48,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 3,
+  "intermediate_size": 96,
+  "max_position_embeddings": 64,
+  "type_vocab_size": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +60,10 @@ def corpus(tmp_path_factory):
 
 
 def _train_config(corpus, *extra):
-  return config_lib.load_config("configs/tiny.py", TRAIN_OVERRIDES + [
-      f"data.source=files:{corpus}/corpus.txt", f"data.cache_dir={corpus}/cache", *extra])
+  return config_lib.load_config(
+    "configs/tiny.py",
+    TRAIN_OVERRIDES + [f"data.source=files:{corpus}/corpus.txt", f"data.cache_dir={corpus}/cache", *extra],
+  )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +109,14 @@ def hf_pretraining_folder(tmp_path_factory, corpus):
 
 def _batch(auto, corpus, rows=4, seq_len=32, seed=0):
   docs = numbered_documents(40)
-  enc = auto([d[0] for d in docs[:rows]], [d[1] for d in docs[:rows]], padding="max_length", truncation=True,
-             max_length=seq_len, return_tensors="np")
+  enc = auto(
+    [d[0] for d in docs[:rows]],
+    [d[1] for d in docs[:rows]],
+    padding="max_length",
+    truncation=True,
+    max_length=seq_len,
+    return_tensors="np",
+  )
   rng = np.random.default_rng(seed)
   lengths = enc["attention_mask"].sum(1)
   positions = np.stack([np.sort(rng.choice(np.arange(1, n), 5, replace=False)) for n in lengths])
@@ -118,11 +142,12 @@ def test_export_loads_in_transformers_with_the_same_logits(trained, hf_export, c
   with jax.default_matmul_precision("highest"):
     mlm, nsp = ours(ids, segments, mask, positions)
   with torch.no_grad():
-    out = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments),
-                attention_mask=torch.tensor(mask))
+    out = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments), attention_mask=torch.tensor(mask))
   hf_mlm = np.take_along_axis(out.prediction_logits.numpy(), positions[..., None], axis=1)
-  errors = {"mlm": float(np.abs(np.asarray(mlm)[..., :VOCAB] - hf_mlm).max()),
-            "nsp": float(np.abs(np.asarray(nsp) - out.seq_relationship_logits.numpy()).max())}
+  errors = {
+    "mlm": float(np.abs(np.asarray(mlm)[..., :VOCAB] - hf_mlm).max()),
+    "nsp": float(np.abs(np.asarray(nsp) - out.seq_relationship_logits.numpy()).max()),
+  }
   print(f"\nexported trained model, bertjax vs transformers max abs logit errors: {errors}")
   assert max(errors.values()) <= TOLERANCE, errors
 
@@ -168,8 +193,14 @@ def test_a_plain_bert_model_imports_and_pretraining_continues(tmp_path, corpus, 
   model = _hf_folder(folder, transformers.BertModel, corpus, legacy_bin=True)
   result = import_hf.import_hf(folder, tmp_path / "run")
   assert result.fresh_parameters == [
-      "mlm_head/output_bias", "mlm_head/transform_bias", "mlm_head/transform_kernel",
-      "mlm_head/transform_norm/bias", "mlm_head/transform_norm/scale", "nsp_head/bias", "nsp_head/kernel"]
+    "mlm_head/output_bias",
+    "mlm_head/transform_bias",
+    "mlm_head/transform_kernel",
+    "mlm_head/transform_norm/bias",
+    "mlm_head/transform_norm/scale",
+    "nsp_head/bias",
+    "nsp_head/kernel",
+  ]
   config = config_lib.read_config(tmp_path / "run")
   assert (config.model.hidden_size, config.model.num_heads, config.data.vocab_size) == (48, 3, VOCAB)
 
@@ -179,20 +210,25 @@ def test_a_plain_bert_model_imports_and_pretraining_continues(tmp_path, corpus, 
   auto = transformers.AutoTokenizer.from_pretrained(str(folder))
   ids, segments, mask, _ = _batch(auto, corpus)
   with torch.no_grad():
-    reference = model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments),
-                      attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    reference = model(
+      input_ids=torch.tensor(ids), token_type_ids=torch.tensor(segments), attention_mask=torch.tensor(mask)
+    ).last_hidden_state.numpy()
   with jax.default_matmul_precision("highest"):
     hidden = np.asarray(ours.encode(ids, segments, mask))
-    hidden_from_jax = np.asarray(ours.encode(jax.numpy.asarray(ids), jax.numpy.asarray(segments),
-                                             jax.numpy.asarray(mask)))
+    hidden_from_jax = np.asarray(
+      ours.encode(jax.numpy.asarray(ids), jax.numpy.asarray(segments), jax.numpy.asarray(mask))
+    )
   error = float(np.abs(hidden - reference)[mask == 1].max())
   print(f"\nfrom_pretrained(BertModel folder).encode vs BertModel max abs error: {error}")
   assert error <= TOLERANCE
   np.testing.assert_array_equal(hidden, hidden_from_jax)
 
   train_config = config_lib.read_config(tmp_path / "run")
-  for override in TRAIN_OVERRIDES[len(MICRO):] + [f"data.source=files:{corpus}/corpus.txt",
-                                                   f"data.cache_dir={tmp_path}/cache", "train.steps=2"]:
+  for override in TRAIN_OVERRIDES[len(MICRO) :] + [
+    f"data.source=files:{corpus}/corpus.txt",
+    f"data.cache_dir={tmp_path}/cache",
+    "train.steps=2",
+  ]:
     if not override.startswith("data.vocab_size"):
       config_lib.apply_override(train_config, override)
   with caplog.at_level(logging.INFO, logger="bertjax.train.loop"):
@@ -248,13 +284,16 @@ def test_bad_inputs_are_one_clear_line(tmp_path, trained, hf_pretraining_folder)
     return bad
 
   cases = {
-      "no-weights": (variant("no-weights", drop=("model.safetensors",)), "holds no model.safetensors or pytorch_model.bin"),
-      "no-config": (variant("no-config", drop=("config.json",)), "holds no config.json"),
-      "roberta": (variant("roberta", config_changes={"model_type": "roberta"}), "model_type is 'roberta'"),
-      "shapes": (variant("shapes", config_changes={"intermediate_size": 64}), r"shape \(96, 48\), expected \(64, 48\)"),
-      "relu": (variant("relu", config_changes={"hidden_act": "relu"}), "hidden_act is 'relu'"),
-      "no-tokenizer": (variant("no-tokenizer", drop=("vocab.txt",)), "holds no vocab.txt, tokenizer.json or spm.model"),
-      "missing": (tmp_path / "nowhere", "no such folder"),
+    "no-weights": (
+      variant("no-weights", drop=("model.safetensors",)),
+      "holds no model.safetensors or pytorch_model.bin",
+    ),
+    "no-config": (variant("no-config", drop=("config.json",)), "holds no config.json"),
+    "roberta": (variant("roberta", config_changes={"model_type": "roberta"}), "model_type is 'roberta'"),
+    "shapes": (variant("shapes", config_changes={"intermediate_size": 64}), r"shape \(96, 48\), expected \(64, 48\)"),
+    "relu": (variant("relu", config_changes={"hidden_act": "relu"}), "hidden_act is 'relu'"),
+    "no-tokenizer": (variant("no-tokenizer", drop=("vocab.txt",)), "holds no vocab.txt, tokenizer.json or spm.model"),
+    "missing": (tmp_path / "nowhere", "no such folder"),
   }
   for name, (source, pattern) in cases.items():
     with pytest.raises(BertjaxError, match=pattern) as error:

@@ -18,8 +18,15 @@ torch = require("torch")
 transformers = require("transformers")
 
 TOLERANCE = 5e-6  # float32 rounding: measured at most 2.4e-6 (hidden states), 1.2e-6 (logits)
-HF_DIMS = dict(vocab_size=250, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-               intermediate_size=96, max_position_embeddings=64, type_vocab_size=2)
+HF_DIMS = dict(
+  vocab_size=250,
+  hidden_size=48,
+  num_hidden_layers=2,
+  num_attention_heads=3,
+  intermediate_size=96,
+  max_position_embeddings=64,
+  type_vocab_size=2,
+)
 LENGTHS = (16, 11, 7)  # row 0 full, the others right-padded
 MASKED_POSITIONS = np.array([[1, 5, 9, 15], [0, 3, 8, 10], [2, 4, 5, 6]])
 
@@ -44,7 +51,7 @@ def batch():
   mask = (positions[None] < np.array(LENGTHS)[:, None]).astype(np.int64)
   segments = ((positions[None] >= (np.array(LENGTHS) // 2)[:, None]) & (mask == 1)).astype(np.int64)
   ids = np.where(mask == 1, ids, 0)
-  assert (MASKED_POSITIONS < np.array(LENGTHS)[:, None]).all()
+  assert (np.array(LENGTHS)[:, None] > MASKED_POSITIONS).all()
   return dict(input_ids=ids, segment_ids=segments, attention_mask=mask)
 
 
@@ -65,8 +72,11 @@ def _bertjax_outputs(model, batch):
 
 
 def _hf_outputs(hf_model, batch):
-  kwargs = dict(input_ids=torch.tensor(batch["input_ids"]), token_type_ids=torch.tensor(batch["segment_ids"]),
-                attention_mask=torch.tensor(batch["attention_mask"]))
+  kwargs = dict(
+    input_ids=torch.tensor(batch["input_ids"]),
+    token_type_ids=torch.tensor(batch["segment_ids"]),
+    attention_mask=torch.tensor(batch["attention_mask"]),
+  )
   with torch.no_grad():
     hidden = hf_model.bert(**kwargs).last_hidden_state.numpy()
     out = hf_model(**kwargs)
@@ -78,9 +88,9 @@ def _max_errors(bertjax_out, hf_out, batch, vocab_size):
   real = batch["attention_mask"] == 1
   (h_bj, mlm_bj, nsp_bj), (h_hf, mlm_hf, nsp_hf) = bertjax_out, hf_out
   return {
-      "sequence": float(np.abs(h_bj[real] - h_hf[real]).max()),
-      "mlm": float(np.abs(mlm_bj[..., :vocab_size] - mlm_hf).max()),
-      "nsp": float(np.abs(nsp_bj - nsp_hf).max()),
+    "sequence": float(np.abs(h_bj[real] - h_hf[real]).max()),
+    "mlm": float(np.abs(mlm_bj[..., :vocab_size] - mlm_hf).max()),
+    "nsp": float(np.abs(nsp_bj - nsp_hf).max()),
   }
 
 
@@ -92,7 +102,7 @@ def test_imported_transformers_model_gives_the_same_outputs(hf_model, batch):
   errors = _max_errors(bertjax_out, _hf_outputs(hf_model, batch), batch, cfg.vocab_size)
   print(f"\nHF -> bertjax max abs errors: {errors}")
   assert max(errors.values()) <= TOLERANCE, f"max abs errors {errors} exceed {TOLERANCE}"
-  padded_logits = bertjax_out[1][..., cfg.vocab_size:]
+  padded_logits = bertjax_out[1][..., cfg.vocab_size :]
   assert (padded_logits == np.finfo(np.float32).min).all(), "padded vocabulary logits are not masked"
 
 
@@ -130,8 +140,8 @@ def test_round_trips_are_exact(hf_model):
   back, _ = names.from_hf_state_dict(names.to_hf_state_dict(original, cfg), cfg)
   for path in ("embeddings/word", "mlm_head/output_bias"):
     head, leaf = path.split("/")
-    assert (back[head][leaf][cfg.vocab_size:] == 0).all()
-    original[head][leaf][cfg.vocab_size:] = 0
+    assert (back[head][leaf][cfg.vocab_size :] == 0).all()
+    original[head][leaf][cfg.vocab_size :] = 0
   jax.tree.map(np.testing.assert_array_equal, back, original)
 
 
@@ -143,9 +153,15 @@ def test_plain_bert_model_imports_and_lists_missing_heads(hf_model, with_positio
   if with_position_ids:  # older transformers saved this buffer with the weights
     state_dict["embeddings.position_ids"] = np.arange(HF_DIMS["max_position_embeddings"])[None]
   cfg, model, missing = _import(state_dict, hf_model.config.to_dict())
-  assert missing == ["mlm_head/output_bias", "mlm_head/transform_bias", "mlm_head/transform_kernel",
-                     "mlm_head/transform_norm/bias", "mlm_head/transform_norm/scale",
-                     "nsp_head/bias", "nsp_head/kernel"]
+  assert missing == [
+    "mlm_head/output_bias",
+    "mlm_head/transform_bias",
+    "mlm_head/transform_kernel",
+    "mlm_head/transform_norm/bias",
+    "mlm_head/transform_norm/scale",
+    "nsp_head/bias",
+    "nsp_head/kernel",
+  ]
   params = load.params_of(model)
   fresh = load.params_of(init_model(cfg, seed=1))
   np.testing.assert_array_equal(params["nsp_head"]["kernel"], fresh["nsp_head"]["kernel"])

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from bertjax.config import loading as config_lib
-from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.data.corpus import load_corpus
+from bertjax.hf import tokenizer as hf_tokenizer
 from tests.support.extras import require
 
 transformers = require("transformers")
@@ -43,14 +43,21 @@ def _check_parity(tokenizer, auto, sentences):
   assert pair["input_ids"] == [tokenizer.cls_id, *a, tokenizer.sep_id, *b, tokenizer.sep_id]
   assert pair["token_type_ids"] == [0] * (len(a) + 2) + [1] * (len(b) + 1)
   assert (auto.pad_token_id, auto.unk_token_id, auto.cls_token_id, auto.sep_token_id, auto.mask_token_id) == tuple(
-      tokenizer.special_ids.tolist())
+    tokenizer.special_ids.tolist()
+  )
 
 
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_sentencepiece_export_gives_autotokenizer_the_same_ids(tmp_path, builtin_sentences, model_type):
-  config = config_lib.load_config("configs/tiny.py", [
-      "data.source=builtin", "data.vocab_size=1000", f"data.tokenizer_model={model_type}",
-      "data.tokenizer_sentences=2000"])
+  config = config_lib.load_config(
+    "configs/tiny.py",
+    [
+      "data.source=builtin",
+      "data.vocab_size=1000",
+      f"data.tokenizer_model={model_type}",
+      "data.tokenizer_sentences=2000",
+    ],
+  )
   tokenizer = tokenizer_lib.train_tokenizer(config, tmp_path / "spm")
   auto = _export_to(tokenizer, tmp_path / "export")
   _check_parity(tokenizer, auto, builtin_sentences)
@@ -69,7 +76,9 @@ def test_sentencepiece_export_gives_autotokenizer_the_same_ids(tmp_path, builtin
 def _vocab_txt(sentences, size=600):
   words = sorted({w.strip('.,:;"()').lower() for s in sentences[:400] for w in s.split()} - {""})
   specials = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-  pieces = specials + list("abcdefghijklmnopqrstuvwxyz0123456789.,:;\"()") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+  pieces = (
+    specials + list('abcdefghijklmnopqrstuvwxyz0123456789.,:;"()') + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+  )
   return pieces + [w for w in words if w not in pieces][: size - len(pieces)]
 
 

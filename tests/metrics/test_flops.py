@@ -16,22 +16,26 @@ BERT_VOCAB = 30522  # bert-base-uncased; padded to 30592 = 239 * 128
 
 def bert(variant: str, **changes) -> model_config.BertConfig:
   v = model_config.VARIANTS[variant]
-  return model_config.BertConfig(vocab_size=BERT_VOCAB, hidden_size=v.hidden_size, num_layers=v.num_layers,
-                                 num_heads=v.num_heads, intermediate_size=v.intermediate_size, **changes)
-
-
+  return model_config.BertConfig(
+    vocab_size=BERT_VOCAB,
+    hidden_size=v.hidden_size,
+    num_layers=v.num_layers,
+    num_heads=v.num_heads,
+    intermediate_size=v.intermediate_size,
+    **changes,
+  )
 
 
 def test_flops_of_bert_base_at_128_with_20_predictions_match_the_hand_count():
   h, i, n, seq, preds, vocab = 768, 3072, 12, 128, 20, 30592
-  qkv = 2 * h * 3 * h               # 3,538,944 per token
-  attention_out = 2 * h * h         # 1,179,648 per token
-  ffn = 2 * h * i * 2               # 9,437,184 per token
+  qkv = 2 * h * 3 * h  # 3,538,944 per token
+  attention_out = 2 * h * h  # 1,179,648 per token
+  ffn = 2 * h * i * 2  # 9,437,184 per token
   per_token_dense = qkv + attention_out + ffn  # 14,155,776
-  scores_and_context = 2 * 2 * seq * seq * h   # 50,331,648 per layer per sequence
+  scores_and_context = 2 * 2 * seq * seq * h  # 50,331,648 per layer per sequence
   encoder = n * (seq * per_token_dense + scores_and_context)  # 12 * 1,862,270,976 = 22,347,251,712
-  pooler_and_nsp = 2 * h * h + 2 * h * 2       # 1,179,648 + 3,072
-  mlm = preds * (2 * h * h + 2 * h * vocab)    # 20 * (1,179,648 + 46,989,312) = 963,379,200
+  pooler_and_nsp = 2 * h * h + 2 * h * 2  # 1,179,648 + 3,072
+  mlm = preds * (2 * h * h + 2 * h * vocab)  # 20 * (1,179,648 + 46,989,312) = 963,379,200
   forward = encoder + pooler_and_nsp + mlm
   assert forward == 23_311_813_632
   cfg = bert("base")
@@ -44,7 +48,9 @@ def test_flops_of_bert_base_at_128_with_20_predictions_match_the_hand_count():
 def test_training_is_three_forwards():
   for variant, seq, preds in (("base", 128, 20), ("large", 512, 80), ("tiny", 64, 10)):
     cfg = bert(variant)
-    assert metrics.flops_per_sequence(cfg, seq, preds) == 3 * metrics.flops_per_sequence(cfg, seq, preds, training=False)
+    assert metrics.flops_per_sequence(cfg, seq, preds) == 3 * metrics.flops_per_sequence(
+      cfg, seq, preds, training=False
+    )
 
 
 def test_mlm_head_cost_follows_max_predictions_not_seq_len():
@@ -79,18 +85,30 @@ def test_six_n_approximation_is_close_for_base_at_128():
 def test_dense_terms_are_twice_the_encoder_kernels_per_token():
   cfg = bert("base")
   params = nnx.state(model_lib.abstract_model(cfg).encoder, nnx.Param)
-  kernels = sum(math.prod(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                if "kernel" in jax.tree_util.keystr(path))
-  one_token_no_attention_no_heads = (metrics.flops_per_sequence(cfg, 1, 0, training=False)
-                                     - 12 * 4 * 768 - (2 * 768 * 768 + 4 * 768))
+  kernels = sum(
+    math.prod(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    if "kernel" in jax.tree_util.keystr(path)
+  )
+  one_token_no_attention_no_heads = (
+    metrics.flops_per_sequence(cfg, 1, 0, training=False) - 12 * 4 * 768 - (2 * 768 * 768 + 4 * 768)
+  )
   assert one_token_no_attention_no_heads == 2 * kernels
 
 
 def test_forward_flops_agree_with_xla_cost_analysis():
   # XLA also counts elementwise work (softmax, GELU, LayerNorm, biases) that the model leaves out,
   # so it sits a little above; layers unrolled because cost analysis counts a scan body once.
-  cfg = model_config.BertConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024,
-                             scan_layers=False, dropout=0.0, attention_dropout=0.0)
+  cfg = model_config.BertConfig(
+    vocab_size=1000,
+    hidden_size=256,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=1024,
+    scan_layers=False,
+    dropout=0.0,
+    attention_dropout=0.0,
+  )
   graphdef, state = nnx.split(model_lib.abstract_model(cfg))
   batch, seq, preds = 2, 128, 20
 
@@ -98,8 +116,12 @@ def test_forward_flops_agree_with_xla_cost_analysis():
     return nnx.merge(graphdef, state)(ids, segments, mask, positions)
 
   ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  cost = jax.jit(forward).lower(state, ints(batch, seq), ints(batch, seq), ints(batch, seq),
-                                ints(batch, preds)).compile().cost_analysis()
+  cost = (
+    jax.jit(forward)
+    .lower(state, ints(batch, seq), ints(batch, seq), ints(batch, seq), ints(batch, preds))
+    .compile()
+    .cost_analysis()
+  )
   cost = cost[0] if isinstance(cost, list) else cost
   xla_per_sequence = cost["flops"] / batch
   model = metrics.flops_per_sequence(cfg, seq, preds, training=False)
@@ -110,11 +132,22 @@ def test_forward_flops_agree_with_xla_cost_analysis():
 # Peaks and throughput
 
 
-@pytest.mark.parametrize("kind, tflops", [
-    ("TPU v4", 275), ("TPU v5 lite", 197), ("TPU v5e", 197), ("TPU v5p", 459), ("TPU v5", 459),
-    ("TPU v6 lite", 918), ("TPU v6e", 918), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
-    ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA A100-SXM4-80GB", 312),
-])
+@pytest.mark.parametrize(
+  "kind, tflops",
+  [
+    ("TPU v4", 275),
+    ("TPU v5 lite", 197),
+    ("TPU v5e", 197),
+    ("TPU v5p", 459),
+    ("TPU v5", 459),
+    ("TPU v6 lite", 918),
+    ("TPU v6e", 918),
+    ("NVIDIA H100 80GB HBM3", 989),
+    ("NVIDIA H200", 989),
+    ("NVIDIA A100-SXM4-40GB", 312),
+    ("NVIDIA A100-SXM4-80GB", 312),
+  ],
+)
 def test_datasheet_peak_for_each_device_kind(kind, tflops):
   assert metrics.peak_flops_per_device(kind) == tflops * 1e12
 
@@ -142,6 +175,10 @@ def test_throughput_and_mfu_arithmetic():
 
 def test_throughput_without_a_peak_leaves_mfu_out():
   meter = metrics.Throughput(flops_per_sequence=1e9, num_devices=1, peak_flops_per_device=None)
-  assert set(meter.update(step=1, sequences=8, tokens=1000, seconds=0.5)) == {"tokens_per_s", "sequences_per_s", "step_s"}
+  assert set(meter.update(step=1, sequences=8, tokens=1000, seconds=0.5)) == {
+    "tokens_per_s",
+    "sequences_per_s",
+    "step_s",
+  }
   with pytest.raises(ValueError):
     meter.update(step=2, sequences=8, tokens=1000, seconds=0.0)

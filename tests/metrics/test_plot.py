@@ -9,15 +9,21 @@ from bertjax.metrics import plot
 from bertjax.metrics import writer as metrics
 
 
-
-
 def test_plot_curves_writes_a_png_of_train_and_eval(tmp_path):
 
   with metrics.MetricsWriter(tmp_path) as writer:
     for step in range(0, 200, 10):
       decay = math.exp(-step / 100)
-      writer.write(step, {"loss": 1 + 9 * decay, "mlm_loss": 9 * decay, "nsp_loss": 0.7 * decay,
-                          "mlm_accuracy": 1 - decay, "nsp_accuracy": 1 - 0.5 * decay})
+      writer.write(
+        step,
+        {
+          "loss": 1 + 9 * decay,
+          "mlm_loss": 9 * decay,
+          "nsp_loss": 0.7 * decay,
+          "mlm_accuracy": 1 - decay,
+          "nsp_accuracy": 1 - 0.5 * decay,
+        },
+      )
       if step % 50 == 0:
         writer.write(step, {"loss": 1.5 + 9 * decay, "mlm_accuracy": 0.9 - decay}, split="eval")
   out = plot.plot_curves(tmp_path)
@@ -33,8 +39,11 @@ def test_plot_curves_writes_a_png_of_train_and_eval(tmp_path):
 
 def test_curves_keep_the_latest_record_of_a_step_logged_twice():
 
-  records = [{"step": 10, "split": "train", "loss": 3.0}, {"step": 20, "split": "train", "loss": 2.0},
-             {"step": 10, "split": "train", "loss": 2.5}]  # resumed from step 10
+  records = [
+    {"step": 10, "split": "train", "loss": 3.0},
+    {"step": 20, "split": "train", "loss": 2.0},
+    {"step": 10, "split": "train", "loss": 2.5},
+  ]  # resumed from step 10
   assert plot.curves_by_split(records, "loss") == {"train": ([10, 20], [2.5, 2.0])}
 
 

@@ -5,8 +5,6 @@ import io
 from bertjax.metrics import progress as metrics
 
 
-
-
 class FakeClock:
   def __init__(self):
     self.now = 1000.0
@@ -24,8 +22,8 @@ def test_progress_bar_prints_a_line_per_update_off_a_terminal():
   bar.update(300, {"loss": 5.0})
   bar.close()
   assert stream.getvalue().splitlines() == [
-      "step  200/1000 | loss 6.5432 | mlm_acc 0.1234 | nsp_acc 0.6000 | 123,457 tok/s | ETA 8m00s",
-      "step  300/1000 | loss 5.0000 | ETA 3h33m",  # (60 + 3600) s / 200 steps * 700 steps = 12810 s = 3h33m30s
+    "step  200/1000 | loss 6.5432 | mlm_acc 0.1234 | nsp_acc 0.6000 | 123,457 tok/s | ETA 8m00s",
+    "step  300/1000 | loss 5.0000 | ETA 3h33m",  # (60 + 3600) s / 200 steps * 700 steps = 12810 s = 3h33m30s
   ]
   assert "\r" not in stream.getvalue()
 

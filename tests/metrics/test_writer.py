@@ -9,8 +9,6 @@ import pytest
 from bertjax.metrics import writer as metrics
 
 
-
-
 def _write_two_steps(workdir, writer_cls=metrics.MetricsWriter):
   with writer_cls(workdir) as writer:
     writer.write(10, {"loss": 7.5, "mlm_accuracy": np.float32(0.125), "skipped_steps": np.int64(0)})

@@ -146,8 +146,9 @@ def test_padding_content_does_not_change_real_positions():
   batch = synthetic_batch()
   pad = batch["attention_mask"] == 0
   assert pad.any()
-  noisy = dict(batch, input_ids=np.where(pad, 77, batch["input_ids"]),
-               segment_ids=np.where(pad, 1, batch["segment_ids"]))
+  noisy = dict(
+    batch, input_ids=np.where(pad, 77, batch["input_ids"]), segment_ids=np.where(pad, 1, batch["segment_ids"])
+  )
   h0 = model.encode(batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
   h1 = model.encode(noisy["input_ids"], noisy["segment_ids"], noisy["attention_mask"])
   real = ~pad
@@ -171,8 +172,15 @@ def test_packed_pairs_attend_only_within_their_pair():
   np.testing.assert_allclose(h[0, :10], alone_a[0], atol=1e-5)
   np.testing.assert_allclose(h[0, 10:24], alone_b[0], atol=1e-5)
   # Each pair's NSP logits come from its own [CLS]: nsp_positions [B, K] gives [B, K, 2].
-  _, nsp = model(packed, segments, (pair_ids > 0).astype(np.int32), np.zeros((1, 3), np.int32),
-                 position_ids=positions, pair_ids=pair_ids, nsp_positions=np.array([[0, 10]]))
+  _, nsp = model(
+    packed,
+    segments,
+    (pair_ids > 0).astype(np.int32),
+    np.zeros((1, 3), np.int32),
+    position_ids=positions,
+    pair_ids=pair_ids,
+    nsp_positions=np.array([[0, 10]]),
+  )
   _, nsp_a = model(a[None], np.zeros((1, 10), np.int32), np.ones((1, 10), np.int32), np.zeros((1, 3), np.int32))
   assert nsp.shape == (1, 2, 2)
   np.testing.assert_allclose(nsp[0, 0], nsp_a[0], atol=1e-5)
@@ -206,8 +214,11 @@ def test_init_is_deterministic_in_the_seed():
 
 
 def test_truncated_normal_init_matches_bert():
-  word = np.asarray(nnx.state(model_lib.init_model(micro_bert(vocab_size=30000, hidden_size=64), 0), nnx.Param)
-                    ["embeddings"]["word"][...])[:30000]
+  word = np.asarray(
+    nnx.state(model_lib.init_model(micro_bert(vocab_size=30000, hidden_size=64), 0), nnx.Param)["embeddings"]["word"][
+      ...
+    ]
+  )[:30000]
   assert np.abs(word).max() <= 2 * 0.02 + 1e-7  # truncated at two standard deviations
   assert 0.015 < word.std() < 0.02
 

@@ -23,7 +23,9 @@ def _resolve(mesh_cfg, devices):
   return layout.mesh_shape(mesh_cfg, devices)
 
 
-@pytest.mark.parametrize("keys, devices, shape", [
+@pytest.mark.parametrize(
+  "keys, devices, shape",
+  [
     (dict(), 8, (8, 1, 1)),  # the default: data fills
     (dict(parallelism="data"), 64, (64, 1, 1)),
     (dict(parallelism="fsdp"), 64, (1, 64, 1)),
@@ -32,12 +34,15 @@ def _resolve(mesh_cfg, devices):
     (dict(parallelism="fsdp_tensor", tensor=8, dcn_data=2), 64, (2, 4, 8)),
     (dict(parallelism="data", dcn_data=4), 64, (64, 1, 1)),
     (dict(data=4, fsdp=-1, dcn_data=2), 64, (4, 16, 1)),  # sizes by hand, slices inside data
-])
+  ],
+)
 def test_a_named_layout_fills_the_devices(keys, devices, shape):
   assert _resolve(_mesh(**keys), devices) == shape
 
 
-@pytest.mark.parametrize("keys, devices, message", [
+@pytest.mark.parametrize(
+  "keys, devices, message",
+  [
     (dict(parallelism="zero3"), 8, r"mesh.parallelism='zero3' is not a layout; choose data, fsdp, fsdp_tensor"),
     (dict(parallelism="fsdp", fsdp=4), 8, r"mesh.fsdp=4 conflicts with mesh.parallelism=fsdp.*leave mesh.fsdp=1"),
     (dict(parallelism="data", data=8), 8, r"mesh.data=8 conflicts with mesh.parallelism=data"),
@@ -49,7 +54,8 @@ def test_a_named_layout_fills_the_devices(keys, devices, shape):
     (dict(dcn_data=3), 8, r"mesh.dcn_data=3: 8 devices do not split into 3 equal slices"),
     (dict(data=2, fsdp=-1, dcn_data=4), 8, r"mesh.data=2 is not a multiple of mesh.dcn_data=4"),
     (dict(fsdp=0), 8, r"mesh.fsdp=0 is not a size"),
-])
+  ],
+)
 def test_a_bad_mesh_config_names_the_key_and_the_fix(keys, devices, message):
   with pytest.raises(BertjaxError, match=message):
     _resolve(_mesh(**keys), devices)

@@ -34,34 +34,53 @@ def _trace(tmp_path, events):
 
 
 def test_the_summary_counts_gpu_kernels_per_step_and_device_and_not_host_events(tmp_path):
-  events = [{"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "X", "pid": 9, "tid": 1, "name": "PjitFunction(train_step)", "dur": 99000}]
+  events = [
+    {"ph": "M", "pid": 9, "name": "process_name", "args": {"name": "/host:CPU"}},
+    {"ph": "X", "pid": 9, "tid": 1, "name": "PjitFunction(train_step)", "dur": 99000},
+  ]
   for pid in (1, 2):  # two GPUs, the same kernels on each
-    events += [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"/device:GPU:{pid - 1}"}},
-               *({"ph": "X", "pid": pid, "tid": 7, "name": "gemm", "dur": 3000} for _ in range(4)),
-               *({"ph": "X", "pid": pid, "tid": 7, "name": "memcpy128", "dur": 500} for _ in range(6))]
+    events += [
+      {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"/device:GPU:{pid - 1}"}},
+      *({"ph": "X", "pid": pid, "tid": 7, "name": "gemm", "dur": 3000} for _ in range(4)),
+      *({"ph": "X", "pid": pid, "tid": 7, "name": "memcpy128", "dur": 500} for _ in range(6)),
+    ]
   summary = profile.kernel_summary(_trace(tmp_path, events), steps=2)
   assert summary == {"devices": 2, "busy_ms_per_step": 7.5, "top": [["gemm", 6.0, 2.0], ["memcpy128", 1.5, 3.0]]}
 
 
 def test_the_summary_reads_only_the_op_line_where_a_device_has_one(tmp_path):
-  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:TPU:0"}},
-            {"ph": "M", "pid": 1, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
-            {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "XLA Ops"}},
-            {"ph": "X", "pid": 1, "tid": 2, "name": "jit_train_step", "dur": 5000},
-            {"ph": "X", "pid": 1, "tid": 3, "name": "fusion.1", "dur": 3000},
-            {"ph": "X", "pid": 1, "tid": 3, "name": "convolution.2", "dur": 2000}]
+  events = [
+    {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:TPU:0"}},
+    {"ph": "M", "pid": 1, "tid": 2, "name": "thread_name", "args": {"name": "XLA Modules"}},
+    {"ph": "M", "pid": 1, "tid": 3, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    {"ph": "X", "pid": 1, "tid": 2, "name": "jit_train_step", "dur": 5000},
+    {"ph": "X", "pid": 1, "tid": 3, "name": "fusion.1", "dur": 3000},
+    {"ph": "X", "pid": 1, "tid": 3, "name": "convolution.2", "dur": 2000},
+  ]
   summary = profile.kernel_summary(_trace(tmp_path, events), steps=1)
-  assert summary == {"devices": 1, "busy_ms_per_step": 5.0, "top": [["fusion.1", 3.0, 1.0], ["convolution.2", 2.0, 1.0]]}
+  assert summary == {
+    "devices": 1,
+    "busy_ms_per_step": 5.0,
+    "top": [["fusion.1", 3.0, 1.0], ["convolution.2", 2.0, 1.0]],
+  }
 
 
 def test_the_summary_on_cpu_counts_xla_ops_without_their_enclosing_loops(tmp_path):
   def op(name, dur, device):
-    return {"ph": "X", "pid": 1, "tid": device, "name": name, "dur": dur,
-            "args": {"hlo_op": name, "device_ordinal": str(device)}}
+    return {
+      "ph": "X",
+      "pid": 1,
+      "tid": device,
+      "name": name,
+      "dur": dur,
+      "args": {"hlo_op": name, "device_ordinal": str(device)},
+    }
 
-  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "X", "pid": 1, "tid": 0, "name": "ThunkExecutor::Execute", "dur": 9000},
-            *(op("while.3", 4000, d) for d in (0, 1)), *(op("dot.1", 3000, d) for d in (0, 1))]
+  events = [
+    {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+    {"ph": "X", "pid": 1, "tid": 0, "name": "ThunkExecutor::Execute", "dur": 9000},
+    *(op("while.3", 4000, d) for d in (0, 1)),
+    *(op("dot.1", 3000, d) for d in (0, 1)),
+  ]
   summary = profile.kernel_summary(_trace(tmp_path, events), steps=1)
   assert summary == {"devices": 2, "busy_ms_per_step": 3.0, "top": [["dot.1", 3.0, 1.0]]}

@@ -23,12 +23,21 @@ def _bert_parameter_groups(layers, hidden, intermediate, vocab=PADDED_VOCAB, pos
   """BERT's parameter counts by the mesh axes that shard them (bertjax.parallel.rules.RULES):
   `embed` -> fsdp, `vocab`/`heads`/`mlp`/`embed_out` -> tensor."""
   h, i, n = hidden, intermediate, layers
-  fsdp_only = (2 * h + positions * h + segments * h  # embedding LayerNorm, position and segment tables
-               + n * (h + 2 * h + h + 2 * h)  # attention output bias and LayerNorm, FFN output bias, LayerNorm
-               + 2 * h)  # MLM transform LayerNorm
-  tensor_only = (n * 3 * h + n * i  # QKV bias [qkv, heads, kv], FFN input bias [mlp]
-                 + vocab + h + h  # MLM output bias [vocab], transform bias [embed_out], pooler bias
-                 + h * 2)  # NSP kernel [H, 2]: its hidden axis is named for tensor
+  fsdp_only = (
+    2 * h
+    + positions * h
+    + segments * h  # embedding LayerNorm, position and segment tables
+    + n * (h + 2 * h + h + 2 * h)  # attention output bias and LayerNorm, FFN output bias, LayerNorm
+    + 2 * h
+  )  # MLM transform LayerNorm
+  tensor_only = (
+    n * 3 * h
+    + n * i  # QKV bias [qkv, heads, kv], FFN input bias [mlp]
+    + vocab
+    + h
+    + h  # MLM output bias [vocab], transform bias [embed_out], pooler bias
+    + h * 2
+  )  # NSP kernel [H, 2]: its hidden axis is named for tensor
   both = vocab * h + n * (3 * h * h + h * h + 2 * h * i) + h * h + h * h  # word table, kernels, transform, pooler
   replicated = 2  # NSP bias
   return fsdp_only, tensor_only, both, replicated
@@ -39,7 +48,9 @@ def _hand_param_bytes(groups, fsdp, tensor):
   return 4 * (fsdp_only // fsdp + tensor_only // tensor + both // (fsdp * tensor) + replicated)
 
 
-@pytest.mark.parametrize("config_file, layers, hidden, overrides, devices, kind, fsdp, tensor", [
+@pytest.mark.parametrize(
+  "config_file, layers, hidden, overrides, devices, kind, fsdp, tensor",
+  [
     # BERT-base on a v5p-128 (64 chips), pure FSDP.
     ("configs/base.py", 12, 768, ["mesh.parallelism=fsdp"], 64, "TPU v5p", 64, 1),
     # BERT-large on a v5p-128, pure FSDP (docs/scaling.md's table).
@@ -48,9 +59,9 @@ def _hand_param_bytes(groups, fsdp, tensor):
     ("configs/large.py", 24, 1024, ["mesh.parallelism=fsdp", "mesh.dcn_data=8"], 64, "H100", 8, 1),
     # BERT-large on a v5p-128 with FSDP x tensor 4.
     ("configs/large.py", 24, 1024, ["mesh.parallelism=fsdp_tensor", "mesh.tensor=4"], 64, "TPU v5p", 16, 4),
-])
-def test_dry_run_memory_matches_a_hand_computation(config_file, layers, hidden, overrides, devices, kind, fsdp,
-                                                   tensor):
+  ],
+)
+def test_dry_run_memory_matches_a_hand_computation(config_file, layers, hidden, overrides, devices, kind, fsdp, tensor):
   config = config_lib.load_config(config_file, [f"data.vocab_size={BERT_VOCAB}", *overrides])
   figures = dryrun.describe(config, device_count=devices, device_kind=kind)
   groups = _bert_parameter_groups(layers, hidden, 4 * hidden)
@@ -81,8 +92,9 @@ def test_expected_step_time_is_the_flop_model_over_the_peak():
 
 
 def test_the_report_names_mesh_batch_memory_and_time():
-  config = config_lib.load_config("configs/base.py", [f"data.vocab_size={BERT_VOCAB}", "mesh.parallelism=fsdp",
-                                                      "train.grad_accum=2"])
+  config = config_lib.load_config(
+    "configs/base.py", [f"data.vocab_size={BERT_VOCAB}", "mesh.parallelism=fsdp", "train.grad_accum=2"]
+  )
   report = dryrun.format_report(dryrun.describe(config, device_count=64, device_kind="TPU v5 "))  # v5p's own spelling
   assert "hardware    64 x TPU v5  (459 TFLOP/s dense bf16 peak each)" in report
   assert "mesh        data 1 x fsdp 64 x tensor 1 (mesh.parallelism: fsdp, mesh.dcn_data=1)" in report

@@ -55,7 +55,7 @@ def data_config(source: str, cache_dir, **data):
   c.train.eval_batches = 2
   for key, value in data.items():
     if key.startswith("train_"):
-      c.train[key[len("train_"):]] = value
+      c.train[key[len("train_") :]] = value
     else:
       c.data[key] = value
   return c
@@ -78,6 +78,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_tokenizer(corpus_dir, cache_dir, tmp_path_factory):
   from bertjax.data.tokenizer import train_tokenizer
+
   config = data_config(f"files:{corpus_dir}/*.txt", cache_dir)
   return train_tokenizer(config, tmp_path_factory.mktemp("tok"))
 
@@ -89,11 +90,11 @@ def make_pipeline(corpus_dir, cache_dir, micro_tokenizer):
 
   def make(**data):
     return CachedPipeline(data_config(f"files:{corpus_dir}/*.txt", cache_dir, **data), micro_tokenizer)
+
   return make
 
 
-def streaming_config(source: str, cache_dir, window_documents: int = 16, eval_documents: int = 6,
-                     **data):
+def streaming_config(source: str, cache_dir, window_documents: int = 16, eval_documents: int = 6, **data):
   """The micro config read as a stream: windows of 16 documents, the first 6 held out."""
   c = data_config(source, cache_dir, streaming=True, **data)
   c.data.streaming_window_documents = window_documents
@@ -104,9 +105,9 @@ def streaming_config(source: str, cache_dir, window_documents: int = 16, eval_do
 def write_jsonl_hub(folder, docs, column: str = "text") -> None:
   """A local dataset folder for `hf:FOLDER` (datasets' json builder): one document per line."""
   import json
+
   folder.mkdir(parents=True, exist_ok=True)
-  (folder / "train.jsonl").write_text(
-      "".join(json.dumps({column: "\n".join(doc)}) + "\n" for doc in docs))
+  (folder / "train.jsonl").write_text("".join(json.dumps({column: "\n".join(doc)}) + "\n" for doc in docs))
 
 
 @pytest.fixture(scope="session")
@@ -114,10 +115,12 @@ def make_streaming(corpus_dir, cache_dir, micro_tokenizer, tmp_path_factory):
   """Builds a streaming micro pipeline over the session corpus: `files:` (the .txt parts) or
   `hf:` (the same documents as a local jsonl dataset folder, read with streaming=True)."""
   from bertjax.data.pipeline import make_pipeline
+
   hub = tmp_path_factory.mktemp("hub")
   write_jsonl_hub(hub, numbered_documents())
 
   def make(source: str = "files", **data):
     path = f"files:{corpus_dir}/*.txt" if source == "files" else f"hf:{hub}"
     return make_pipeline(streaming_config(path, cache_dir, **data), micro_tokenizer)
+
   return make

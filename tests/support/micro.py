@@ -48,8 +48,13 @@ def forward(model, batch, dropout_key=None):
 
 
 def eager_forward(model, batch, dropout_key=None):
-  return model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["masked_positions"],
-               dropout_key=dropout_key)
+  return model(
+    batch["input_ids"],
+    batch["segment_ids"],
+    batch["attention_mask"],
+    batch["masked_positions"],
+    dropout_key=dropout_key,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -69,5 +74,6 @@ def compiled_steps(mesh_shape, cfg=None, grad_accum=1, devices=None, **optim_cha
   mesh_cfg = dict(zip(MESH_AXES, mesh_shape))
   devices = jax.devices()[: int(np.prod(mesh_shape))] if devices is None else devices
   mesh = mesh_lib.make_mesh(mesh_cfg, devices)
-  return steps_lib.compile_steps(cfg or micro_bert(dropout=0.0, attention_dropout=0.0), optim_config(**optim_changes),
-                                 100, grad_accum, mesh)
+  return steps_lib.compile_steps(
+    cfg or micro_bert(dropout=0.0, attention_dropout=0.0), optim_config(**optim_changes), 100, grad_accum, mesh
+  )

@@ -18,9 +18,16 @@ from tests.support.corpora import numbered_documents, write_bert_text
 from tests.support.micro import MICRO
 
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items()] + [
-    "data.seq_len=32", "data.max_predictions=5", "data.vocab_size=256", "train.batch_size=8",
-    "train.log_every=1", "train.eval_batches=2", "optim.warmup_steps=0", "optim.lr=3e-3",
-    "train.compilation_cache=off"]
+  "data.seq_len=32",
+  "data.max_predictions=5",
+  "data.vocab_size=256",
+  "train.batch_size=8",
+  "train.log_every=1",
+  "train.eval_batches=2",
+  "optim.warmup_steps=0",
+  "optim.lr=3e-3",
+  "train.compilation_cache=off",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +42,27 @@ def corpus_and_tokenizer(tmp_path_factory):
 
 def run_config(root, *extra):
   """The validated micro run config over `corpus_and_tokenizer`'s corpus, with `extra` overrides."""
-  return loading.load_config("configs/tiny.py", MICRO_OVERRIDES + [
-      f"data.source=files:{root}/corpus.txt", f"data.tokenizer={root}/tokenizer",
-      f"data.cache_dir={root}/cache", *extra])
+  return loading.load_config(
+    "configs/tiny.py",
+    MICRO_OVERRIDES
+    + [
+      f"data.source=files:{root}/corpus.txt",
+      f"data.tokenizer={root}/tokenizer",
+      f"data.cache_dir={root}/cache",
+      *extra,
+    ],
+  )
 
 
 def train_args(root, workdir, steps=4):
   """`bertjax train` arguments for the micro run over `corpus_and_tokenizer`'s corpus."""
-  overrides = MICRO_OVERRIDES + [f"data.source=files:{root}/corpus.txt", f"data.tokenizer={root}/tokenizer",
-                                 f"data.cache_dir={root}/cache", f"train.steps={steps}", "train.eval_every=100"]
+  overrides = MICRO_OVERRIDES + [
+    f"data.source=files:{root}/corpus.txt",
+    f"data.tokenizer={root}/tokenizer",
+    f"data.cache_dir={root}/cache",
+    f"train.steps={steps}",
+    "train.eval_every=100",
+  ]
   return ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
 
 
@@ -59,18 +78,30 @@ def free_port() -> int:
 
 def launch(args, devices: int, extra_env=None) -> subprocess.Popen:
   """`python -m bertjax ARGS` in a new process with `devices` fake CPU devices; output merged."""
-  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
-             **(extra_env or {}))
-  return subprocess.Popen([sys.executable, "-m", "bertjax", *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.getcwd(),
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+    **(extra_env or {}),
+  )
+  return subprocess.Popen(
+    [sys.executable, "-m", "bertjax", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def launch_job(args, processes=2, devices=2, extra_env=None) -> list[subprocess.Popen]:
   """`processes` processes of one command, joined through a coordinator on localhost."""
   port = free_port()
-  return [launch(args + ["--coordinator", f"localhost:{port}", "--num_processes", str(processes),
-                         "--process_id", str(i)], devices=devices, extra_env=extra_env) for i in range(processes)]
+  return [
+    launch(
+      args + ["--coordinator", f"localhost:{port}", "--num_processes", str(processes), "--process_id", str(i)],
+      devices=devices,
+      extra_env=extra_env,
+    )
+    for i in range(processes)
+  ]
 
 
 def signal_at_step(procs, step: int, steps: int, sig, target: int) -> list[str]:

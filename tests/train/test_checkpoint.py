@@ -1,4 +1,4 @@
-"""Checkpoints: round trips, exact resume after real signals (one process or a job), other meshes, warm starts, faults."""
+"""Checkpoints: round trips, exact resume after real signals (one process or a job), other meshes, faults."""
 
 import contextlib
 import logging
@@ -58,8 +58,9 @@ def test_every_leaf_round_trips_and_lands_on_another_mesh(tmp_path):
   assert set(word.sharding.device_set) == set(jax.devices()[4:6])
   # Training goes on with the same losses on the new mesh.
   _, before = saved_on.train(state, batch)
-  _, after = restore_on.train(restored, {k: jax.device_put(jax.device_get(v), restore_on.batch_sharding)
-                                         for k, v in batch.items()})
+  _, after = restore_on.train(
+    restored, {k: jax.device_put(jax.device_get(v), restore_on.batch_sharding) for k, v in batch.items()}
+  )
   np.testing.assert_allclose(after["loss"], before["loss"], rtol=1e-6)
 
 
@@ -98,8 +99,9 @@ def test_retention_keeps_the_last_k_and_every_kth(tmp_path):
 
 
 def _truncate_a_file(step_dir):
-  biggest = max((p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST),
-                key=lambda p: p.stat().st_size)
+  biggest = max(
+    (p for p in step_dir.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST), key=lambda p: p.stat().st_size
+  )
   biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
 
 
@@ -263,8 +265,13 @@ def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corp
   second = loop.train(phase2, tmp_path / "b")
   records = [r for r in metrics.read_metrics(tmp_path / "b") if r["split"] == "train"]
   assert [r["step"] for r in records] == [5, 6]  # the global step continued
-  fresh = _config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100",
-                  f"train.init_from={tmp_path / 'a'}", "train.init_params_only=true")
+  fresh = _config(
+    corpus_and_tokenizer,
+    "train.steps=2",
+    "train.eval_every=100",
+    f"train.init_from={tmp_path / 'a'}",
+    "train.init_params_only=true",
+  )
   run = run_lib.setup(fresh, tmp_path / "c")
   with checkpoint.Checkpoints(tmp_path / "c", fresh.checkpoint) as ckpts:
     state, position = loop.initial_state(run, ckpts)
@@ -280,13 +287,18 @@ def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corp
 def test_resuming_with_another_model_or_tokenizer_is_refused(tmp_path, corpus_and_tokenizer):
   loop.train(_config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100"), tmp_path / "run")
   bigger = _config(corpus_and_tokenizer, "train.steps=4", "model.intermediate_size=64", "model.num_layers=3")
-  with pytest.raises(BertjaxError, match=r"differs from the checkpoint's \(num_layers 2 -> 3, intermediate_size 128 -> 64\)"):
+  with pytest.raises(
+    BertjaxError, match=r"differs from the checkpoint's \(num_layers 2 -> 3, intermediate_size 128 -> 64\)"
+  ):
     loop.train(bigger, tmp_path / "run")
-  meta = {"model": checkpoint.model_sizes(run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
-          "tokenizer_fingerprint": "something-else"}
+  meta = {
+    "model": checkpoint.model_sizes(run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
+    "tokenizer_fingerprint": "something-else",
+  }
   with pytest.raises(BertjaxError, match="the tokenizer .* differs from the one the checkpoint was trained with"):
-    checkpoint.check_compatible(meta, run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config,
-                                "mine", "--workdir run")
+    checkpoint.check_compatible(
+      meta, run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config, "mine", "--workdir run"
+    )
 
 
 def test_eval_reads_any_step(tmp_path, corpus_and_tokenizer):
@@ -304,8 +316,13 @@ def test_bertjax_eval_prints_one_json_line(tmp_path, corpus_and_tokenizer):
   config = _config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100")
   loop.train(config, tmp_path / "run")
   env = dict(os.environ, PYTHONPATH=os.getcwd())
-  out = subprocess.run([sys.executable, "-m", "bertjax", "eval", "--workdir", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=env, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-m", "bertjax", "eval", "--workdir", str(tmp_path / "run")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   import json
 

@@ -14,10 +14,19 @@ from bertjax.train import loop
 from bertjax.train import run as run_lib
 from tests.support.runs import MICRO_OVERRIDES, free_port, launch, launch_job, run_config, train_args, train_losses
 
+
 def test_loss_falls_on_the_builtin_corpus_and_everything_is_logged(tmp_path):
-  config = config_lib.load_config("configs/tiny.py", MICRO_OVERRIDES + [
-      "data.source=builtin", f"data.cache_dir={tmp_path}/cache", "train.steps=40", "train.eval_every=20",
-      "data.tokenizer_sentences=5000"])
+  config = config_lib.load_config(
+    "configs/tiny.py",
+    MICRO_OVERRIDES
+    + [
+      "data.source=builtin",
+      f"data.cache_dir={tmp_path}/cache",
+      "train.steps=40",
+      "train.eval_every=20",
+      "data.tokenizer_sentences=5000",
+    ],
+  )
   result = loop.train(config, tmp_path / "run")
   final = result.final
   assert int(result.state.step) == 40
@@ -29,8 +38,20 @@ def test_loss_falls_on_the_builtin_corpus_and_everything_is_logged(tmp_path):
   losses = [r["loss"] for r in train]
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses  # batches of 8 are noisy: average
   assert evals[1]["loss"] < evals[0]["loss"], evals
-  for key in ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy", "learning_rate", "grad_norm",
-              "skipped_steps", "padding_fraction", "epoch", "tokens_per_s", "step_s"):
+  for key in (
+    "loss",
+    "mlm_loss",
+    "mlm_accuracy",
+    "nsp_loss",
+    "nsp_accuracy",
+    "learning_rate",
+    "grad_norm",
+    "skipped_steps",
+    "padding_fraction",
+    "epoch",
+    "tokens_per_s",
+    "step_s",
+  ):
     assert key in train[-1], key
   for key in ("mlm_accuracy", "nsp_accuracy", "mlm_baseline_accuracy", "nsp_baseline_accuracy"):
     assert key in evals[-1] and key in final
@@ -107,8 +128,14 @@ def test_two_processes_of_two_devices_log_what_one_process_of_four_logs(tmp_path
 
 def test_a_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_path, corpus_and_tokenizer):
   args = train_args(corpus_and_tokenizer, tmp_path / "lonely") + [
-      "--coordinator", f"localhost:{free_port()}", "--num_processes", "2", "--process_id", "1",
-      "--config.train.distributed_timeout_s=3"]
+    "--coordinator",
+    f"localhost:{free_port()}",
+    "--num_processes",
+    "2",
+    "--process_id",
+    "1",
+    "--config.train.distributed_timeout_s=3",
+  ]
   start = time.monotonic()
   proc = launch(args, devices=2)
   out, _ = proc.communicate(timeout=120)

@@ -26,9 +26,11 @@ def small_params():
   """A kernel (decayed), a bias and a LayerNorm scale (both excluded), all non-zero."""
   rng = np.random.default_rng(0)
   return {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
-      "norm": {"scale": jnp.asarray(1.0 + rng.normal(size=(4,)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    },
+    "norm": {"scale": jnp.asarray(1.0 + rng.normal(size=(4,)), jnp.float32)},
   }
 
 
@@ -51,18 +53,32 @@ def run_steps(tx, params, grads_list):
 LR, END, WARMUP, TOTAL = 1e-3, 1e-5, 100, 1100
 
 
-@pytest.mark.parametrize("decay, decayed_fraction", [
+@pytest.mark.parametrize(
+  "decay, decayed_fraction",
+  [
     ("linear", lambda progress: 1 - progress),
     ("polynomial", lambda progress: (1 - progress) ** 2),
     ("constant", None),
-])
+  ],
+)
 def test_schedule_warms_up_then_decays_and_clamps(decay, decayed_fraction):
   cfg = optim_config(lr=LR, end_lr=END, warmup_steps=WARMUP, decay=decay, decay_power=2.0, schedule_steps=0)
   schedule = optim.learning_rate_schedule(cfg, TOTAL)
-  after_warmup = (lambda step: LR) if decayed_fraction is None else (
-      lambda step: END + (LR - END) * decayed_fraction(min((step - WARMUP) / (TOTAL - WARMUP), 1.0)))
-  expected = {0: 0.0, 50: LR / 2, 99: LR * 0.99, WARMUP: LR, 600: after_warmup(600), 850: after_warmup(850),
-              TOTAL: after_warmup(TOTAL), 5000: after_warmup(5000)}
+  after_warmup = (
+    (lambda step: LR)
+    if decayed_fraction is None
+    else (lambda step: END + (LR - END) * decayed_fraction(min((step - WARMUP) / (TOTAL - WARMUP), 1.0)))
+  )
+  expected = {
+    0: 0.0,
+    50: LR / 2,
+    99: LR * 0.99,
+    WARMUP: LR,
+    600: after_warmup(600),
+    850: after_warmup(850),
+    TOTAL: after_warmup(TOTAL),
+    5000: after_warmup(5000),
+  }
   got = {step: float(schedule(step)) for step in expected}
   np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-6, atol=1e-12)
   if decay != "constant":
@@ -88,6 +104,7 @@ def test_both_phases_share_one_schedule():
 
 # -- weight-decay mask --
 
+
 @pytest.fixture(scope="module")
 def micro_params():
   return nnx.to_pure_dict(nnx.state(model_lib.init_model(micro_bert(), 0), nnx.Param))
@@ -95,14 +112,22 @@ def micro_params():
 
 # Every bias and every LayerNorm parameter of the model; everything else is decayed.
 NOT_DECAYED = {
-    "embeddings/norm/scale", "embeddings/norm/bias",
-    "encoder/layers/attention/qkv_bias", "encoder/layers/attention/out_bias",
-    "encoder/layers/attention_norm/scale", "encoder/layers/attention_norm/bias",
-    "encoder/layers/feed_forward/in_bias", "encoder/layers/feed_forward/out_bias",
-    "encoder/layers/output_norm/scale", "encoder/layers/output_norm/bias",
-    "pooler/bias", "nsp_head/bias",
-    "mlm_head/transform_bias", "mlm_head/output_bias",
-    "mlm_head/transform_norm/scale", "mlm_head/transform_norm/bias",
+  "embeddings/norm/scale",
+  "embeddings/norm/bias",
+  "encoder/layers/attention/qkv_bias",
+  "encoder/layers/attention/out_bias",
+  "encoder/layers/attention_norm/scale",
+  "encoder/layers/attention_norm/bias",
+  "encoder/layers/feed_forward/in_bias",
+  "encoder/layers/feed_forward/out_bias",
+  "encoder/layers/output_norm/scale",
+  "encoder/layers/output_norm/bias",
+  "pooler/bias",
+  "nsp_head/bias",
+  "mlm_head/transform_bias",
+  "mlm_head/output_bias",
+  "mlm_head/transform_norm/scale",
+  "mlm_head/transform_norm/bias",
 }
 
 
@@ -133,6 +158,7 @@ def test_zero_gradient_shrinks_only_decayed_parameters(micro_params, name):
 
 # -- AdamW against NumPy --
 
+
 def numpy_bert_adamw(params, grads_list, *, lr_at, b1, b2, eps, wd, clip, decayed):
   """google-research/bert's AdamWeightDecayOptimizer (no bias correction), after global-norm clipping."""
   p = {k: np.asarray(v, np.float64) for k, v in params.items()}
@@ -140,7 +166,7 @@ def numpy_bert_adamw(params, grads_list, *, lr_at, b1, b2, eps, wd, clip, decaye
   v = {k: np.zeros_like(x) for k, x in p.items()}
   for t, grads in enumerate(grads_list):
     g = {k: np.asarray(x, np.float64) for k, x in grads.items()}
-    norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+    norm = np.sqrt(sum(np.sum(x**2) for x in g.values()))
     if clip and norm > clip:
       g = {k: x * clip / norm for k, x in g.items()}
     for k, w in list(p.items()):
@@ -157,18 +183,29 @@ def flat(tree):
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_adamw_matches_googles_update(clip):
-  cfg = optim_config(name="adamw", lr=0.1, warmup_steps=2, schedule_steps=10, end_lr=0.0, weight_decay=0.1,
-                     clip_norm=clip)
+  cfg = optim_config(
+    name="adamw", lr=0.1, warmup_steps=2, schedule_steps=10, end_lr=0.0, weight_decay=0.1, clip_norm=clip
+  )
   params, grads_list = small_params(), [small_grads(seed) for seed in range(4)]
   got, _ = run_steps(optim.build_optimizer(cfg, 100), params, grads_list)
   lr_at = lambda t: 0.1 * t / 2 if t < 2 else 0.1 * (1 - (t - 2) / 8)
-  want = numpy_bert_adamw(flat(params), [flat(g) for g in grads_list], lr_at=lr_at, b1=0.9, b2=0.999, eps=1e-6,
-                          wd=0.1, clip=clip, decayed={"dense/kernel": True, "dense/bias": False, "norm/scale": False})
+  want = numpy_bert_adamw(
+    flat(params),
+    [flat(g) for g in grads_list],
+    lr_at=lr_at,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    wd=0.1,
+    clip=clip,
+    decayed={"dense/kernel": True, "dense/bias": False, "norm/scale": False},
+  )
   for k, x in flat(got).items():
     np.testing.assert_allclose(x, want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 # -- LAMB --
+
 
 def test_lamb_equals_optax_lamb_on_unstacked_decayed_parameters():
   cfg = optim_config(name="lamb", lr=0.01, warmup_steps=0, clip_norm=0.0, weight_decay=0.1)
@@ -185,8 +222,13 @@ def test_lamb_has_one_trust_ratio_per_stacked_layer_and_none_for_biases():
   cfg = optim_config(name="lamb", lr=lr, warmup_steps=0, clip_norm=0.0, weight_decay=wd)
   rng = np.random.default_rng(2)
   kernel = rng.normal(size=(2, 3, 4)) * np.array([1.0, 10.0])[:, None, None]  # layers of unequal norm
-  params = {"encoder": {"layers": {"ffn": {"kernel": jnp.asarray(kernel, jnp.float32),
-                                           "bias": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)}}}}
+  params = {
+    "encoder": {
+      "layers": {
+        "ffn": {"kernel": jnp.asarray(kernel, jnp.float32), "bias": jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)}
+      }
+    }
+  }
   grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
   new, _ = run_steps(optim.build_optimizer(cfg, 100), params, [grads])
   layer = params["encoder"]["layers"]["ffn"]
@@ -200,12 +242,16 @@ def test_lamb_has_one_trust_ratio_per_stacked_layer_and_none_for_biases():
   np.testing.assert_allclose(new_layer["kernel"], kernel - lr * ratios[:, None, None] * u, rtol=1e-5)
   np.testing.assert_allclose(new_layer["bias"], layer["bias"] - lr * direction["bias"], rtol=1e-5)
   # And it is not AdamW: the same step with AdamW lands elsewhere.
-  adamw, _ = run_steps(optim.build_optimizer(optim_config(name="adamw", lr=lr, warmup_steps=0, clip_norm=0.0,
-                                                          weight_decay=wd), 100), params, [grads])
+  adamw, _ = run_steps(
+    optim.build_optimizer(optim_config(name="adamw", lr=lr, warmup_steps=0, clip_norm=0.0, weight_decay=wd), 100),
+    params,
+    [grads],
+  )
   assert not np.allclose(adamw["encoder"]["layers"]["ffn"]["kernel"], new_layer["kernel"], rtol=1e-3)
 
 
 # -- clipping --
+
 
 def test_clipping_a_norm_10_gradient_equals_the_gradient_scaled_to_norm_1():
   params, grads = small_params(), small_grads(3)
@@ -223,6 +269,7 @@ def test_clipping_a_norm_10_gradient_equals_the_gradient_scaled_to_norm_1():
 
 
 # -- the non-finite guard --
+
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])
 def test_nonfinite_gradient_skips_the_update_and_is_counted(name):
@@ -278,8 +325,9 @@ def test_moments_map_like_parameters(name):
   # recognised as parameter-shaped, every counter as not.
   tx = optim.build_optimizer(optim_config(name=name), 100)
   params = small_params()
-  marked = optax.tree_utils.tree_map_params(tx, lambda _: "param", tx.init(params),
-                                            transform_non_params=lambda _: "other")
+  marked = optax.tree_utils.tree_map_params(
+    tx, lambda _: "param", tx.init(params), transform_non_params=lambda _: "other"
+  )
   counts = {kind: jax.tree.leaves(marked).count(kind) for kind in ("param", "other")}
   assert counts["param"] == 2 * len(jax.tree.leaves(params))
   assert counts["other"] == {"adamw": 4, "lamb": 5}[name]  # guard's 3, schedule count (+ LAMB's Adam count)

@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from tests.support.micro import compiled_steps as _steps
 from tests.support.micro import micro_bert, synthetic_batch
 
+
 def _one_step(mesh_shape, batch, grad_accum=1, cfg=None, **optim_changes):
   steps = _steps(mesh_shape, cfg=cfg, grad_accum=grad_accum, **optim_changes)
   state = steps.init(0)
