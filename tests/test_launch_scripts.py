@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
-SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm_gpu.sbatch"]
+SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_submit.sh", "slurm_gpu.sbatch", "gpu_bench.sh"]
 
 
 def _run(args, cwd=REPO, **env) -> subprocess.CompletedProcess:
@@ -68,6 +68,7 @@ def test_the_sbatch_help_reads_the_copy_that_slurm_runs(tmp_path):
     ("slurm_submit.sh", ["--no-such-flag"]),
     ("slurm_submit.sh", ["--nodes", "2", "--no-such-flag", "--", "bertjax", "train"]),
     ("slurm_gpu.sbatch", ["--no-such-flag", "bertjax", "train"]),
+    ("gpu_bench.sh", ["--no-such-flag"]),
   ],
 )
 def test_an_unknown_flag_fails_with_one_line_that_points_at_help(script, args):
@@ -331,3 +332,16 @@ def test_tpu_a_source_it_cannot_ship_fails_before_any_command(source, tmp_path, 
   assert result.returncode == 2 and result.stdout == ""
   lines = result.stderr.splitlines()
   assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_gpu_bench_refuses_wheels_that_would_replace_the_machines_jax(tmp_path):
+  (tmp_path / "jax-0.11.2-py3-none-any.whl").write_bytes(b"")
+  result = _run([LAUNCH / "gpu_bench.sh", "--wheels", tmp_path, "--out", tmp_path / "out"])
+  assert result.returncode == 2
+  assert result.stderr.strip().endswith("would replace the machine's own JAX or Flax; remove it")
+
+
+@pytest.mark.parametrize("shapes", ["huge:128:8", "base:128", "base:x:8"])
+def test_gpu_bench_refuses_a_shape_it_cannot_run(tmp_path, shapes):
+  result = _run([LAUNCH / "gpu_bench.sh", "--shapes", shapes, "--out", tmp_path / "out"])
+  assert result.returncode == 2 and "is not SIZE:SEQ:BATCH" in result.stderr

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# bertjax's train step against transformers' BertForPreTraining on this machine's GPU, side by
+# side: the same shapes, BERT's recipe (bf16 compute, dropout 0.1 on hidden states and on
+# attention probabilities, vocabulary 30,522), in one call. Prints one JSON line per run and
+# writes them to OUT/results.jsonl; docs/performance.md explains the figures.
+#
+# Usage: launch/gpu_bench.sh [--wheels DIR] [--out DIR] [--steps N] [--shapes LIST] [--no-compile]
+#
+#   launch/gpu_bench.sh --wheels .whl --out /tmp/bench
+#
+# Options:
+#   --wheels DIR     install the wheels in DIR first (pip --no-index, into a private folder on
+#                    PYTHONPATH): for a machine without a package index that has JAX, Flax and
+#                    PyTorch but lacks ml_collections or datasets. Never put JAX or Flax wheels
+#                    there: the machine's own builds match its CUDA.
+#   --out DIR        where results.jsonl and the runs' logs go (default: a new temporary folder)
+#   --steps N        timed steps per run (default 20)
+#   --shapes LIST    comma-separated SIZE:SEQ:BATCH (default base:128:256,large:512:32, the
+#                    shapes of BERT-base phase 1 and BERT-large phase 2)
+#   --no-compile     skip the peer's torch.compile runs (each compiles for about a minute)
+#   -h, --help       print this text
+#
+# Runs from the repository root with the machine's python3 (PYTHON=... picks another) and
+# PYTHONPATH set to the checkout; nothing is installed into the machine's environment.
+set -euo pipefail
+
+die() {
+  echo "launch/gpu_bench.sh: $*" >&2
+  exit 2
+}
+
+# --help prints the comment block at the top of this file: the usage text lives there only.
+print_help() {
+  local line
+  while IFS= read -r line; do
+    case $line in
+      '#!'*) ;;
+      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
+      *) break ;;
+    esac
+  done < "${BASH_SOURCE[0]}"
+}
+
+wheels="" out="" steps=20 shapes="base:128:256,large:512:32" compile_peer=1
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -h | --help) print_help; exit 0 ;;
+    --wheels) [[ $# -ge 2 ]] || die "--wheels needs a folder (see launch/gpu_bench.sh --help)"; wheels=$2; shift 2 ;;
+    --out) [[ $# -ge 2 ]] || die "--out needs a folder (see launch/gpu_bench.sh --help)"; out=$2; shift 2 ;;
+    --steps) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive number (see launch/gpu_bench.sh --help)"
+      steps=$2; shift 2 ;;
+    --shapes) [[ $# -ge 2 ]] || die "--shapes needs SIZE:SEQ:BATCH,... (see launch/gpu_bench.sh --help)"; shapes=$2; shift 2 ;;
+    --no-compile) compile_peer=0; shift ;;
+    *) die "unknown argument $1 (see launch/gpu_bench.sh --help)" ;;
+  esac
+done
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PYTHON:-python3}
+out=${out:-$(mktemp -d "${TMPDIR:-/tmp}/bertjax-bench.XXXXXX")}
+mkdir -p "$out"
+cd "$repo"
+
+site=""
+if [[ -n $wheels ]]; then
+  [[ -d $wheels ]] || die "--wheels $wheels is not a folder"
+  shopt -s nullglob
+  found=("$wheels"/*.whl)
+  shopt -u nullglob
+  [[ ${#found[@]} -gt 0 ]] || die "--wheels $wheels holds no .whl files"
+  for wheel in "${found[@]}"; do
+    case ${wheel##*/} in
+      jax-* | jaxlib-* | flax-*) die "--wheels: $wheel would replace the machine's own JAX or Flax; remove it" ;;
+    esac
+  done
+  site=$(mktemp -d "${TMPDIR:-/tmp}/bertjax-site.XXXXXX")
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${found[@]}"
+fi
+export PYTHONPATH="$repo${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}"
+
+# One JSON line per run goes to results.jsonl; everything else to the run's own log.
+record() {
+  local name=$1 log="$out/$1.log"
+  shift
+  if "$@" > "$log" 2>&1; then
+    grep '^{' "$log" | tail -n 1 | tee -a "$out/results.jsonl"
+  else
+    echo "launch/gpu_bench.sh: $name failed; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    return 1
+  fi
+}
+
+IFS=, read -r -a shape_list <<< "$shapes"
+for shape in "${shape_list[@]}"; do
+  IFS=: read -r size seq batch <<< "$shape"
+  [[ $size =~ ^(tiny|mini|small|medium|base|large)$ && $seq =~ ^[0-9]+$ && $batch =~ ^[0-9]+$ ]] \
+    || die "--shapes: $shape is not SIZE:SEQ:BATCH with SIZE one of tiny mini small medium base large"
+  predictions=$(( seq >= 512 ? 80 : (seq * 15 + 99) / 100 ))
+  record "bertjax-$size-$seq" "$python" -m bertjax bench --config "configs/$size.py" --steps "$steps" \
+    --config.data.seq_len="$seq" --config.data.max_predictions="$predictions" --config.train.batch_size="$batch" \
+    --config.data.vocab_size=30522 --config.train.compilation_cache=off
+  record "peer-$size-$seq" "$python" benchmarks/peer_transformers.py "$size" "$seq" "$batch" --steps "$steps"
+  if [[ $compile_peer == 1 ]]; then
+    record "peer-compiled-$size-$seq" "$python" benchmarks/peer_transformers.py "$size" "$seq" "$batch" \
+      --steps "$steps" --compile
+  fi
+done
+echo "launch/gpu_bench.sh: results in $out/results.jsonl" >&2
