@@ -29,22 +29,14 @@ die() {
   exit 2
 }
 
-# --help prints the comment block at the top of this file: the usage text lives there only.
-print_help() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      '#!'*) ;;
-      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
-      *) break ;;
-    esac
-  done < "${BASH_SOURCE[0]}"
-}
+# The usage text lives in the comment block at the top of this file; --help prints it.
+# shellcheck source-path=SCRIPTDIR source=usage.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 
 wheels="" out="" steps=20 shapes="base:128:256,large:512:32" compile_peer=1
 while [[ $# -gt 0 ]]; do
   case $1 in
-    -h | --help) print_help; exit 0 ;;
+    -h | --help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
     --wheels) [[ $# -ge 2 ]] || die "--wheels needs a folder (see launch/gpu_bench.sh --help)"; wheels=$2; shift 2 ;;
     --out) [[ $# -ge 2 ]] || die "--out needs a folder (see launch/gpu_bench.sh --help)"; out=$2; shift 2 ;;
     --steps) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive number (see launch/gpu_bench.sh --help)"

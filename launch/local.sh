@@ -23,17 +23,9 @@
 #   PYTHON=python3        the interpreter used to find a free port
 set -euo pipefail
 
-# --help prints the comment block at the top of this file: the usage text lives there only.
-print_help() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      '#!'*) ;;
-      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
-      *) break ;;
-    esac
-  done < "${BASH_SOURCE[0]}"
-}
+# The usage text lives in the comment block at the top of this file; --help prints it.
+# shellcheck source-path=SCRIPTDIR source=usage.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 
 # A mistake in the arguments: one line on stderr, exit status 2.
 usage_error() {
@@ -43,7 +35,7 @@ usage_error() {
 
 # Before the bash version check: the help says which bash to install.
 case ${1:-} in
-  -h | --help) print_help; exit 0 ;;
+  -h | --help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
   -*) usage_error "unknown argument $1" ;;
 esac
 

@@ -59,17 +59,9 @@ die() {
   exit 2
 }
 
-# --help prints the comment block at the top of this file: the usage text lives there only.
-print_help() {
-  local line
-  while IFS= read -r line; do
-    case $line in
-      '#!'*) ;;
-      '#' | '# '*) line=${line#'#'}; echo "${line# }" ;;
-      *) break ;;
-    esac
-  done < "${BASH_SOURCE[0]}"
-}
+# The usage text lives in the comment block at the top of this file; --help prints it.
+# shellcheck source-path=SCRIPTDIR source=usage.sh disable=SC1091
+source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 
 # Checked with the script when both are given to shellcheck (`shellcheck launch/*`); a run on
 # this file alone has nothing to report about a file it was not asked to read.
@@ -300,7 +292,7 @@ while [[ $# -gt 0 ]]; do
     --source) source_dir=$2; shift 2 ;;
     --include) includes+=("$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    -h | --help) print_help; exit 0 ;;
+    -h | --help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
     train | create | install | logs | stop | delete) command=$1; shift ;;
     *) die "unknown argument $1 (see launch/tpu_pod.sh --help)" ;;

@@ -16,7 +16,7 @@ import pytest
 
 from bertjax.metrics import writer as metrics
 from bertjax.train import checkpoint
-from tests.support.runs import MICRO_OVERRIDES
+from tests.support.runs import train_args
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -132,27 +132,13 @@ def test_local_sh_explains_its_usage():
   assert result.returncode == 2 and "usage: " in result.stderr
 
 
-def _train_args(root, workdir, steps):
-  overrides = MICRO_OVERRIDES + [
-    f"data.source=files:{root}/corpus.txt",
-    f"data.tokenizer={root}/tokenizer",
-    f"data.cache_dir={root}/cache",
-    f"train.steps={steps}",
-    "train.eval_every=100",
-  ]
-  return ["train", "--config", "configs/tiny.py", "--workdir", str(workdir), *(f"--config.{o}" for o in overrides)]
+def _local_sh_train(root, workdir, steps) -> list:
+  """launch/local.sh running the micro training job in two processes."""
+  return [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax", *train_args(root, workdir, steps=steps)]
 
 
 def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokenizer):
-  command = [
-    LAUNCH / "local.sh",
-    2,
-    "--",
-    sys.executable,
-    "-m",
-    "bertjax",
-    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2),
-  ]
+  command = _local_sh_train(corpus_and_tokenizer, tmp_path / "run", steps=2)
   result = _run(command, timeout=300, LOCAL_DEVICES="2")
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
   lines = result.stdout.splitlines()
@@ -164,15 +150,7 @@ def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokeni
 
 
 def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):
-  command = [
-    LAUNCH / "local.sh",
-    2,
-    "--",
-    sys.executable,
-    "-m",
-    "bertjax",
-    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=200),
-  ]
+  command = _local_sh_train(corpus_and_tokenizer, tmp_path / "run", steps=200)
   proc = _start(command, LOCAL_DEVICES="2")
   lines = []
   for line in proc.stdout:
@@ -297,7 +275,7 @@ def test_a_slurm_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_pat
     sys.executable,
     "-m",
     "bertjax",
-    *_train_args(corpus_and_tokenizer, tmp_path / "run", steps=2),
+    *train_args(corpus_and_tokenizer, tmp_path / "run", steps=2),
     "--config.train.distributed_timeout_s=3",
   ]
   start = time.monotonic()
