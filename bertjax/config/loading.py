@@ -21,8 +21,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from bertjax import atomic
-from bertjax.config import defaults
-from bertjax.config.validation import validate
+from bertjax.config import defaults, validation
 from bertjax.errors import BertjaxError
 
 # The experiment files shipped beside the package (found by bare name: `--config base`).
@@ -75,7 +74,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
     ) from None
   for override in overrides:
     apply_override(config, override)
-  validate(config)
+  validation.validate(config)
   return config
 
 
@@ -155,7 +154,7 @@ def load_run_config(workdir, overrides: Sequence[str] = ()) -> config_dict.Confi
   config = read_config(workdir)
   for override in overrides:
     apply_override(config, override)
-  validate(config)
+  validation.validate(config)
   return config
 
 
