@@ -327,7 +327,7 @@ class Checkpoints:
 
 def checkpoint_bytes(abstract_state) -> int:
   """About what one checkpoint of this state takes on disk (uncompressed array bytes)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
 
 
 def check_room(workdir, abstract_state) -> None:
