@@ -233,7 +233,8 @@ class Checkpoints:
     """
     skipped = []
     for candidate in self._candidates(step):
-      reason = manifest.damage(self.dir / str(candidate), items) if self.is_primary else None
+      step_dir = self.dir / str(candidate)
+      reason = self._damage(step_dir, items) if self.is_primary else None
       if processes.from_primary(reason is not None):
         reason = reason or "process 0 found its files damaged"
       else:
@@ -249,13 +250,24 @@ class Checkpoints:
         if not processes.any_raised(reason is not None):
           return candidate, restored
         reason = reason or "another process could not restore it"
+        if manifest.digested(step_dir, items):  # its files are as saved: the trouble is elsewhere
+          raise CheckpointError(
+            f"checkpoint step {candidate} in {self.dir} cannot be restored, though its files are as saved: "
+            f"{reason}; fix that (memory, devices), or pass --step to restore an earlier step"
+          )
       if step is not None:
         raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored: {reason}")
       self._skip(candidate, reason)
       skipped.append(candidate)
-    raise CheckpointError(
-      f"no checkpoint in {self.dir} can be restored (tried steps {skipped}); remove the folder to start afresh"
-    )
+    aside = f" (moved aside as damaged: {', '.join(self.damaged())})" if self.damaged() else ""
+    raise CheckpointError(f"no checkpoint in {self.dir} can be restored{aside}; move that folder away to start afresh")
+
+  @staticmethod
+  def _damage(step_dir: epath.Path, items) -> str | None:
+    try:
+      return manifest.damage(step_dir, items)
+    except OSError as e:
+      return f"its files cannot be read ({e.strerror or e})"
 
   def _skip(self, step: int, reason: str) -> None:
     """Warn once about a damaged step; a training run moves it out of orbax's step namespace."""

@@ -84,7 +84,7 @@ def _checkpoint_meta(run: Run, step: int) -> dict:
 def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | None = None):
   """(state, data position or None): resume this workdir, warm-start from another, or init."""
   t = run.config.train
-  if checkpoints.steps() or step is not None:
+  if checkpoints.steps() or checkpoints.damaged() or step is not None:
     state, meta = checkpoints.restore(
       run.steps.abstract_state(),
       step,

@@ -6,6 +6,7 @@
     write(step_dir, step)          after orbax has finished the step: walk, hash, write (atomically)
     quick_check(step_dir)          True / False / None (no manifest): the listing and sizes only
     damage(step_dir, items)        None when the files of `items` match sizes and digests, else why
+    digested(step_dir, items)      whether `damage` checked digests (not sizes alone) for them
 
 `files` keeps the form bertjax 0.1.0 wrote (sizes), so its manifests still read and a manifest
 written now still reads in 0.1.0; `sha256` catches what keeps sizes (flipped bytes). A manifest
@@ -77,6 +78,15 @@ def quick_check(step_dir: epath.Path) -> bool | None:
   if manifest is None:
     return None
   return bool(manifest) and step_files(step_dir) == manifest["files"]
+
+
+def digested(step_dir: epath.Path, items: Iterable[str] | None = None) -> bool:
+  """Whether the manifest has a digest of every file of `items`: then `damage` proved them intact."""
+  manifest = _read(epath.Path(step_dir))
+  if not manifest or not isinstance(manifest.get("sha256"), dict):
+    return False
+  items = None if items is None else set(items)
+  return all(name in manifest["sha256"] for name in manifest["files"] if _in_items(name, items))
 
 
 def _in_items(name: str, items: Iterable[str] | None) -> bool:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -179,6 +180,38 @@ def test_flipped_bytes_show_against_the_digests_and_the_step_is_moved_aside_once
   with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=2)) as ckpts, caplog.at_level(logging.WARNING):
     _, meta = ckpts.restore(steps.abstract_state())
   assert meta["step"] == 5 and "skipping" not in caplog.text  # reported once
+
+
+def test_intact_files_that_fail_to_restore_stop_the_run_and_all_damaged_refuse_a_fresh_start(tmp_path):
+  """Files proven intact by their digests are never moved aside: the trouble is elsewhere (memory,
+  devices), and falling back would throw away the newest progress. A workdir whose every step was
+  moved aside does not silently start again from step 0."""
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    for s in (1, 2):
+      ckpts.save(state.replace(step=s), {}, wait=True)
+
+  def out_of_memory(meta):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    with pytest.raises(checkpoint.CheckpointError, match="step 2 .* though its files are as saved: RESOURCE_EXHAUSTED"):
+      ckpts.restore(steps.abstract_state(), check=out_of_memory)
+    assert ckpts.steps() == [1, 2] and not ckpts.damaged()
+
+  for s in (1, 2):
+    _flip_bytes(tmp_path / "checkpoints" / str(s))
+  with (
+    checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts,
+    pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint .* \(moved aside as damaged: 1\.damaged-.*, 2\."),
+  ):
+    ckpts.restore(steps.abstract_state())
+  run = types.SimpleNamespace(config=types.SimpleNamespace(train=None), steps=steps, workdir=tmp_path)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    assert ckpts.steps() == []
+    with pytest.raises(checkpoint.CheckpointError, match="move that folder away to start afresh"):
+      loop.initial_state(run, ckpts)
 
 
 def test_a_manifest_without_digests_is_checked_by_its_sizes(tmp_path):

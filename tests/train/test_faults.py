@@ -204,6 +204,7 @@ def test_kill_mid_save_and_mid_append_resume_with_the_same_losses(tmp_path, refe
   out = _completed(reference.args(workdir))
   assert "resumed from checkpoint step 8" in out  # committed by orbax: restorable without a manifest
   _assert_same_losses(workdir, reference)
+  assert _steps_on_disk(workdir) == ["12", "4", "8"]  # orbax's temporary folder was cleaned up
 
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert all(isinstance(json.loads(line), dict) for line in lines)  # the cut line was cut off
@@ -249,6 +250,7 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_the_same_command_resu
   out = _completed(reference.args(workdir))
   assert "resumed from checkpoint step 4" in out
   _assert_same_losses(workdir, reference)
+  assert _steps_on_disk(workdir) == ["12", "4", "8"]
 
 
 def test_a_nonfinite_stop_names_the_step_and_leaves_the_checkpoint_from_before_it(tmp_path, reference):
