@@ -288,13 +288,14 @@ class Checkpoints:
       )
     processes.barrier(f"bertjax-moved-aside-{step}")
     self.manager.reload()
+    where = aside.name if self.is_primary else "a .damaged- folder (process 0 moved it)"
     log.warning(
       "skipping checkpoint step %d in %s: %s; moved it aside to %s (kept for inspection, never restored); "
       "training saves step %d afresh when it gets there",
       step,
       self.dir,
       reason,
-      aside.name,
+      where,
       step,
     )
 

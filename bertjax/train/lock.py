@@ -106,7 +106,8 @@ class WorkdirLock:
     """Why a lease may be taken over, or None while its run is alive."""
     if holder.get("host") == self.mine["host"] and not _alive_here(holder):
       return f"process {holder.get('pid')} on this host is gone"
-    age = time.time() - float(holder.get("heartbeat", 0))
+    heartbeat = holder.get("heartbeat")
+    age = time.time() - (heartbeat if isinstance(heartbeat, (int, float)) else 0)
     if age > self.stale_s:
       return f"its last heartbeat was {age:,.0f} s ago"
     return None
@@ -125,7 +126,12 @@ class WorkdirLock:
       if why is None:
         raise self._refusal(holder)
       log.warning("taking over the workdir lock of an earlier run (%s): %s", describe(holder), why)
-    atomic.write_text(self.path, json.dumps(self.mine))
+    try:
+      atomic.write_text(self.path, json.dumps(self.mine))
+    except OSError as e:
+      raise BertjaxError(
+        f"--workdir {self.path.parent}: cannot write its lock file ({e.strerror or e}); choose a writable folder"
+      ) from None
     time.sleep(self.settle_s)  # a run that raced us has written by now: the later writer holds it
     holder = self.read()
     if holder is None or holder.get("run") != self.mine["run"]:
@@ -179,13 +185,18 @@ def hold(workdir) -> Iterator[WorkdirLock | None]:
   lock, refusal = None, None
   if jax.process_index() == 0:
     lock = WorkdirLock(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     try:
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       lock.acquire()
-    except WorkdirInUse as e:
+    except OSError as e:
+      lock, refusal = (
+        None,
+        BertjaxError(f"--workdir {workdir}: cannot create it ({e.strerror or e}); choose a writable folder"),
+      )
+    except BertjaxError as e:  # WorkdirInUse, or a lock file it cannot write
       lock, refusal = None, e
   if processes.from_primary(refusal is not None):
-    raise refusal or WorkdirInUse(f"--workdir {workdir}: another run trains there (process 0 says which)")
+    raise refusal or BertjaxError(f"--workdir {workdir}: process 0 cannot hold it for this run (it says why)")
   try:
     yield lock
   finally:

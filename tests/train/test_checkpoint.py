@@ -421,6 +421,26 @@ def test_a_job_stopped_by_sigint_to_one_process_resumes_bit_exactly(tmp_path, co
   assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")  # bit for bit
 
 
+def test_a_job_skips_a_damaged_step_together_and_process_0_moves_it_aside(tmp_path, corpus_and_tokenizer):
+  """Process 0 checks the digests and renames; both processes restore step 4 and save 8 afresh."""
+
+  def args(steps):
+    return _train_args(corpus_and_tokenizer, tmp_path / "run", steps=steps) + ["--config.checkpoint.every_steps=4"]
+
+  first = _launch_job(args(8))
+  outs = [p.communicate(timeout=300)[0] for p in first]
+  assert [p.returncode for p in first] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  _flip_bytes(tmp_path / "run" / "checkpoints" / "8")
+  again = _launch_job(args(12))
+  outs = [p.communicate(timeout=300)[0] for p in again]
+  assert [p.returncode for p in again] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert "differs from its SHA-256" in outs[0] and outs[0].count("moved it aside to 8.damaged-") == 1
+  assert "resumed from checkpoint step 4" in outs[0]
+  assert "process 0 found its files damaged" in outs[1]  # told, not checking or moving itself
+  with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
+    assert ckpts.good_steps() == [4, 8, 12] and len(ckpts.damaged()) == 1
+
+
 def test_async_saves_are_complete_when_the_process_exits(tmp_path, corpus_and_tokenizer):
   args = _train_args(corpus_and_tokenizer, tmp_path / "run", steps=6) + ["--config.checkpoint.every_steps=2"]
   proc = _launch(args, devices=1)

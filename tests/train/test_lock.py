@@ -141,6 +141,6 @@ def test_a_multi_process_job_refuses_together_naming_the_other_run(tmp_path, cor
   assert [p.returncode for p in procs] == [2, 2], outs[0][-2000:] + outs[1][-2000:]
   assert outs[0].strip().splitlines()[-1].startswith("bertjax: error: --workdir")
   assert "another run trains there (host node-7, pid 4242" in outs[0]
-  assert "another run trains there (process 0 says which)" in outs[1]
+  assert "process 0 cannot hold it for this run (it says why)" in outs[1]
   assert json.loads((workdir / lock.LOCK_FILENAME).read_text())["pid"] == 4242  # left as it was
   assert sorted(p.name for p in workdir.iterdir()) == [lock.LOCK_FILENAME, "tokenizer"]
