@@ -425,7 +425,11 @@ def test_a_job_skips_a_damaged_step_together_and_process_0_moves_it_aside(tmp_pa
   """Process 0 checks the digests and renames; both processes restore step 4 and save 8 afresh."""
 
   def args(steps):
-    return _train_args(corpus_and_tokenizer, tmp_path / "run", steps=steps) + ["--config.checkpoint.every_steps=4"]
+    return _train_args(corpus_and_tokenizer, tmp_path / "run", steps=steps) + [
+      "--config.checkpoint.every_steps=4",
+      "--config.train.eval_batches=0",
+      f"--config.train.compilation_cache={tmp_path / 'jax-cache'}",  # the second job loads the first's
+    ]
 
   first = _launch_job(args(8))
   outs = [p.communicate(timeout=300)[0] for p in first]
