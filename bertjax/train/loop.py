@@ -26,7 +26,7 @@ from bertjax.metrics import flops as flops_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, lock, optim
+from bertjax.train import checkpoint, lock, optim, processes
 from bertjax.train import steps as steps_lib
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.run import Data, Run, evaluate, setup
@@ -151,8 +151,11 @@ class _Saver:
   workdir_lock: lock.WorkdirLock | None  # process 0's; None on the others
 
   def save(self, state, step: int, *, wait: bool = False) -> None:
-    if self.workdir_lock is not None:
-      self.workdir_lock.check()
+    lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
+    if processes.from_primary(lost):  # every process stops, none waits in the save's collective
+      if self.workdir_lock is not None:
+        self.workdir_lock.check()
+      raise lock.WorkdirInUse(f"--workdir {self.run.workdir}: another run took it over (process 0 says which)")
     self.checkpoints.save(state, _checkpoint_meta(self.run, step), wait=wait)
 
   def periodic(self, state, step: int, step_metrics) -> None:

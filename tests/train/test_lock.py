@@ -10,10 +10,11 @@ import socket
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
-from bertjax.train import lock
+from bertjax.train import lock, loop
 from tests.support.runs import launch_job, train_args
 
 HOST = socket.gethostname()
@@ -122,6 +123,14 @@ def test_the_heartbeat_keeps_the_lease_fresh_and_notices_a_takeover(tmp_path):
     held.check()
   held.release()
   assert json.loads((tmp_path / lock.LOCK_FILENAME).read_text())["host"] == "node-7"  # not removed
+
+
+def test_a_run_whose_lease_was_taken_over_saves_nothing_more(tmp_path):
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  held.lost = "host node-7, pid 99, started 2024-01-01 00:00:00"
+  saver = loop._Saver(run=types.SimpleNamespace(workdir=tmp_path), checkpoints=None, workdir_lock=held)
+  with pytest.raises(lock.WorkdirInUse, match=r"another run took the workdir over \(host node-7, pid 99"):
+    saver.save(state=None, step=5)
 
 
 def test_hold_gives_the_lease_back_when_the_run_fails(tmp_path):
