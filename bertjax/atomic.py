@@ -7,6 +7,7 @@ and a failed write leaves no temporary behind.
 
     write_text(path, text), write_bytes(path, data)   one file, replaced whole
     staged_folder(target, replace=True)               a folder built aside, then renamed in
+    os_errno(exc)                                     why a write failed, as the OS said (errno)
 
 Paths go through `etils.epath`, so `gs://` works as well; there a rename is a copy, and a reader
 may briefly see a folder that is still being copied, but never a half-written file.
@@ -14,9 +15,10 @@ may briefly see a folder that is still being copied, but never a half-written fi
 
 import contextlib
 import os
+import re
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from etils import epath
 
@@ -78,3 +80,23 @@ def staged_folder(target, *, replace: bool = True) -> Iterator[epath.Path]:
   finally:
     if staging.exists():
       staging.rmtree()
+
+
+# Writers in C++ (tensorstore, under orbax) report the OS's error as text: "[os_error_code='28']".
+_ERRNO_IN_TEXT = re.compile(r"os_error_code='?(\d+)|\[Errno (\d+)\]")
+
+
+def os_errno(exc: BaseException, known: Iterable[int] = ()) -> int | None:
+  """The errno behind a failed write: from an OSError in the exception's chain, else from the
+  OS's own words in the messages (`os_error_code=N`, `[Errno N]`, or the strerror of a `known` code)."""
+  seen = []
+  while exc is not None and exc not in seen and len(seen) < 16:
+    seen.append(exc)
+    if isinstance(exc, OSError) and exc.errno:
+      return exc.errno
+    exc = exc.__cause__ or exc.__context__
+  text = " ".join(str(e) for e in seen)
+  match = _ERRNO_IN_TEXT.search(text)
+  if match:
+    return int(match.group(1) or match.group(2))
+  return next((code for code in known if os.strerror(code) in text), None)

@@ -4,10 +4,14 @@
     is_hf_folder(folder)         whether a folder looks like a transformers model
 
 Weights come from model.safetensors, a sharded model.safetensors.index.json, or (with torch
-installed) pytorch_model.bin; bfloat16 tensors are widened to float32.
+installed) pytorch_model.bin; bfloat16 tensors are widened to float32. The shard names of an
+index are refused unless each is a regular file inside the folder.
 """
 
 import json
+import os
+import pathlib
+import stat
 
 import numpy as np
 import safetensors.numpy
@@ -29,14 +33,52 @@ def read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
     raise BertjaxError(f"{path} is not a readable safetensors file ({e}); re-download or re-save it") from e
 
 
+def _shards(directory: epath.Path, index: epath.Path) -> list[epath.Path]:
+  """The shard files an index names, each a regular file inside `directory` (the index is
+  untrusted input: a name may not be absolute, climb out with `..`, or be a link that leads out)."""
+  try:
+    weight_map = json.loads(index.read_text()).get("weight_map")
+  except (ValueError, AttributeError):
+    weight_map = None
+  if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    raise BertjaxError(
+      f"{index} has no weight_map of tensor names to shard files; re-save the model with save_pretrained"
+    )
+  shards = []
+  for name in sorted(set(weight_map.values())):
+    parts = pathlib.PurePosixPath(name).parts
+    if not name or name.startswith(("/", "\\")) or pathlib.PureWindowsPath(name).drive or ".." in parts:
+      problem = "is not a file name inside the folder"
+    else:
+      path = directory / name
+      problem = _outside_or_irregular(directory, path)
+      shards.append(path)
+    if problem:
+      raise BertjaxError(f"{index} names the shard {name!r}, which {problem}; a shard must be a file in {directory}")
+  return shards
+
+
+def _outside_or_irregular(directory: epath.Path, path: epath.Path) -> str | None:
+  if "://" in str(directory):  # an object store: no links, no special files
+    return None if path.is_file() else "does not exist"
+  root, real = os.path.realpath(directory), os.path.realpath(path)
+  if os.path.commonpath([root, real]) != root:
+    return f"leads outside the folder (to {real})"
+  try:
+    mode = os.stat(real).st_mode
+  except OSError:
+    return "does not exist"
+  return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
 def _read_weights(directory: epath.Path) -> dict[str, np.ndarray]:
   if (directory / "model.safetensors").exists():
     return read_safetensors(directory / "model.safetensors")
   index = directory / "model.safetensors.index.json"
   if index.exists():  # sharded: {"weight_map": {tensor name: file}}
     tensors = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-      tensors.update(read_safetensors(directory / shard))
+    for shard in _shards(directory, index):
+      tensors.update(read_safetensors(shard))
     return tensors
   if (directory / "pytorch_model.bin").exists():
     try:

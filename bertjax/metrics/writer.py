@@ -2,11 +2,15 @@
 
     MetricsWriter   appends one JSON object per logged step or evaluation, and the same values
                     as TensorBoard scalars `SPLIT/NAME` (tensorboardX: no TensorFlow needed)
-    read_metrics    metrics.jsonl back, tolerating the fragment a killed run left mid-line
+    read_metrics    metrics.jsonl back, skipping the fragment a killed run left mid-line (the
+                    next writer cuts it off; a killed run's last TensorBoard record may be cut
+                    too, at the end of its own events file, where TensorBoard stops reading it)
 
 Only the primary process writes.
 """
 
+import errno
+import io
 import json
 import os
 import time
@@ -15,6 +19,8 @@ from typing import Any, Self
 import numpy as np
 from etils import epath
 from tensorboardX import SummaryWriter
+
+from bertjax.errors import BertjaxError
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tb"
@@ -33,20 +39,37 @@ def _plain(name: str, value: Any) -> int | float:
   return float(item)
 
 
+def _is_record(text: str) -> bool:
+  try:
+    return isinstance(json.loads(text), dict)
+  except ValueError:
+    return False
+
+
 def _open_for_append(path: epath.Path):
   """A text handle that appends to `path`, kept open for the run.
 
-  Object stores (gs://) may not append: there the existing lines are copied into a fresh file,
-  so a resumed run still never loses what an earlier one logged.
+  A last line without its newline is what a run killed mid-write left. A fragment is cut off, so
+  the file holds whole JSON lines again; a whole record gets its newline. Object stores (gs://)
+  may not append: there the lines are copied into a fresh file, so a resumed run still never
+  loses what an earlier one logged.
   """
   existing = path.read_text() if path.exists() else ""
+  whole = existing[: existing.rfind("\n") + 1]
+  tail = existing[len(whole) :]
+  end = tail + "\n" if tail and _is_record(tail) else ""
   try:
     handle = path.open("a")
   except (NotImplementedError, ValueError, OSError):
     handle = path.open("w")
-    handle.write(existing)
-  if existing and not existing.endswith("\n"):
-    handle.write("\n")  # a run killed mid-line: keep its fragment on a line of its own
+    handle.write(whole + end)
+    return handle
+  if tail:
+    try:
+      handle.truncate(len(whole.encode()))
+    except (OSError, io.UnsupportedOperation):  # a store that appends but cannot cut: own line
+      end = "\n"
+    handle.write(end)
   return handle
 
 
@@ -71,11 +94,18 @@ class MetricsWriter:
       raise ValueError(f"metric names {clashes} clash with the record fields {_RESERVED_FIELDS}")
     values = {name: _plain(name, value) for name, value in metrics.items()}
     now = time.time()
-    self._ensure_open()
-    self._jsonl.write(json.dumps({"step": int(step), "split": split, "time": now, **values}) + "\n")
-    for name, value in values.items():
-      self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step), walltime=now)
-    self.flush()  # a few records per log step: readers (bertjax plot, TensorBoard) see them now
+    try:
+      self._ensure_open()
+      self._jsonl.write(json.dumps({"step": int(step), "split": split, "time": now, **values}) + "\n")
+      for name, value in values.items():
+        self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step), walltime=now)
+      self.flush()  # a few records per log step: readers (bertjax plot, TensorBoard) see them now
+    except OSError as e:  # a full disk or a lost permission: what the OS said, in one line
+      raise BertjaxError(
+        f"writing the metrics of step {step} to {self.workdir} failed: {e.strerror or e} "
+        f"({errno.errorcode.get(e.errno, e.errno)}); free some space or restore write permission, then run the "
+        "same command to resume from the newest checkpoint"
+      ) from e
 
   def _ensure_open(self) -> None:
     if self._jsonl is not None:
@@ -109,8 +139,8 @@ class MetricsWriter:
 def read_metrics(workdir) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl, in file order ([] if there is none yet).
 
-  A line that does not parse is the fragment a killed run left mid-write (the last line, or the
-  last of a run that was later resumed): it is skipped.
+  A line that does not parse as a JSON object is the fragment a killed run left mid-write (the
+  last line, until the next writer cuts it off): it is skipped.
   """
   path = epath.Path(workdir) / METRICS_FILENAME
   if not path.exists():
@@ -118,7 +148,9 @@ def read_metrics(workdir) -> list[dict]:
   records = []
   for line in path.read_text().splitlines():
     try:
-      records.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError:
       continue
+    if isinstance(record, dict):
+      records.append(record)
   return records

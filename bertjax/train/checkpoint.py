@@ -4,21 +4,27 @@
       params/ opt_state/      orbax StandardSave of plain dicts (restored onto any mesh)
       meta/                   JSON: step, rng, data position, config, model sizes, tokenizer
                               fingerprint, code version
-      bertjax_manifest.json   every file of the step with its size, written once the save is
-                              complete: a truncated or missing file shows against it
+      bertjax_manifest.json   every file of the step with its size and SHA-256, written once the
+                              save is complete (train/manifest.py)
+    WORKDIR/checkpoints/N.damaged-TIME/   a step that failed to restore, moved out of the way
 
-A step is *good* when its manifest matches the files on disk. Resume takes the newest step that
-restores, warning about (and skipping) any that does not. Retention keeps the newest
-`checkpoint.keep` good steps plus every `checkpoint.keep_period`-th, and never deletes a step
-while fewer good ones are newer: orbax's own retention deletes by step number, not by validity,
-so it is off (max_to_keep=None) and this module prunes.
+A step is *good* when its files and sizes match its manifest. Resume takes the newest step whose
+files match their digests and that restores; a training run moves each newer step it skipped out
+of orbax's step namespace (kept for inspection) and saves it afresh when it gets there. Process 0
+checks and moves; every process restores the same step. Retention keeps the newest
+`checkpoint.keep` good steps plus every `checkpoint.keep_period`-th and never deletes a step while
+fewer good ones are newer (orbax's `max_to_keep` deletes by step number, not validity: it is off).
+A failed save (a full disk, a lost permission) stops the run with one line naming the operating
+system's reason; earlier steps stay as they were.
 """
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
+import time
+from concurrent import futures
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +35,13 @@ from flax import serialization
 
 import bertjax
 from bertjax.errors import BertjaxError
+from bertjax.train import manifest, processes, save_failures
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
-MANIFEST = "bertjax_manifest.json"
+MANIFEST = manifest.MANIFEST
 ITEMS = ("params", "opt_state", "meta")
+DAMAGED = ".damaged-"  # N.damaged-TIME: not a step name to orbax, never a tmp folder either
 # Sizes that must match for a checkpoint's parameters to fit the model (dtype, dropout, remat
 # and attention kernel may change between runs; the arrays do not).
 STRUCTURAL_KEYS = (
@@ -51,28 +59,9 @@ class CheckpointError(BertjaxError):
   """A checkpoint could not be written or read; the run stops rather than go on without one."""
 
 
-def _step_files(step_dir: epath.Path) -> dict[str, int]:
-  """Every file below `step_dir` (but the manifest) with its size, walked folder by folder."""
-  files, folders = {}, [epath.Path(step_dir)]
-  while folders:
-    for path in folders.pop().iterdir():
-      if path.is_dir():
-        folders.append(path)
-      elif path.name != MANIFEST:
-        files[str(path.relative_to(step_dir))] = path.stat().length
-  return dict(sorted(files.items()))
-
-
 def is_good(step_dir: epath.Path) -> bool | None:
-  """True when the manifest matches the files; False when it does not; None without a manifest."""
-  manifest = step_dir / MANIFEST
-  if not manifest.exists():
-    return None
-  try:
-    expected = json.loads(manifest.read_text())["files"]
-  except (ValueError, KeyError):
-    return False
-  return _step_files(step_dir) == expected
+  """True when the manifest's files and sizes match; False when not; None without a manifest."""
+  return manifest.quick_check(step_dir)
 
 
 class Checkpoints:
@@ -85,6 +74,7 @@ class Checkpoints:
     cfg = checkpoint_cfg
     self.keep = cfg.keep if cfg is not None else 0
     self.keep_period = cfg.keep_period if cfg is not None else 0
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
       max_to_keep=None,
       create=not read_only,
@@ -93,8 +83,14 @@ class Checkpoints:
       enable_async_checkpointing=bool(cfg["async"]) if cfg is not None else False,
     )
     self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
-    self._unsealed: list[int] = []  # saved steps whose manifest is not written yet
     self.is_primary = jax.process_index() == 0
+    self._resources = contextlib.ExitStack()  # closed by close()
+    self._resources.enter_context(save_failures.quiet_orbax())
+    self._in_flight: int | None = None  # the step orbax may still be writing
+    self._sealing: dict[int, futures.Future] = {}  # steps whose manifest is being written
+    # Manifests are written off the training thread (process 0 writes them all).
+    self._sealer = futures.ThreadPoolExecutor(1, thread_name_prefix="bertjax-manifest")
+    self._failed = False  # a save failed and said so: closing does not wait for it again
 
   def __enter__(self):
     return self
@@ -106,7 +102,8 @@ class Checkpoints:
     try:  # already failing: finish what can be finished, but never mask the first error
       self.close()
     except Exception as e:
-      log.warning("while stopping after an error, closing the checkpoints failed too: %s", e)
+      if not isinstance(exc, CheckpointError):  # a failed save has said what went wrong
+        log.warning("while stopping after an error, closing the checkpoints failed too: %s", save_failures.one_line(e))
 
   # -- what is there -------------------------------------------------------------------------
   def steps(self) -> list[int]:
@@ -114,6 +111,13 @@ class Checkpoints:
 
   def good_steps(self) -> list[int]:
     return [s for s in self.steps() if is_good(self.dir / str(s))]
+
+  def damaged(self) -> list[str]:
+    """The folders of steps moved aside as damaged, oldest first."""
+    if not self.dir.exists():
+      return []
+    names = [p.name for p in self.dir.iterdir() if DAMAGED in p.name and p.name.split(".")[0].isdigit()]
+    return sorted(names, key=lambda n: (int(n.split(".")[0]), n))
 
   def reached_preemption(self, step: int) -> bool:
     """orbax's preemption sync point: True on every process at the same step after a preemption
@@ -135,46 +139,61 @@ class Checkpoints:
       opt_state=ocp.args.StandardSave(serialization.to_state_dict(state.opt_state)),
       meta=ocp.args.JsonSave(meta),
     )
+    self._finish_save()  # orbax would wait for it inside save(); here a failure names its step
+    sealed = self._check_sealed(block=False)
+    unwritable = save_failures.probe(self.dir, checkpoint_bytes(state))
+    if processes.any_raised(unwritable is not None):  # before orbax starts threads it cannot stop
+      raise self._failure(step, unwritable or OSError("another process of the job cannot write there"))
     try:
-      self.manager.save(step, args=args, force=True)  # also surfaces an earlier async failure
+      self.manager.save(step, args=args, force=True)
     except Exception as e:
-      raise CheckpointError(
-        f"saving checkpoint step {step} to {self.dir} failed ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); the run stops rather than go on "
-        "without checkpoints: check the workdir's space and permissions"
-      ) from e
-    self._unsealed.append(step)
+      raise self._failure(step, e) from e
+    self._in_flight = step
     if wait:
       self.wait()
-    else:
-      self._seal(finished=self._unsealed[:-1])
+    elif sealed:
+      self._prune()
 
   def wait(self) -> None:
-    """Wait for pending saves, then seal and prune."""
-    try:
-      self.manager.wait_until_finished()
-    except Exception as e:
-      raise CheckpointError(
-        f"an asynchronous checkpoint save to {self.dir} failed ({type(e).__name__}: {e}); "
-        "the run stops rather than go on without checkpoints"
-      ) from e
-    self._seal(finished=list(self._unsealed))
+    """Wait for pending saves and their manifests, then prune."""
+    self._finish_save()
+    self._check_sealed(block=True)
+    self._prune()
 
   def close(self) -> None:
     try:
-      self.wait()
+      if not self._failed:
+        self.wait()
     finally:
+      self._sealer.shutdown(wait=True)
+      self._resources.close()
       self.manager.close()
 
-  def _seal(self, finished: list[int]) -> None:
-    """Write the manifests of completed saves, then apply retention."""
-    for step in finished:
-      step_dir = self.dir / str(step)
-      if self.is_primary and step_dir.exists():  # absent: the save failed, and said so
-        (step_dir / MANIFEST).write_text(json.dumps({"step": step, "files": _step_files(step_dir)}))
-      self._unsealed.remove(step)
-    if finished:
-      self._prune()
+  def _finish_save(self) -> None:
+    """Wait for orbax's save in flight; once complete, its manifest is written in the background."""
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._failure(step, e) from e
+    if step is not None and self.is_primary and (self.dir / str(step)).exists():
+      self._sealing[step] = self._sealer.submit(manifest.write, self.dir / str(step), step)
+
+  def _check_sealed(self, block: bool) -> bool:
+    """Whether any manifest was written since the last call; raises if writing one failed."""
+    done = [step for step, future in self._sealing.items() if block or future.done()]
+    for step in done:
+      try:
+        self._sealing.pop(step).result()
+      except Exception as e:
+        raise self._failure(step, e, what="writing the manifest of checkpoint step") from e
+    return bool(done)
+
+  def _failure(self, step: int | None, exc: BaseException, what: str = "saving checkpoint step") -> CheckpointError:
+    self._failed = True
+    futures.wait(self._sealing.values())  # a step whose manifest is being written is complete
+    intact = [s for s in self.steps() if s != step and is_good(self.dir / str(s)) is not False]
+    return CheckpointError(save_failures.describe(f"{what} {step} to {self.dir}", exc, intact))
 
   def _prune(self) -> None:
     if not self.keep:
@@ -183,7 +202,8 @@ class Checkpoints:
     newest_good = good[-self.keep :]
     if len(newest_good) < self.keep:
       return  # not enough good steps yet: delete nothing
-    keep = set(newest_good) | {s for s in steps if s > newest_good[-1] or s in self._unsealed}
+    unsealed = set(self._sealing) | {self._in_flight}
+    keep = set(newest_good) | {s for s in steps if s > newest_good[-1] or s in unsealed}
     if self.keep_period:
       keep |= {s for s in good if s % self.keep_period == 0}
     for step in steps:
@@ -194,38 +214,89 @@ class Checkpoints:
   def _candidates(self, step: int | None) -> list[int]:
     if step is not None:
       if step not in self.steps():
-        raise CheckpointError(f"--step {step}: no such checkpoint in {self.dir}; present: {self.steps() or 'none'}")
+        aside = [n for n in self.damaged() if n.split(".")[0] == str(step)]
+        note = f"; it was moved aside as damaged ({', '.join(aside)})" if aside else ""
+        raise CheckpointError(
+          f"--step {step}: no such checkpoint in {self.dir}; present: {self.steps() or 'none'}{note}"
+        )
       return [step]
     return self.steps()[::-1]
-
-  def _restore_items(self, step: int, args: dict) -> dict:
-    good = is_good(self.dir / str(step))
-    if good is False:
-      raise ValueError("its files do not match its manifest (truncated or missing files)")
-    return self.manager.restore(step, args=ocp.args.Composite(**args))
 
   def read_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def _first_restorable(self, step: int | None, make_args, check=None) -> tuple[int, dict]:
-    """The newest candidate that restores; `check(meta)` may refuse a readable one outright."""
-    problems = []
+  def _first_restorable(self, step: int | None, items: tuple[str, ...], make_args, check=None) -> tuple[int, dict]:
+    """The newest candidate whose `items` match the manifest and restore on every process.
+
+    `make_args(candidate)` gives the restore arguments; `check(meta)` may refuse a readable step
+    outright (a BertjaxError: the user's to fix, not a broken checkpoint).
+    """
+    skipped = []
     for candidate in self._candidates(step):
+      step_dir = self.dir / str(candidate)
+      reason = self._damage(step_dir, items) if self.is_primary else None
+      if processes.from_primary(reason is not None):
+        reason = reason or "process 0 found its files damaged"
+      else:
+        restored = None
+        try:
+          if check is not None:
+            check(self.read_meta(candidate))
+          restored = self.manager.restore(candidate, args=ocp.args.Composite(**make_args(candidate)))
+        except BertjaxError:  # CheckpointError included: the user's to fix
+          raise
+        except Exception as e:
+          reason = save_failures.one_line(e)
+        if not processes.any_raised(reason is not None):
+          return candidate, restored
+        reason = reason or "another process could not restore it"
+        if manifest.digested(step_dir, items):  # its files are as saved: the trouble is elsewhere
+          raise CheckpointError(
+            f"checkpoint step {candidate} in {self.dir} cannot be restored, though its files are as saved: "
+            f"{reason}; fix that (memory, devices), or pass --step to restore an earlier step"
+          )
+      if step is not None:
+        raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored: {reason}")
+      self._skip(candidate, reason)
+      skipped.append(candidate)
+    aside = f" (moved aside as damaged: {', '.join(self.damaged())})" if self.damaged() else ""
+    raise CheckpointError(f"no checkpoint in {self.dir} can be restored{aside}; move that folder away to start afresh")
+
+  @staticmethod
+  def _damage(step_dir: epath.Path, items) -> str | None:
+    try:
+      return manifest.damage(step_dir, items)
+    except OSError as e:
+      return f"its files cannot be read ({e.strerror or e})"
+
+  def _skip(self, step: int, reason: str) -> None:
+    """Warn once about a damaged step; a training run moves it out of orbax's step namespace."""
+    if self.read_only:
+      log.warning("skipping checkpoint step %d in %s: %s", step, self.dir, reason)
+      return
+    aside = self.dir / f"{step}{DAMAGED}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    moved = None
+    if self.is_primary:
       try:
-        if check is not None:
-          meta = self.read_meta(candidate)
-          check(meta)  # a BertjaxError here is the user's to fix, not a broken checkpoint
-        return candidate, self._restore_items(candidate, make_args())
-      except BertjaxError:  # CheckpointError included: the user's to fix
-        raise
-      except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if step is not None:
-          raise CheckpointError(f"checkpoint step {step} in {self.dir} cannot be restored: {reason}") from e
-        log.warning("skipping checkpoint step %d in %s: %s", candidate, self.dir, reason)
-        problems.append(candidate)
-    raise CheckpointError(
-      f"no checkpoint in {self.dir} can be restored (tried steps {problems}); remove the folder to start afresh"
+        (self.dir / str(step)).rename(aside)
+      except OSError as e:
+        moved = e
+    if processes.from_primary(moved is not None):
+      raise CheckpointError(
+        f"checkpoint step {step} in {self.dir} is damaged ({reason}) and cannot be moved aside "
+        f"({moved.strerror if moved else 'on process 0'}); move {self.dir / str(step)} away, then run the same command"
+      )
+    processes.barrier(f"bertjax-moved-aside-{step}")
+    self.manager.reload()
+    where = aside.name if self.is_primary else "a .damaged- folder (process 0 moved it)"
+    log.warning(
+      "skipping checkpoint step %d in %s: %s; moved it aside to %s (kept for inspection, never restored); "
+      "training saves step %d afresh when it gets there",
+      step,
+      self.dir,
+      reason,
+      where,
+      step,
     )
 
   def restore(self, abstract_state, step: int | None = None, check=None):
@@ -234,14 +305,14 @@ class Checkpoints:
     `check(meta)` runs on a step's meta before its arrays are read (model sizes, tokenizer).
     """
 
-    def make_args():
+    def make_args(candidate):
       return dict(
         params=ocp.args.StandardRestore(abstract_state.params),
         opt_state=ocp.args.StandardRestore(serialization.to_state_dict(abstract_state.opt_state)),
         meta=ocp.args.JsonRestore(),
       )
 
-    _, items = self._first_restorable(step, make_args, check)
+    _, items = self._first_restorable(step, ITEMS, make_args, check)
     meta = items["meta"]
     rng_sharding = abstract_state.rng.sharding
     state = abstract_state.replace(
@@ -255,21 +326,21 @@ class Checkpoints:
   def restore_params(self, abstract_params=None, step: int | None = None, check=None):
     """(params, meta) of a step; without `abstract_params`, host arrays shaped as saved."""
 
-    def make_args():
+    def make_args(candidate):
       target = abstract_params
       if target is None:
-        shapes = self.manager.item_metadata(self._candidates(step)[0])["params"]
+        shapes = self.manager.item_metadata(candidate)["params"]
         target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), shapes)
       return dict(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
 
-    _, items = self._first_restorable(step, make_args, check)
+    _, items = self._first_restorable(step, ("params", "meta"), make_args, check)
     params = items["params"] if abstract_params is not None else jax.tree.map(np.asarray, items["params"])
     return params, items["meta"]
 
 
 def checkpoint_bytes(abstract_state) -> int:
   """About what one checkpoint of this state takes on disk (uncompressed array bytes)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
 
 
 def check_room(workdir, abstract_state) -> None:

@@ -7,6 +7,10 @@
 Every process runs this; each feeds only the rows of the global batch its devices hold, and only
 process 0 writes logs and metrics. Metrics are read back one step late: the host fetches step
 s-1's numbers while the device runs step s, so it never waits on the device.
+
+A run holds its workdir (train/lock.py) before it writes anything there. No periodic checkpoint
+is saved while steps are being skipped for a non-finite gradient, so when the guard stops the run
+the newest checkpoint is from before the first skipped step.
 """
 
 import contextlib
@@ -22,7 +26,7 @@ from bertjax.metrics import flops as flops_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, optim
+from bertjax.train import checkpoint, lock, optim, processes
 from bertjax.train import steps as steps_lib
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.run import Data, Run, evaluate, setup
@@ -80,7 +84,7 @@ def _checkpoint_meta(run: Run, step: int) -> dict:
 def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | None = None):
   """(state, data position or None): resume this workdir, warm-start from another, or init."""
   t = run.config.train
-  if checkpoints.steps() or step is not None:
+  if checkpoints.steps() or checkpoints.damaged() or step is not None:
     state, meta = checkpoints.restore(
       run.steps.abstract_state(),
       step,
@@ -112,9 +116,10 @@ def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | Non
 def train(config, workdir, *, data: Data | None = None, state=None, step: int | None = None) -> TrainResult:
   """Train to train.steps: resume WORKDIR's newest good checkpoint (or `step`), or warm-start
   from train.init_from, or start fresh; `state` overrides all three."""
-  run = setup(config, workdir, data)
   t = config.train
   with contextlib.ExitStack() as stack:
+    workdir_lock = stack.enter_context(lock.hold(workdir))  # before anything is written there
+    run = setup(config, workdir, data)
     checkpoint.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
     data_position = None
@@ -132,11 +137,44 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
       final = evaluate(run, state.params, eval_batches)
       return TrainResult({**final, **reference} if final else {}, state)
     guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption, start=start))
-    result = _loop(run, state, start, data_position, checkpoints, guard, stack)
+    saver = _Saver(run, checkpoints, workdir_lock)
+    result = _loop(run, state, start, data_position, saver, guard, stack)
   return result
 
 
-def _loop(run: Run, state, start: int, data_position, checkpoints, guard, stack) -> TrainResult:
+@dataclasses.dataclass
+class _Saver:
+  """Checkpoints of the loop: never after the workdir was taken over, never during a non-finite streak."""
+
+  run: Run
+  checkpoints: checkpoint.Checkpoints
+  workdir_lock: lock.WorkdirLock | None  # process 0's; None on the others
+
+  def save(self, state, step: int, *, wait: bool = False) -> None:
+    lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
+    if processes.from_primary(lost):  # every process stops, none waits in the save's collective
+      if self.workdir_lock is not None:
+        self.workdir_lock.check()
+      raise lock.WorkdirInUse(f"--workdir {self.run.workdir}: another run took it over (process 0 says which)")
+    self.checkpoints.save(state, _checkpoint_meta(self.run, step), wait=wait)
+
+  def periodic(self, state, step: int, step_metrics) -> None:
+    skipping = int(jax.device_get(step_metrics["nonfinite_consecutive"]))  # the save waits on this step anyway
+    if skipping:
+      log.warning(
+        "step %d: no checkpoint while steps are skipped for a non-finite gradient (%d in a row so far)",
+        step,
+        skipping,
+      )
+      return
+    self.save(state, step)
+
+  def newest(self) -> int | None:
+    steps = self.checkpoints.steps()
+    return steps[-1] if steps else None
+
+
+def _loop(run: Run, state, start: int, data_position, saver: _Saver, guard, stack) -> TrainResult:
   config, t = run.config, run.config.train
   eval_batches, reference = run.held_out()
   flops = flops_lib.flops_per_sequence(run.model_config, config.data.seq_len, config.data.max_predictions)
@@ -150,7 +188,7 @@ def _loop(run: Run, state, start: int, data_position, checkpoints, guard, stack)
     batches = stack.enter_context(run.pipeline.iterator_from_state(data_position, run.rows))
   else:
     batches = stack.enter_context(run.pipeline.iterator(start, run.rows))
-  window = _Window(time.perf_counter())
+  out = _Outputs(writer, progress, throughput, _Window(time.perf_counter()), saver)
   pending = None
   for step in range(start, t.steps):
     batch_step, local = next(batches)
@@ -159,22 +197,22 @@ def _loop(run: Run, state, start: int, data_position, checkpoints, guard, stack)
     state, step_metrics = run.steps.train(state, run.global_batch(local))
     profiler.after(step, state)
     if pending is not None:
-      _after_step(run, *pending, writer, progress, throughput, window)
+      _after_step(run, *pending, out)
     pending = (step, step_metrics)
     done = step + 1
     if guard.should_stop(done):
-      _after_step(run, *pending, writer, progress, throughput, window)
-      checkpoints.save(state, _checkpoint_meta(run, done), wait=True)
+      _after_step(run, *pending, out)
+      saver.save(state, done, wait=True)
       return TrainResult({}, state, stopped_by=guard.received)
     if done % config.checkpoint.every_steps == 0 and done < t.steps:
-      checkpoints.save(state, _checkpoint_meta(run, done))
+      saver.periodic(state, done, step_metrics)
     if done % t.eval_every == 0 and done < t.steps:
-      _after_step(run, *pending, writer, progress, throughput, window)
+      _after_step(run, *pending, out)
       pending = None
       writer.write(done, {**evaluate(run, state.params, eval_batches), **reference}, split="eval")
   if pending is not None:
-    _after_step(run, *pending, writer, progress, throughput, window)
-  checkpoints.save(state, _checkpoint_meta(run, t.steps), wait=True)
+    _after_step(run, *pending, out)
+  saver.save(state, t.steps, wait=True)
   final = evaluate(run, state.params, eval_batches)
   if final:
     final.update(reference)
@@ -191,13 +229,23 @@ class _Window:
   steps: int = 0
 
 
-def _after_step(run: Run, step: int, step_metrics, writer, progress, throughput, window: _Window) -> None:
+@dataclasses.dataclass
+class _Outputs:
+  writer: MetricsWriter
+  progress: ProgressBar
+  throughput: flops_lib.Throughput
+  window: _Window
+  saver: _Saver
+
+
+def _after_step(run: Run, step: int, step_metrics, out: _Outputs) -> None:
   t = run.config.train
   consecutive, tokens = (
     int(x) if i == 0 else float(x)
     for i, x in enumerate(jax.device_get((step_metrics["nonfinite_consecutive"], step_metrics["tokens"])))
   )
-  optim.check_nonfinite(consecutive, run.config.optim.max_nonfinite, step + 1)
+  optim.check_nonfinite(consecutive, run.config.optim.max_nonfinite, step + 1, out.saver.newest())
+  window = out.window
   window.tokens += tokens
   window.steps += 1
   if (step + 1) % t.log_every and step + 1 != t.steps:
@@ -206,7 +254,7 @@ def _after_step(run: Run, step: int, step_metrics, writer, progress, throughput,
   values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k != "nonfinite_consecutive"}
   values.pop("tokens")
   values["epoch"] = float(run.pipeline.epoch_of(step + 1))
-  values.update(throughput.update(step + 1, window.steps * t.batch_size, window.tokens, now - window.start))
-  writer.write(step + 1, values, split="train")
-  progress.update(step + 1, values)
+  values.update(out.throughput.update(step + 1, window.steps * t.batch_size, window.tokens, now - window.start))
+  out.writer.write(step + 1, values, split="train")
+  out.progress.update(step + 1, values)
   window.start, window.tokens, window.steps = now, 0.0, 0

@@ -151,11 +151,20 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
   return consecutive, total
 
 
-def check_nonfinite(consecutive: int, max_nonfinite: int, step: int) -> None:
-  """Stops the run (BertjaxError) once `max_nonfinite` steps in a row had a non-finite gradient."""
+def check_nonfinite(consecutive: int, max_nonfinite: int, step: int, newest_checkpoint: int | None = None) -> None:
+  """Stops the run (BertjaxError) once `max_nonfinite` steps in a row had a non-finite gradient,
+  saying which step went non-finite first and where to resume from with what changed."""
   consecutive = int(consecutive)
   if consecutive >= max_nonfinite:
+    first = step - consecutive + 1
+    resume = (
+      f"checkpoint {newest_checkpoint} is from before it: resume from there"
+      if newest_checkpoint is not None
+      else "start again"
+    )
     raise BertjaxError(
-      f"step {step}: the gradient was not finite for {consecutive} consecutive steps "
-      f"(optim.max_nonfinite={max_nonfinite}); lower optim.lr, enable optim.clip_norm, or check the data"
+      f"step {first} went non-finite, and so did every step to step {step}: the gradient was not finite for "
+      f"{consecutive} consecutive steps (optim.max_nonfinite={max_nonfinite}); {resume} with a lower optim.lr, a "
+      "longer optim.warmup_steps or optim.clip_norm > 0, or compute in float32 (model.dtype=float32) where it "
+      "ran in bfloat16; or check the data"
     )

@@ -31,7 +31,8 @@ import sys
 from collections.abc import Callable
 
 import jax
-import numpy as np
+
+from bertjax.train import processes
 
 log = logging.getLogger(__name__)
 CHECK_EVERY = 5  # steps between all-gathers of the flags when JAX's preemption service is off
@@ -96,9 +97,7 @@ class PreemptionGuard:
     if self._service:
       stop = self._sync_point(step)
     elif step % self.check_every == 0:
-      from jax.experimental import multihost_utils
-
-      stop = bool(np.any(multihost_utils.process_allgather(np.int32(self.received is not None))))
+      stop = processes.any_raised(self.received is not None)
     else:
       stop = False
     if stop:

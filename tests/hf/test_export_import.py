@@ -7,6 +7,8 @@ bertjax, so padding rows are stripped on export and added back on import).
 
 import json
 import logging
+import os
+import re
 
 import jax
 import numpy as np
@@ -16,7 +18,7 @@ import safetensors.numpy
 from bertjax.config import loading as config_lib
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
-from bertjax.hf import export, import_hf, load, names
+from bertjax.hf import export, folders, import_hf, load, names
 from bertjax.model.bert import init_model
 from bertjax.train import checkpoint, loop
 from tests.support.corpora import numbered_documents, write_bert_text
@@ -320,6 +322,64 @@ def test_bad_inputs_are_one_clear_line(tmp_path, trained, hf_pretraining_folder)
     export.export_hf(trained, tmp_path / "e", step=7)
   with pytest.raises(BertjaxError, match="--format onnx"):
     export.export(trained, "onnx")
+
+
+def _sharded(folder, tmp_path, name="sharded") -> tuple:
+  """The pretraining folder with its weights in two shards and an index, as save_pretrained
+  writes large models."""
+  sharded = tmp_path / name
+  sharded.mkdir()
+  for f in folder.iterdir():
+    if f.name != "model.safetensors":
+      (sharded / f.name).write_bytes(f.read_bytes())
+  tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+  names = sorted(tensors)
+  weight_map = {}
+  for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+    shard = f"model-0000{i + 1}-of-00002.safetensors"
+    safetensors.numpy.save_file({n: tensors[n] for n in part}, str(sharded / shard))
+    weight_map.update(dict.fromkeys(part, shard))
+  (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  return sharded, weight_map, tensors
+
+
+def test_a_sharded_folder_reads_and_an_index_cannot_lead_outside_it(tmp_path, hf_pretraining_folder):
+  folder, _ = hf_pretraining_folder
+  sharded, weight_map, tensors = _sharded(folder, tmp_path)
+  _, read = folders.read_hf_checkpoint(sharded)
+  assert sorted(read) == sorted(tensors)
+  for name, array in tensors.items():
+    np.testing.assert_array_equal(read[name], array)
+
+  outside = tmp_path / "outside.safetensors"
+  outside.write_bytes((sharded / "model-00001-of-00002.safetensors").read_bytes())
+  (sharded / "link.safetensors").symlink_to(outside)
+  (sharded / "a-folder.safetensors").mkdir()
+  os.mkfifo(sharded / "a-pipe.safetensors")  # reading it would block for ever
+  first = next(iter(weight_map))
+  index = sharded / "model.safetensors.index.json"
+  cases = {
+    str(outside): "is not a file name inside the folder",
+    "../outside.safetensors": "is not a file name inside the folder",
+    "sub/../../outside.safetensors": "is not a file name inside the folder",
+    "link.safetensors": f"leads outside the folder \\(to {outside}\\)",
+    "a-folder.safetensors": "is not a regular file",
+    "a-pipe.safetensors": "is not a regular file",
+    "missing.safetensors": "does not exist",
+  }
+  for shard, problem in cases.items():
+    index.write_text(json.dumps({"weight_map": {**weight_map, first: shard}}))
+    with pytest.raises(BertjaxError, match=rf"names the shard '{re.escape(shard)}', which {problem}") as error:
+      folders.read_hf_checkpoint(sharded)
+    _one_line(error)
+  for broken in ("{not json", json.dumps({"metadata": {}}), json.dumps({"weight_map": ["a.safetensors"]}), "[]"):
+    index.write_text(broken)
+    with pytest.raises(BertjaxError, match="has no weight_map of tensor names to shard files") as error:
+      folders.read_hf_checkpoint(sharded)
+    _one_line(error)
+    with pytest.raises(BertjaxError, match="has no weight_map"):
+      import_hf.import_hf(sharded, tmp_path / "run-broken")
+    assert not (tmp_path / "run-broken").exists()
 
 
 def _empty_run(tmp_path, trained):

@@ -1,4 +1,4 @@
-"""`bertjax plot`: curves of train and eval, a step logged twice, no metrics yet."""
+"""`bertjax plot`: curves of train and eval, a step logged twice, a line cut by a crash, no metrics yet."""
 
 import math
 
@@ -45,6 +45,18 @@ def test_curves_keep_the_latest_record_of_a_step_logged_twice():
     {"step": 10, "split": "train", "loss": 2.5},
   ]  # resumed from step 10
   assert plot.curves_by_split(records, "loss") == {"train": ([10, 20], [2.5, 2.0])}
+
+
+def test_a_line_cut_by_a_crash_is_skipped(tmp_path):
+  lines = [
+    '{"step": 1, "split": "train", "time": 0, "loss": 6.0}',
+    "7",  # JSON, but not a record
+    '{"step": 2, "split": "train", "time": 0, "loss": 5.0}',
+    '{"step": 3, "split": "train", "time": 0, "lo',  # a run killed mid-write
+  ]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+  assert plot.plot_curves(tmp_path).exists()
+  assert plot.curves_by_split(metrics.read_metrics(tmp_path), "loss") == {"train": ([1, 2], [6.0, 5.0])}
 
 
 def test_plot_without_metrics_is_a_user_error(tmp_path):

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
 
 
@@ -28,15 +29,25 @@ def test_jsonl_records_parse_and_a_resumed_run_appends(tmp_path):
   assert records[2]["epoch"] == 1 and metrics.read_metrics(tmp_path) == records
 
 
-def test_read_metrics_skips_a_line_cut_by_a_crash(tmp_path):
+def test_read_metrics_skips_a_line_cut_by_a_crash_and_the_next_writer_cuts_it_off(tmp_path):
   _write_two_steps(tmp_path)
+  whole = (tmp_path / "metrics.jsonl").read_text()
   with (tmp_path / "metrics.jsonl").open("a") as f:
     f.write('{"step": 11, "split": "tr')  # killed mid-write
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [10, 10]
-  with metrics.MetricsWriter(tmp_path) as writer:  # resuming starts a fresh line after the fragment
+  with metrics.MetricsWriter(tmp_path) as writer:  # the resumed run
     writer.write(12, {"loss": 5.0})
-  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [10, 10, 12]
+  text = (tmp_path / "metrics.jsonl").read_text()
+  assert text.startswith(whole) and text.count("\n") == 3 and "tr\n" not in text
+  assert [json.loads(line)["step"] for line in text.splitlines()] == [10, 10, 12]
   assert metrics.read_metrics(tmp_path / "elsewhere") == []
+
+
+def test_a_whole_last_record_that_lost_only_its_newline_is_kept(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}')
+  with metrics.MetricsWriter(tmp_path) as writer:
+    writer.write(3, {"loss": 0.5})
+  assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_a_store_that_cannot_append_keeps_the_earlier_lines(tmp_path):
@@ -50,7 +61,32 @@ def test_a_store_that_cannot_append_keeps_the_earlier_lines(tmp_path):
   path.write_text('{"step": 1}\n{"step": 2')  # the second line was cut by a crash
   with metrics._open_for_append(path) as handle:
     handle.write('{"step": 3}\n')
-  assert path.read_text() == '{"step": 1}\n{"step": 2\n{"step": 3}\n'
+  assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+
+
+def test_a_write_the_os_refuses_is_one_line(tmp_path):
+  (tmp_path / "metrics.jsonl").mkdir()  # stands in for a full disk or a lost permission
+  with pytest.raises(BertjaxError) as error, metrics.MetricsWriter(tmp_path) as writer:
+    writer.write(5, {"loss": 1.0})
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(
+    f"writing the metrics of step 5 to {tmp_path} failed: Is a directory"
+  )
+
+
+def test_tensorboard_reads_past_a_record_cut_by_a_crash_into_the_resumed_runs_file(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  _write_two_steps(tmp_path)
+  (killed,) = (tmp_path / "tb").iterdir()
+  killed.write_bytes(killed.read_bytes()[:-7])  # the eval record of step 10, cut mid-write
+  with metrics.MetricsWriter(tmp_path) as writer:  # the resumed run writes a file of its own
+    writer.write(20, {"loss": 6.0})
+    writer.write(20, {"loss": 5.5}, split="eval")
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(10, 7.5), (20, 6.0)]
+  assert [(e.step, e.value) for e in acc.Scalars("eval/loss")] == [(20, 5.5)]
 
 
 def test_writer_refuses_what_json_and_tensorboard_cannot_hold(tmp_path):

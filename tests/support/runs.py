@@ -76,8 +76,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(args, devices: int, extra_env=None) -> subprocess.Popen:
-  """`python -m bertjax ARGS` in a new process with `devices` fake CPU devices; output merged."""
+def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subprocess.Popen:
+  """`python -m bertjax ARGS` in a new process with `devices` fake CPU devices; output merged.
+  `module` runs another entry point instead (tests.support.faults wraps the CLI)."""
   env = dict(
     os.environ,
     PYTHONPATH=os.getcwd(),
@@ -87,7 +88,7 @@ def launch(args, devices: int, extra_env=None) -> subprocess.Popen:
     **(extra_env or {}),
   )
   return subprocess.Popen(
-    [sys.executable, "-m", "bertjax", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    [sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
 
 

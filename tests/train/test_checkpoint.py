@@ -1,19 +1,25 @@
 """Checkpoints: round trips, exact resume after real signals (one process or a job), other meshes, faults."""
 
 import contextlib
+import errno
+import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
+from bertjax.atomic import os_errno
 from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
-from bertjax.train import checkpoint, loop, optim
+from bertjax.train import checkpoint, loop, manifest, optim, save_failures
 from bertjax.train import run as run_lib
 from tests.support.micro import compiled_steps as _steps
 from tests.support.micro import synthetic_batch
@@ -128,6 +134,102 @@ def test_a_corrupt_or_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, 
       ckpts.restore(steps.abstract_state(), step=7)
 
 
+def _flip_bytes(step_dir):
+  """Damage that keeps every size: eight bytes inverted in the middle of the largest params file."""
+  target = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+  target.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_show_against_the_digests_and_the_step_is_moved_aside_once(tmp_path, caplog):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=1)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=5)) as ckpts:
+    for s in (1, 2, 3):
+      ckpts.save(state.replace(step=s), {})
+  step_3 = tmp_path / "checkpoints" / "3"
+  written = json.loads((step_3 / checkpoint.MANIFEST).read_text())
+  assert set(written["sha256"]) == set(written["files"])
+  _flip_bytes(step_3)
+  assert checkpoint.is_good(step_3)  # sizes alone (retention's check) see nothing
+  assert "differs from its SHA-256 in the manifest" in manifest.damage(step_3)
+  assert manifest.damage(step_3, items=("opt_state", "meta")) is None  # only what a restore reads
+
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts, caplog.at_level(logging.WARNING):
+    _, meta = ckpts.restore(steps.abstract_state())  # eval and export: skip, never move
+  assert meta["step"] == 2 and "skipping checkpoint step 3" in caplog.text and step_3.is_dir()
+
+  caplog.clear()
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=2)) as ckpts, caplog.at_level(logging.WARNING):
+    _, meta = ckpts.restore(steps.abstract_state())  # a training run: moved out of the way
+    assert meta["step"] == 2 and ckpts.steps() == [1, 2]
+    [aside] = ckpts.damaged()
+    assert aside.startswith("3.damaged-") and f"moved it aside to {aside}" in caplog.text
+    with pytest.raises(
+      checkpoint.CheckpointError, match=rf"--step 3: no such checkpoint .* moved aside as damaged \({aside}\)"
+    ):
+      ckpts.restore(steps.abstract_state(), step=3)
+    for s in (3, 4, 5):  # step 3 saved afresh; retention neither counts nor deletes the damaged folder
+      ckpts.save(state.replace(step=s), {}, wait=True)
+    assert ckpts.steps() == [4, 5] and ckpts.good_steps() == [4, 5] and ckpts.damaged() == [aside]
+  assert manifest.damage(tmp_path / "checkpoints" / aside) is not None  # kept as it was, for inspection
+
+  caplog.clear()
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=2)) as ckpts, caplog.at_level(logging.WARNING):
+    _, meta = ckpts.restore(steps.abstract_state())
+  assert meta["step"] == 5 and "skipping" not in caplog.text  # reported once
+
+
+def test_intact_files_that_fail_to_restore_stop_the_run_and_all_damaged_refuse_a_fresh_start(tmp_path):
+  """Files proven intact by their digests are never moved aside: the trouble is elsewhere (memory,
+  devices), and falling back would throw away the newest progress. A workdir whose every step was
+  moved aside does not silently start again from step 0."""
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    for s in (1, 2):
+      ckpts.save(state.replace(step=s), {}, wait=True)
+
+  def out_of_memory(meta):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    with pytest.raises(checkpoint.CheckpointError, match="step 2 .* though its files are as saved: RESOURCE_EXHAUSTED"):
+      ckpts.restore(steps.abstract_state(), check=out_of_memory)
+    assert ckpts.steps() == [1, 2] and not ckpts.damaged()
+
+  for s in (1, 2):
+    _flip_bytes(tmp_path / "checkpoints" / str(s))
+  with (
+    checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts,
+    pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint .* \(moved aside as damaged: 1\.damaged-.*, 2\."),
+  ):
+    ckpts.restore(steps.abstract_state())
+  run = types.SimpleNamespace(config=types.SimpleNamespace(train=None), steps=steps, workdir=tmp_path)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    assert ckpts.steps() == []
+    with pytest.raises(checkpoint.CheckpointError, match="move that folder away to start afresh"):
+      loop.initial_state(run, ckpts)
+
+
+def test_a_manifest_without_digests_is_checked_by_its_sizes(tmp_path):
+  """bertjax 0.1.0 wrote sizes only (tests/fixtures/run_v0): such a step still reads."""
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    ckpts.save(state.replace(step=1), {}, wait=True)
+  step_1 = tmp_path / "checkpoints" / "1"
+  written = json.loads((step_1 / checkpoint.MANIFEST).read_text())
+  (step_1 / checkpoint.MANIFEST).write_text(json.dumps({"step": 1, "files": written["files"]}))
+  assert checkpoint.is_good(step_1) and manifest.damage(step_1) is None
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts:
+    assert ckpts.restore(steps.abstract_state())[1]["step"] == 1
+  _truncate_a_file(step_1)
+  assert "the manifest says" in manifest.damage(step_1) and checkpoint.is_good(step_1) is False
+
+
 def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
   steps = _steps((1, 1, 1))
   state, _ = _trained_state(steps, n=0)
@@ -148,6 +250,8 @@ def test_retention_never_deletes_the_last_good_checkpoint(tmp_path):
 
 
 def test_a_failing_save_stops_the_run_loudly(tmp_path):
+  """A file where the checkpoint folder was: found before orbax starts (its threads would then
+  hold the process for 5 minutes at exit), said in one line."""
   steps = _steps((1, 1, 1))
   state, _ = _trained_state(steps, n=0)
   ckpts = checkpoint.Checkpoints(tmp_path, _CheckpointCfg())
@@ -156,12 +260,86 @@ def test_a_failing_save_stops_the_run_loudly(tmp_path):
   os.rename(blocked, tmp_path / "moved")
   blocked.write_text("a file where the checkpoint folder was")
   try:
-    with pytest.raises(checkpoint.CheckpointError, match="the run stops rather than go on without checkpoints"):
+    with pytest.raises(checkpoint.CheckpointError) as error:
       ckpts.save(state.replace(step=state.step + 2), {})
       ckpts.wait()
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"saving checkpoint step 2 to {blocked} failed: Not a directory")
+    assert "the run stops rather than go on without checkpoints" in message
   finally:
     with contextlib.suppress(Exception):
       ckpts.manager.close()
+
+
+def _failing_writes(monkeypatch, code: int, where: str) -> None:
+  """Writes of files named `where...` fail as the OS fails them."""
+  path_class = type(epath.Path("/"))
+  real = path_class.write_text
+
+  def write_text(self, *args, **kwargs):
+    if self.name.startswith(where):
+      raise OSError(code, os.strerror(code), os.fspath(self))
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(path_class, "write_text", write_text)
+
+
+@pytest.mark.parametrize(
+  ("code", "words", "fix"),
+  [
+    (errno.EACCES, "Permission denied (EACCES)", "give this user write permission there"),
+    (errno.EROFS, "Read-only file system (EROFS)", "make the file system writable"),
+    (errno.ENOSPC, "No space left on device (ENOSPC)", "free some space"),
+  ],
+)
+def test_a_save_that_the_os_refuses_names_its_reason_and_keeps_the_earlier_steps(
+  tmp_path, monkeypatch, code, words, fix
+):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg(keep=1)) as ckpts:
+    ckpts.save(state.replace(step=state.step + 1), {}, wait=True)
+    _failing_writes(monkeypatch, code, ".write-probe")
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      ckpts.save(state.replace(step=state.step + 2), {})
+  assert str(error.value) == (
+    f"saving checkpoint step 2 to {tmp_path / 'checkpoints'} failed: {words}; checkpoints 1 are intact; the run "
+    f"stops rather than go on without checkpoints: {fix}, then run the same command to resume from step 1"
+  )
+  monkeypatch.undo()
+  with checkpoint.Checkpoints(tmp_path, read_only=True) as ckpts:
+    assert ckpts.good_steps() == [1] and ckpts.steps() == [1]
+
+
+def test_a_save_that_cannot_fit_stops_before_it_starts(tmp_path, monkeypatch):
+  steps = _steps((1, 1, 1))
+  state, _ = _trained_state(steps, n=0)
+  with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
+    ckpts.save(state.replace(step=state.step + 1), {}, wait=True)
+    monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1000))
+    with pytest.raises(
+      checkpoint.CheckpointError, match=r"failed: 0.00 MiB free, a checkpoint needs about .* MiB \(ENOSPC\)"
+    ):
+      ckpts.save(state.replace(step=state.step + 2), {})
+    assert ckpts.steps() == [1]
+
+
+def test_the_errno_is_read_from_tensorstores_words_and_from_oserrors():
+  """What orbax raised when a real 1000 KiB tmpfs filled during a save."""
+  tensorstore = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing local file "/w/checkpoints/8.orbax-checkpoint-tmp/opt_state/_sharding": '
+    "Failed to write 18849 bytes to file 12: No space left on device [os_error_code='28']"
+  )
+  assert os_errno(tensorstore) == errno.ENOSPC
+  try:
+    try:
+      raise PermissionError(errno.EACCES, "Permission denied", "/w/x")
+    except OSError as e:
+      raise RuntimeError("commit failed") from e
+  except RuntimeError as wrapped:
+    assert os_errno(wrapped) == errno.EACCES
+  assert os_errno(ValueError("Read-only file system while writing"), [errno.EROFS]) == errno.EROFS
+  assert os_errno(ValueError("shape mismatch")) is None
 
 
 def test_kill_with_sigterm_then_resume_is_bit_exact(tmp_path, corpus_and_tokenizer):
@@ -241,6 +419,30 @@ def test_a_job_stopped_by_sigint_to_one_process_resumes_bit_exactly(tmp_path, co
 
   assert sorted(losses(tmp_path / "stopped")) == list(range(1, steps + 1))
   assert losses(tmp_path / "stopped") == losses(tmp_path / "whole")  # bit for bit
+
+
+def test_a_job_skips_a_damaged_step_together_and_process_0_moves_it_aside(tmp_path, corpus_and_tokenizer):
+  """Process 0 checks the digests and renames; both processes restore step 4 and save 8 afresh."""
+
+  def args(steps):
+    return _train_args(corpus_and_tokenizer, tmp_path / "run", steps=steps) + [
+      "--config.checkpoint.every_steps=4",
+      "--config.train.eval_batches=0",
+      f"--config.train.compilation_cache={tmp_path / 'jax-cache'}",  # the second job loads the first's
+    ]
+
+  first = _launch_job(args(8))
+  outs = [p.communicate(timeout=300)[0] for p in first]
+  assert [p.returncode for p in first] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  _flip_bytes(tmp_path / "run" / "checkpoints" / "8")
+  again = _launch_job(args(12))
+  outs = [p.communicate(timeout=300)[0] for p in again]
+  assert [p.returncode for p in again] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+  assert "differs from its SHA-256" in outs[0] and outs[0].count("moved it aside to 8.damaged-") == 1
+  assert "resumed from checkpoint step 4" in outs[0]
+  assert "process 0 found its files damaged" in outs[1]  # told, not checking or moving itself
+  with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as ckpts:
+    assert ckpts.good_steps() == [4, 8, 12] and len(ckpts.damaged()) == 1
 
 
 def test_async_saves_are_complete_when_the_process_exits(tmp_path, corpus_and_tokenizer):
@@ -324,7 +526,5 @@ def test_bertjax_eval_prints_one_json_line(tmp_path, corpus_and_tokenizer):
     timeout=300,
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  import json
-
   line = json.loads(out.stdout.strip().splitlines()[-1])
   assert line["step"] == 2 and {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(line)

@@ -315,8 +315,15 @@ def test_check_nonfinite_stops_at_the_threshold():
     optim.check_nonfinite(jnp.int32(10), 10, step=1234)
   message = str(error.value)
   assert "\n" not in message
-  assert "step 1234" in message and "10 consecutive steps" in message and "optim.max_nonfinite=10" in message
-  assert "optim.lr" in message and "optim.clip_norm" in message
+  assert message.startswith("step 1225 went non-finite, and so did every step to step 1234")
+  assert "10 consecutive steps" in message and "optim.max_nonfinite=10" in message
+  for advice in ("optim.lr", "optim.warmup_steps", "optim.clip_norm", "model.dtype=float32"):
+    assert advice in message
+  assert "start again" in message
+  with pytest.raises(
+    BertjaxError, match="; checkpoint 1200 is from before it: resume from there with a lower optim.lr"
+  ):
+    optim.check_nonfinite(jnp.int32(10), 10, step=1234, newest_checkpoint=1200)
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])

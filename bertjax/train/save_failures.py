@@ -1,0 +1,132 @@
+"""When a checkpoint save fails: the operating system's reason in one line, found before orbax can hang.
+
+    probe(folder, size)         why this process cannot write a checkpoint there, or None
+    describe(what, exc, ...)    "... failed: No space left on device (ENOSPC); ...; free some space, ..."
+    quiet_orbax()               while open, orbax's own reports of a failed save are not printed
+
+orbax writes arrays through tensorstore, whose errors carry the OS's words as text ("Failed to
+write ...: No space left on device [os_error_code='28']"): `bertjax.atomic.os_errno` reads the
+errno from there or from an OSError in the chain. When orbax cannot create a step folder, it
+raises, but threads it started wait for that folder for its 5-minute coordination timeout and
+hold the process at exit; and a disk that fills during a save fails it half-way. So every save
+first writes a small file there and, on a local disk, compares the free space with its size.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+
+from etils import epath
+
+from bertjax.atomic import os_errno
+
+# What to do about a failed write, by the operating system's reason.
+FIXES = {
+  errno.ENOSPC: "free some space",
+  errno.EDQUOT: "free some space or raise the quota",
+  errno.EACCES: "give this user write permission there",
+  errno.EPERM: "give this user write permission there",
+  errno.EROFS: "make the file system writable",
+}
+
+
+def probe(folder: epath.Path, needed_bytes: int) -> OSError | None:
+  """Why this process cannot write a checkpoint of `needed_bytes` into `folder` (a lost
+  permission, a read-only file system, a full disk), or None."""
+  folder = epath.Path(folder)
+  path = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+  try:
+    path.write_text("ok")
+    path.unlink()
+    free = shutil.disk_usage(os.fspath(folder)).free if "://" not in str(folder) else None
+  except OSError as e:
+    return e
+  if free is not None and free < needed_bytes:  # a write that cannot fit fails half-way, noisily
+    return OSError(
+      errno.ENOSPC,
+      f"{free / 2**20:,.2f} MiB free, a checkpoint needs about {needed_bytes / 2**20:,.2f} MiB",
+      os.fspath(folder),
+    )
+  return None
+
+
+def one_line(exc: BaseException) -> str:
+  return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def describe(what: str, exc: BaseException, intact: list[int]) -> str:
+  """One line: what failed, the OS's reason, which steps are intact, and what to do."""
+  code = os_errno(exc, FIXES)
+  if code is None:
+    reason = f"{type(exc).__name__}: {one_line(exc)}"
+  else:  # an OSError's own words (the OS's, or the free-space check's), else the OS's for its code
+    said = exc.strerror if isinstance(exc, OSError) and exc.errno == code and exc.strerror else os.strerror(code)
+    reason = f"{said} ({errno.errorcode.get(code, code)})"
+  kept = f"checkpoints {', '.join(map(str, intact))} are intact" if intact else "no earlier checkpoint is complete"
+  resume = f" from step {intact[-1]}" if intact else ""
+  return (
+    f"{what} failed: {reason}; {kept}; the run stops rather than go on without checkpoints: "
+    f"{FIXES.get(code, 'fix what stopped it')}, then run the same command to resume{resume}"
+  )
+
+
+class _OrbaxTracebacks(logging.Filter):
+  """orbax logs a failed background save with a traceback from each of its threads; the failure
+  also reaches bertjax as an exception, which the CLI prints as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    tb = record.exc_info[2] if record.exc_info else None
+    while tb is not None:  # an exception raised inside orbax (a save's write, its commit)
+      if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+        return False
+      tb = tb.tb_next
+    return True
+
+
+def _late_tensorstore_callback(unraisable) -> bool:
+  """After one write of a save fails, orbax closes its event loop while tensorstore still
+  completes the others; each completion then fails to reach the closed loop, and Python reports
+  it as unraisable: 'RuntimeError: Event loop is closed' from call_soon_threadsafe."""
+  exc, tb = unraisable.exc_value, unraisable.exc_traceback
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return (
+    isinstance(exc, RuntimeError)
+    and str(exc) == "Event loop is closed"
+    and tb is not None
+    and tb.tb_frame.f_code.co_name == "_check_closed"
+  )
+
+
+_FILTER = _OrbaxTracebacks()
+_open = 0
+_previous_hook = None
+
+
+def _unraisable_hook(unraisable) -> None:
+  if not _late_tensorstore_callback(unraisable):
+    (_previous_hook or sys.__unraisablehook__)(unraisable)
+
+
+@contextlib.contextmanager
+def quiet_orbax() -> Iterator[None]:
+  """While open, a failed save is reported once, by bertjax: orbax's log records of it and the
+  late tensorstore callbacks it causes are not printed. Nothing else is hidden."""
+  global _open, _previous_hook
+  if not _open:
+    logging.getLogger("absl").addFilter(_FILTER)  # orbax logs through absl
+    _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable_hook
+  _open += 1
+  try:
+    yield
+  finally:
+    _open -= 1
+    if not _open:
+      logging.getLogger("absl").removeFilter(_FILTER)
+      if sys.unraisablehook is _unraisable_hook:
+        sys.unraisablehook = _previous_hook

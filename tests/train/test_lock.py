@@ -1,0 +1,155 @@
+"""One run per workdir: the lease, its heartbeat, stale leases, races, and a multi-process job.
+
+The concurrent second run and the takeover after kill -9, on the real CLI, are in test_faults.py.
+"""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+import types
+
+import pytest
+
+from bertjax.train import lock, loop
+from tests.support.runs import launch_job, train_args
+
+HOST = socket.gethostname()
+
+
+def _lease(workdir, **fields):
+  now = time.time()
+  holder = {"host": HOST, "pid": os.getpid(), "started": now - 60, "heartbeat": now, "run": "other", **fields}
+  (workdir / lock.LOCK_FILENAME).write_text(json.dumps(holder))
+  return holder
+
+
+def _one_line(error) -> str:
+  message = str(error.value)
+  assert "\n" not in message
+  return message
+
+
+def test_a_run_holds_the_workdir_and_gives_it_back(tmp_path):
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  held.acquire()
+  on_disk = json.loads((tmp_path / lock.LOCK_FILENAME).read_text())
+  assert on_disk["host"] == HOST and on_disk["pid"] == os.getpid() and on_disk["run"] == held.mine["run"]
+  held.release()
+  assert not (tmp_path / lock.LOCK_FILENAME).exists()
+
+
+def test_a_live_run_on_this_host_is_refused_by_name(tmp_path):
+  with subprocess.Popen(["sleep", "60"]) as other:
+    try:
+      holder = _lease(tmp_path, pid=other.pid, started=1_700_000_000)
+      with pytest.raises(lock.WorkdirInUse) as error:
+        lock.WorkdirLock(tmp_path, settle_s=0).acquire()
+      started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+      assert f"another run trains there (host {HOST}, pid {other.pid}, started {started})" in _one_line(error)
+    finally:
+      other.kill()
+
+
+def test_a_lease_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_path, caplog):
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  _lease(tmp_path, pid=gone.pid)  # a run killed with kill -9: its heartbeat is still fresh
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  with caplog.at_level(logging.WARNING):
+    held.acquire()
+  assert f"process {gone.pid} on this host is gone" in caplog.text
+  assert json.loads((tmp_path / lock.LOCK_FILENAME).read_text())["run"] == held.mine["run"]
+  held.release()
+
+
+def test_a_reused_pid_is_not_taken_for_the_run_that_died(tmp_path):
+  _lease(tmp_path, proc_start="1")  # this process's pid, but a process that started at another time
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  assert held.stale_because(json.loads((tmp_path / lock.LOCK_FILENAME).read_text()))
+  assert held.stale_because(held.mine) is None  # the live process itself
+  held.acquire()
+  held.release()
+
+
+def test_another_hosts_lease_holds_while_its_heartbeat_is_fresh(tmp_path, caplog):
+  _lease(tmp_path, host="node-7", pid=4242, heartbeat=time.time() - 30)
+  with pytest.raises(lock.WorkdirInUse, match="host node-7, pid 4242"):
+    lock.WorkdirLock(tmp_path, settle_s=0).acquire()
+  _lease(tmp_path, host="node-7", pid=4242, heartbeat=time.time() - lock.STALE_S - 1)
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  with caplog.at_level(logging.WARNING):
+    held.acquire()
+  assert "taking over the workdir lock of an earlier run (host node-7, pid 4242" in caplog.text
+  assert "its last heartbeat was" in caplog.text
+  held.release()
+
+
+def test_an_unreadable_lease_is_stale(tmp_path):
+  (tmp_path / lock.LOCK_FILENAME).write_text('{"host": "node-7", "pi')  # not a lease bertjax writes
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  held.acquire()
+  held.release()
+
+
+def test_of_two_runs_that_race_the_later_writer_holds_it(tmp_path):
+  """Between writing its lease and reading it back, a run sees the other's: it refuses."""
+  held = lock.WorkdirLock(tmp_path, settle_s=0.5)
+  racer = threading.Timer(0.1, lambda: _lease(tmp_path, host="node-7", pid=99))
+  racer.start()
+  with pytest.raises(lock.WorkdirInUse, match="host node-7, pid 99"):
+    held.acquire()
+  racer.join()
+  assert json.loads((tmp_path / lock.LOCK_FILENAME).read_text())["host"] == "node-7"
+
+
+def test_the_heartbeat_keeps_the_lease_fresh_and_notices_a_takeover(tmp_path):
+  held = lock.WorkdirLock(tmp_path, settle_s=0, heartbeat_s=0.02)
+  held.acquire()
+  first = held.mine["heartbeat"]
+  deadline = time.monotonic() + 10
+  while json.loads((tmp_path / lock.LOCK_FILENAME).read_text())["heartbeat"] == first:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  held.check()  # still ours
+  _lease(tmp_path, host="node-7", pid=99)  # this run stalled; another took the workdir over
+  while held.lost is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+  with pytest.raises(lock.WorkdirInUse, match=r"another run took the workdir over \(host node-7, pid 99"):
+    held.check()
+  held.release()
+  assert json.loads((tmp_path / lock.LOCK_FILENAME).read_text())["host"] == "node-7"  # not removed
+
+
+def test_a_run_whose_lease_was_taken_over_saves_nothing_more(tmp_path):
+  held = lock.WorkdirLock(tmp_path, settle_s=0)
+  held.lost = "host node-7, pid 99, started 2024-01-01 00:00:00"
+  saver = loop._Saver(run=types.SimpleNamespace(workdir=tmp_path), checkpoints=None, workdir_lock=held)
+  with pytest.raises(lock.WorkdirInUse, match=r"another run took the workdir over \(host node-7, pid 99"):
+    saver.save(state=None, step=5)
+
+
+def test_hold_gives_the_lease_back_when_the_run_fails(tmp_path):
+  with pytest.raises(RuntimeError), lock.hold(tmp_path) as held:
+    assert held is not None and (tmp_path / lock.LOCK_FILENAME).exists()
+    raise RuntimeError("the run failed")
+  assert not (tmp_path / lock.LOCK_FILENAME).exists()
+
+
+def test_a_multi_process_job_refuses_together_naming_the_other_run(tmp_path, corpus_and_tokenizer):
+  """Process 0 reads the lease; every process of the job stops with it, none waits in a collective."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  _lease(workdir, host="node-7", pid=4242)
+  procs = launch_job(train_args(corpus_and_tokenizer, workdir, steps=2))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], outs[0][-2000:] + outs[1][-2000:]
+  assert outs[0].strip().splitlines()[-1].startswith("bertjax: error: --workdir")
+  assert "another run trains there (host node-7, pid 4242" in outs[0]
+  assert "process 0 cannot hold it for this run (it says why)" in outs[1]
+  assert json.loads((workdir / lock.LOCK_FILENAME).read_text())["pid"] == 4242  # left as it was
+  assert sorted(p.name for p in workdir.iterdir()) == [lock.LOCK_FILENAME, "tokenizer"]
