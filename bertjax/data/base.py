@@ -4,7 +4,8 @@ Both pipelines give the same interface (`Pipeline`): `batch(step, rows)` is the 
 a training step, or just the rows a process holds; `eval_batches(rows)` the fixed held-out
 batches; `iterator(start, rows)` a prefetching iterator; `state_for(step)` / `restore(state)` the
 data position a checkpoint records. `make_examples` lays out and masks pairs the same way for
-both, and `BatchIterator` runs either one ahead in a background thread.
+both (`packing.RowLayout` packs them into rows with data.pack_pairs), `packing_state` is what a
+data position records of packing, and `BatchIterator` runs either one ahead in a background thread.
 """
 
 import queue

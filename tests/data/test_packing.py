@@ -220,4 +220,45 @@ def test_the_config_refuses_more_pairs_than_a_row_can_hold():
   with pytest.raises(BertjaxError, match="data.max_pairs_per_row=0 must be positive"):
     loading.load_config("configs/tiny.py", ["data.max_pairs_per_row=0"])
   config = loading.load_config("configs/packed.py")
-  assert config.data.pack_pairs and config.data.max_pairs_per_row >= 2
+  assert config.data.pack_pairs and config.data.max_pairs_per_row == 4 and config.data.seq_len == 128
+  config = loading.load_config("configs/packed.py:phase=2")
+  assert config.data.pack_pairs and config.data.max_pairs_per_row == 8 and config.data.seq_len == 512
+
+
+def test_preview_and_data_bench_show_packed_rows(corpus_dir, cache_dir, micro_tokenizer, tmp_path, capsys):
+  from bertjax.data import bench, preview
+  from tests.support.corpora import data_config
+
+  config = data_config(f"files:{corpus_dir}/*.txt", cache_dir, **PACKED)
+  micro_tokenizer.save(tmp_path / "work" / "tokenizer")
+  preview.preview(config, tmp_path / "work", 2, tmp_path / "p.npz", show=16)
+  arrays = np.load(tmp_path / "p.npz")
+  assert {"position_ids", "pair_ids", "nsp_positions", "nsp_weights"} <= set(arrays.files)
+  assert arrays["nsp_labels"].shape == (16, 4)
+  printed = capsys.readouterr().out
+  assert " || [CLS] " in printed and "nsp_label=[" in printed
+  result = bench.run(config, tmp_path / "work", seconds=0.3)
+  assert result["pack_pairs"] and result["pairs_per_row"] > 1.2 and 0 < result["padding_fraction"] < 0.3
+  assert result["epoch_padding_fraction"] < 0.2 and result["epoch_pairs_per_row"] > 1.2
+
+
+def test_a_packed_run_of_two_processes_logs_what_one_process_logs(tmp_path, corpus_and_tokenizer):
+  """Real processes joined through jax.distributed, each building only its rows of packed batches."""
+  from bertjax.metrics import writer
+  from tests.support.runs import launch, launch_job, train_args, train_losses
+
+  packed = [
+    "--config.model.max_position_embeddings=128",
+    *(f"--config.data.{k}={str(v).lower()}" for k, v in PACKED.items()),
+  ]
+  one = launch(train_args(corpus_and_tokenizer, tmp_path / "one", steps=3) + packed, devices=4)
+  out, _ = one.communicate(timeout=300)
+  assert one.returncode == 0, out[-3000:]
+  procs = launch_job(train_args(corpus_and_tokenizer, tmp_path / "two", steps=3) + packed)
+  for p in procs:
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+  np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=1e-5)
+  train = [r for r in writer.read_metrics(tmp_path / "one") if r["split"] == "train"]
+  assert len(train) == 3 and max(r["pairs_per_row"] for r in train) > 1
+  assert all(0 <= r["padding_fraction"] < 0.5 and r["tokens_per_s"] > 0 for r in train)
