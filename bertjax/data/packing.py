@@ -11,8 +11,8 @@ A packed row holds up to `data.max_pairs_per_row` pairs, each laid out as it wou
 
 Which pairs share a row is decided once per epoch (cached pipeline) or per stream window
 (streaming pipeline) by `pack`, a first-fit in the order of the shuffled pair stream: each pair
-goes into the first of the most recently opened `OPEN_ROWS` rows it fits (tokens, pair count and
-prediction budget), or opens a new row. Rows are numbered in the order they open. The rows of an
+goes into the first of the `OPEN_ROWS` most recently opened rows with room left that it fits
+(tokens, pair count and prediction budget), or opens a new row. Rows are numbered in the order they open. The rows of an
 epoch then replace its pairs as the examples laid end to end, so step s takes rows [s B, (s+1) B)
 and row r of step s is a function of (seed, corpus, s, r) alone: every process computes the same
 table from the epoch's pair index (which each process builds anyway) and materialises only its rows.
@@ -34,7 +34,7 @@ from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import make_examples
 
 MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: a row with less room left takes no other pair
-# Rows still open to more pairs. A bounded set keeps packing linear in the pairs (each pair tries
+# Rows kept open to more pairs. A bounded set keeps packing linear in the pairs (each pair tries
 # at most this many rows) and keeps a row's pairs close in the shuffled stream.
 OPEN_ROWS = 64
 
@@ -107,26 +107,31 @@ def pair_lengths(pair_index: pairs_lib.PairIndex) -> np.ndarray:
 
 def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int, max_predictions: int) -> Packing:
   """First-fit of pairs (in order) into rows of `seq_len` tokens, `max_pairs` pairs and
-  `max_predictions` prediction slots, over the `OPEN_ROWS` most recently opened rows."""
+  `max_predictions` prediction slots, over the `OPEN_ROWS` most recently opened rows that can
+  still take a pair."""
   row_of = np.empty(len(lengths), np.int64)
-  open_rows: list[list[int]] = []  # [row, free tokens, free predictions, pairs]
+  open_rows: list[list[int]] = []  # [row, free tokens, free predictions, pairs], oldest first
   rows = 0
+  longest_fit = seq_len - MIN_PAIR_TOKENS  # an open row holds a pair already: no more room
   for p, (length, budget) in enumerate(zip(np.asarray(lengths).tolist(), np.asarray(budgets).tolist())):
-    for entry in open_rows:
-      if entry[1] >= length and entry[2] >= budget:
-        break
-    else:
+    entry = None
+    if length <= longest_fit:  # (most pairs fill their row: they skip the search)
+      entry = next((e for e in open_rows if e[1] >= length and e[2] >= budget), None)
+    opened = entry is None
+    if opened:
       entry = [rows, seq_len, max_predictions, 0]
       rows += 1
-      open_rows.append(entry)
-      if len(open_rows) > OPEN_ROWS:
-        del open_rows[0]  # the oldest row is closed as it stands
     row_of[p] = entry[0]
     entry[1] -= length
     entry[2] -= budget
     entry[3] += 1
-    if entry[3] >= max_pairs or entry[1] < MIN_PAIR_TOKENS or entry[2] < 1:
+    full = entry[3] >= max_pairs or entry[1] < MIN_PAIR_TOKENS or entry[2] < 1
+    if full and not opened:
       open_rows.remove(entry)
+    elif not full and opened:
+      open_rows.append(entry)
+      if len(open_rows) > OPEN_ROWS:
+        del open_rows[0]  # the oldest open row is closed as it stands
   order = np.argsort(row_of, kind="stable")  # row by row; within a row, in stream order
   row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
   return Packing(row_start, order.astype(np.int64))
