@@ -55,7 +55,8 @@ def prediction_budget(lengths_N: np.ndarray, spec: MaskingSpec) -> np.ndarray:
   """BERT's count rule: round(mask_prob * length) predictions, at least 1, at most max_predictions.
 
   The length counts [CLS] and [SEP] as google-research/bert does; numpy rounds half to even, as
-  Python's `round` in google's code. Sequence packing (`packing.py`) fills rows under it too.
+  Python 3's `round`, which google's code calls. Sequence packing (`packing.py`) fills rows under
+  it too.
   """
   lengths = np.asarray(lengths_N)
   return np.clip(np.round(lengths * spec.mask_prob), 1, spec.max_predictions).astype(np.int64)
