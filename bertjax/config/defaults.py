@@ -68,6 +68,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # data.streaming: documents per shuffle window (pairs, random B and shuffling stay within one)
   c.data.streaming_window_documents = 10_000
   c.data.streaming_eval_documents = 1_000  # streaming: the stream's first N documents are held out (0: none)
+  # Sequence packing: several NSP pairs in a row, each with its own [CLS], positions, masks and NSP
+  # label, attending only within itself (docs/data.md). Off: BERT's one pair a row, padded.
+  c.data.pack_pairs = False
+  c.data.max_pairs_per_row = 4  # with data.pack_pairs: the most pairs one row holds
 
   c.train = config_dict.ConfigDict()
   c.train.batch_size = 256  # global, in sequences

@@ -129,6 +129,13 @@ def _check_data(config) -> None:
       f"{d.streaming_eval_documents} cannot make NSP pairs",
       "set it to 0 (no held-out split) or at least 2",
     )
+  _positive(config, "data.max_pairs_per_row")
+  if d.pack_pairs and d.max_pairs_per_row > d.seq_len // 5:
+    _fail(
+      "data.max_pairs_per_row",
+      f"{d.max_pairs_per_row} pairs cannot fit in data.seq_len={d.seq_len} (a pair takes at least 5 tokens)",
+      f"set it to at most {d.seq_len // 5}",
+    )
 
 
 def _check_train(config) -> None:

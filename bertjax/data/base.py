@@ -4,7 +4,8 @@ Both pipelines give the same interface (`Pipeline`): `batch(step, rows)` is the 
 a training step, or just the rows a process holds; `eval_batches(rows)` the fixed held-out
 batches; `iterator(start, rows)` a prefetching iterator; `state_for(step)` / `restore(state)` the
 data position a checkpoint records. `make_examples` lays out and masks pairs the same way for
-both, and `BatchIterator` runs either one ahead in a background thread.
+both (`packing.RowLayout` packs them into rows with data.pack_pairs), `packing_state` is what a
+data position records of packing, and `BatchIterator` runs either one ahead in a background thread.
 """
 
 import queue
@@ -15,6 +16,7 @@ import numpy as np
 
 from bertjax.data import masking
 from bertjax.data import pairs as pairs_lib
+from bertjax.errors import BertjaxError
 
 STATE_VERSION = 1
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # pair-index streams of the keyed generators
@@ -61,6 +63,25 @@ def make_examples(
   out["attention_mask"] = attention_mask
   out["nsp_labels"] = pair_index.label.astype(np.int32)
   return out
+
+
+def packing_state(max_pairs: int | None) -> dict:
+  """What a data position records of packing: nothing without it (positions count pairs), else
+  the row size (positions count packed rows)."""
+  return {} if max_pairs is None else {"max_pairs_per_row": max_pairs}
+
+
+def check_packing_state(state: dict, max_pairs: int | None) -> None:
+  """Refuses a saved position whose examples were packed differently (its step means other rows)."""
+  saved = state.get("max_pairs_per_row")
+  if saved != max_pairs:
+
+    def describe(k):
+      return "data.pack_pairs=false" if k is None else f"data.pack_pairs=true, data.max_pairs_per_row={k}"
+
+    raise BertjaxError(
+      f"the checkpoint's data order used {describe(saved)}, this run {describe(max_pairs)}: resume with the same values"
+    )
 
 
 def merge_parts(made, n_rows: int) -> dict[str, np.ndarray]:

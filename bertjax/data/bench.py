@@ -4,6 +4,8 @@
 
 prints one JSON line. `pipeline_tokens_per_s` counts the non-padding tokens of finished,
 masked global batches taken from the prefetching iterator by one process (the train loop's view);
+`padding_fraction` and `pairs_per_row` describe those batches (with `data.pack_pairs`, several
+pairs share a row), and for the cached pipeline `epoch_padding_fraction` the whole first epoch;
 `tokenize_tokens_per_s` is one process encoding raw sentences of the corpus. With
 `data.streaming=True` the pipeline figure includes reading, splitting and tokenising the stream
 (the windows after the first; see `streaming.py`).
@@ -37,12 +39,14 @@ def _tokenize_rate(corpus, tokenizer, max_chars: int = 4_000_000) -> dict:
 
 def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
   pipeline.batch(start_step)  # builds the first epoch's pair index outside the timing
-  tokens = masked = steps = 0
+  tokens = masked = steps = positions = pairs = 0
   start = time.perf_counter()
   with pipeline.iterator(start_step) as it:
     for _, batch in it:
       tokens += int(batch["attention_mask"].sum())
       masked += int(batch["masked_weights"].sum())
+      positions += batch["attention_mask"].size
+      pairs += int(batch["nsp_weights"].sum()) if "nsp_weights" in batch else len(batch["nsp_labels"])
       steps += 1
       if time.perf_counter() - start >= seconds:
         break
@@ -58,6 +62,8 @@ def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
     "pipeline_steps_per_s": round(steps / elapsed, 2),
     "batch_ms": round(direct * 1000, 2),
     "steps_timed": steps,
+    "padding_fraction": round(1 - tokens / positions, 4),
+    "pairs_per_row": round(pairs / (steps * pipeline.batch_size), 3),
   }
 
 
@@ -75,10 +81,14 @@ def run(config, workdir, seconds: float = 10.0) -> dict:
     "vocab_size": tokenizer.vocab_size,
     "whole_word_mask": bool(config.data.whole_word_mask),
     "streaming": bool(config.data.streaming),
+    "pack_pairs": bool(config.data.pack_pairs),
     "corpus_tokens": pipeline.stats.get("tokens"),
     "pipeline_setup_s": round(setup_s, 2),
   }
   result.update(_pipeline_rate(pipeline, seconds))
+  if "padding_fraction" in pipeline.stats:  # the cached pipeline's whole first epoch
+    result["epoch_padding_fraction"] = round(pipeline.stats["padding_fraction"], 4)
+    result["epoch_pairs_per_row"] = round(pipeline.stats["pairs_per_epoch"] / pipeline.stats["rows_per_epoch"], 3)
   if config.data.streaming:
     result["stream_tokens_read"] = pipeline.stats["tokens_read"]  # one pass (epoch 0) so far
   result.update(_tokenize_rate(load_corpus(config), tokenizer))

@@ -9,6 +9,10 @@ its devices hold), and the iterator's state is just the consumer's next step.
 Held-out documents (data.eval_fraction of them, chosen from the seed) never reach training; their
 pairs and masks are drawn once (epoch 0) so every evaluation sees the same batches.
 
+With data.pack_pairs, each epoch's shuffled pairs are packed into rows (`packing.py`) and the rows
+take the place of the pairs in that stream; pair i of epoch e is still masked with keys from
+(seed, e, i).
+
 `pipeline.make_pipeline(config, tokenizer)` chooses between this `CachedPipeline` and, with
 data.streaming, `streaming.StreamingPipeline` (same interface, no tokenised cache).
 """
@@ -18,17 +22,19 @@ import threading
 
 import numpy as np
 
-from bertjax.data import keyed_random, masking
+from bertjax.data import keyed_random, masking, packing
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import (
   EVAL_STREAM,
   STATE_VERSION,
   TRAIN_STREAM,
   BatchIterator,
+  check_packing_state,
   check_rows,
   keyed_generator,
   make_examples,
   merge_parts,
+  packing_state,
 )
 from bertjax.data.corpus import load_corpus
 from bertjax.data.token_store import cache_root, open_token_store
@@ -53,13 +59,14 @@ class CachedPipeline:
     if self.store.meta["tokenizer"] != tokenizer.fingerprint:
       raise BertjaxError("tokenised cache does not match the tokenizer: clear data.cache_dir")
     self.masking = masking.MaskingSpec.from_config(d, tokenizer)
+    self.layout = packing.RowLayout.from_config(d, tokenizer, self.masking)
     self.train_docs, self.eval_docs = _split_documents(
       self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source
     )
     self._epoch_sizes: list[int] = []
-    self._epochs: dict[int, pairs_lib.PairIndex] = {}
+    self._epochs: dict[int, tuple[pairs_lib.PairIndex, packing.Packing | None]] = {}
     self._lock = threading.Lock()
-    self._eval_index: pairs_lib.PairIndex | None = None
+    self._eval: tuple[pairs_lib.PairIndex, packing.Packing | None] | None = None
 
   # -- sizes and positions ------------------------------------------------------------------
   @property
@@ -74,7 +81,9 @@ class CachedPipeline:
       "tokens": m["tokens"],
       "train_documents": len(self.train_docs),
       "eval_documents": len(self.eval_docs),
-      "pairs_per_epoch": self._epoch_size(0),
+      "pairs_per_epoch": len(self._epoch(0)),
+      "rows_per_epoch": self._epoch_size(0),
+      "padding_fraction": packing.padding_fraction(self._epoch(0), self.seq_len, self._epoch_data(0)[1]),
       "warnings": m["warnings"],
     }
 
@@ -91,20 +100,25 @@ class CachedPipeline:
       rng,
     )
 
-  def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
-    """The shuffled pairs of one training epoch (the last few are kept)."""
+  def _epoch_data(self, epoch: int) -> tuple[pairs_lib.PairIndex, packing.Packing | None]:
+    """The shuffled pairs of one training epoch and their packing (the last few are kept)."""
     with self._lock:
       if epoch not in self._epochs:
         index = self._pair_index(self.train_docs, epoch, TRAIN_STREAM)
-        perm = keyed_generator(self.seed, epoch, 0x5F1).permutation(len(index))
+        index = index.take(keyed_generator(self.seed, epoch, 0x5F1).permutation(len(index)))
         if len(self._epochs) >= 3:
           self._epochs.pop(min(self._epochs))
-        self._epochs[epoch] = index.take(perm)
+        self._epochs[epoch] = (index, self.layout.pack(index))
       return self._epochs[epoch]
 
+  def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
+    """The shuffled pairs of one training epoch."""
+    return self._epoch_data(epoch)[0]
+
   def _epoch_size(self, epoch: int) -> int:
+    """Examples of one epoch: its pairs, or with packing its rows."""
     while len(self._epoch_sizes) <= epoch:
-      self._epoch_sizes.append(len(self._epoch(len(self._epoch_sizes))))
+      self._epoch_sizes.append(self.layout.count(*self._epoch_data(len(self._epoch_sizes))))
     return self._epoch_sizes[epoch]
 
   def _locate(self, positions: np.ndarray):
@@ -130,11 +144,12 @@ class CachedPipeline:
     """The global batch of training step `step`, or just its rows `rows` (global indices)."""
     rows = self._rows(rows)
     epochs, index = self._locate(int(step) * self.batch_size + rows)
-    parts = []
+    made = []
     for e in np.unique(epochs):  # a batch straddles at most two epochs
       sel = epochs == e
-      parts.append((sel, self._epoch(int(e)).take(index[sel]), keyed_random.row_keys(self.seed, int(e), index[sel])))
-    return merge_parts([(sel, self._make(p, k)) for sel, p, k in parts], len(rows))
+      keys_of = lambda i, e=int(e): keyed_random.row_keys(self.seed, e, i)
+      made.append((sel, self.layout.examples(self.store.tokens, *self._epoch_data(int(e)), index[sel], keys_of)))
+    return merge_parts(made, len(rows))
 
   def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
     return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer, self.masking)
@@ -143,13 +158,15 @@ class CachedPipeline:
     """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
     if len(self.eval_docs) == 0:
       return []
-    if self._eval_index is None:  # pairs drawn once; masks are keyed, so they repeat exactly
-      self._eval_index = self._pair_index(self.eval_docs, 0, EVAL_STREAM)
+    if self._eval is None:  # pairs drawn once; masks are keyed, so they repeat exactly
+      index = self._pair_index(self.eval_docs, 0, EVAL_STREAM)
+      self._eval = (index, self.layout.pack(index))
     rows = self._rows(rows)
     out = []
     for k in range(int(self.config.train.eval_batches)):
-      pos = (k * self.batch_size + rows) % len(self._eval_index)  # wraps when the split is small
-      out.append(self._make(self._eval_index.take(pos), keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos)))
+      pos = (k * self.batch_size + rows) % self.layout.count(*self._eval)  # wraps when the split is small
+      keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
+      out.append(self.layout.examples(self.store.tokens, *self._eval, pos, keys_of))
     return out
 
   # -- iteration and state ------------------------------------------------------------------
@@ -169,6 +186,7 @@ class CachedPipeline:
       "corpus": self.corpus.fingerprint,
       "tokenizer": self.tokenizer.fingerprint,
       "batch_size": self.batch_size,
+      **packing_state(self.layout.max_pairs),
     }
 
   def restore(self, state: dict) -> int:
@@ -187,6 +205,7 @@ class CachedPipeline:
         f"the checkpoint's data order used train.batch_size={state.get('batch_size')} and "
         f"train.seed={state.get('seed')}: resume with the same values"
       )
+    check_packing_state(state, self.layout.max_pairs)
     if state.get("corpus") != self.corpus.fingerprint:
       log.warning(
         "corpus fingerprint changed (%s -> %s): resumed data order differs",

@@ -30,6 +30,11 @@ def row_keys(seed: int, epoch, index) -> np.ndarray:
   return mix(k ^ np.asarray(index, dtype=np.uint64))
 
 
+def window_keys(seed: int, epoch: int, window: int, index) -> np.ndarray:
+  """One uint64 key per example of a stream window: (seed, epoch, window) then the index in it."""
+  return mix(row_keys(seed, epoch, window) ^ np.asarray(index, dtype=np.uint64))
+
+
 def uniform(keys_N: np.ndarray, stream: int, width: int) -> np.ndarray:
   """Float64 uniforms in [0, 1) of shape [N, width]: column j is draw j of `stream` for each key."""
   salt = mix(mix(np.uint64(stream)) + np.arange(width, dtype=np.uint64))

@@ -51,6 +51,17 @@ class MaskingSpec:
     )
 
 
+def prediction_budget(lengths_N: np.ndarray, spec: MaskingSpec) -> np.ndarray:
+  """BERT's count rule: round(mask_prob * length) predictions, at least 1, at most max_predictions.
+
+  The length counts [CLS] and [SEP] as google-research/bert does; numpy rounds half to even, as
+  Python 3's `round`, which google's code calls. Sequence packing (`packing.py`) fills rows under
+  it too.
+  """
+  lengths = np.asarray(lengths_N)
+  return np.clip(np.round(lengths * spec.mask_prob), 1, spec.max_predictions).astype(np.int64)
+
+
 def mask_batch(
   ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarray, spec: MaskingSpec
 ) -> dict[str, np.ndarray]:
@@ -60,7 +71,7 @@ def mask_batch(
   cols = np.arange(length)
   real = attention_NxL.astype(bool)
   cand = spec.maskable_V[ids_NxL] & real
-  budget = np.clip(np.round(real.sum(1) * spec.mask_prob), 1, p).astype(np.int64)
+  budget = prediction_budget(real.sum(1), spec)
   u_select = keyed_random.uniform(keys_N, _SELECT, length)
 
   if spec.word_start_V is None:

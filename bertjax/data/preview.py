@@ -18,7 +18,10 @@ def preview(config, workdir, num_batches: int, out_path, show: int = 3) -> None:
     np.savez(f, **arrays)
   print(f"wrote {len(arrays['nsp_labels'])} sequences of {num_batches} batches to {out_path}")
   for r in range(min(show, len(arrays["nsp_labels"]))):
-    print(f"--- example {r}: nsp_label={arrays['nsp_labels'][r]}")
+    labels = arrays["nsp_labels"][r]
+    if "nsp_weights" in arrays:  # packed: one label per pair, pairs separated by " || "
+      labels = labels[arrays["nsp_weights"][r] > 0].tolist()
+    print(f"--- example {r}: nsp_label={labels}")
     print(describe_example(pipeline.tokenizer, {k: v[r] for k, v in arrays.items()}))
 
 
@@ -30,6 +33,8 @@ def describe_example(tokenizer, ex: dict) -> str:
   masked_at = {int(p): int(i) for p, i in zip(ex["masked_positions"][w], ex["masked_ids"][w])}
   words = []
   for pos in range(int(ex["attention_mask"].sum())):
+    if pos and "pair_ids" in ex and ex["pair_ids"][pos] != ex["pair_ids"][pos - 1]:
+      words.append("||")
     piece = tokenizer.id_to_piece(int(ex["input_ids"][pos]))
     if pos in masked_at:
       truth = tokenizer.id_to_piece(masked_at[pos])

@@ -11,7 +11,9 @@ built with `pairs.build_pair_index` (a random B comes from another document of t
 from a generator keyed by (seed, e, w) and shuffled by another keyed by (seed, e, w): the window is
 the shuffle buffer. Windows are laid end to end into one stream of examples and step s takes
 positions [s B, (s + 1) B) of it, as in `cached.CachedPipeline`; example i is masked with keys from
-(seed, 0, i). So the batch of step s is still a function of (seed, corpus, s) alone.
+(seed, 0, i). So the batch of step s is still a function of (seed, corpus, s) alone. With
+data.pack_pairs, a window's shuffled pairs are packed into rows (`packing.py`), the rows are the
+window's examples, and pair i of window w of pass e is masked with keys from (seed, e, w, i).
 
 Every process reads and tokenises the whole stream (pairs need every document's token lengths)
 and lays out and masks only its rows: that is the throughput relaxation. The iterator state is the
@@ -28,17 +30,18 @@ import threading
 
 import numpy as np
 
-from bertjax.data import keyed_random, masking
+from bertjax.data import keyed_random, masking, packing
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import (
   EVAL_STREAM,
   STATE_VERSION,
   TRAIN_STREAM,
   BatchIterator,
+  check_packing_state,
   check_rows,
   keyed_generator,
-  make_examples,
   merge_parts,
+  packing_state,
 )
 from bertjax.data.corpus import load_corpus
 from bertjax.data.document_stream import DocumentStream, RecordTokeniser
@@ -56,7 +59,7 @@ class _Window:
   epoch: int
   index: int  # within the epoch
   first_example: int  # global position of its first example
-  size: int  # examples (pairs)
+  size: int  # examples (pairs, or with packing rows)
   documents: int  # documents read for it
   locator: dict  # {"docs": documents before it in the pass, "stream": state_dict or None}
 
@@ -76,6 +79,7 @@ class StreamingPipeline:
     self.eval_documents = int(d.streaming_eval_documents)
     self.corpus = load_corpus(config)
     self.masking = masking.MaskingSpec.from_config(d, tokenizer)
+    self.layout = packing.RowLayout.from_config(d, tokenizer, self.masking)
     self._lock = threading.RLock()  # the reader, the window table and the built windows
     self._built: dict[tuple[int, int], tuple] = {}
     self._windows_per_epoch: int | None = None
@@ -117,9 +121,10 @@ class StreamingPipeline:
       if docs:
         self.corpus.warnings["documents left alone at the end of a pass (skipped)"] += 1
       self._end_pass(epoch, index, first)
-    tokens, pair_index = self._build_window(epoch, index, docs)
-    window = _Window(epoch, index, first, len(pair_index), len(docs), where)
-    self._keep((epoch, index), (tokens, pair_index))
+    built = self._build_window(epoch, index, docs)
+    tokens = built[0]
+    window = _Window(epoch, index, first, self.layout.count(*built[1:]), len(docs), where)
+    self._keep((epoch, index), built)
     self._windows.append(window)
     self._ends = np.append(self._ends, first + window.size)
     self._next = (epoch, index + 1, first + window.size, None)
@@ -151,7 +156,7 @@ class StreamingPipeline:
     d = self.config.data
     n_docs = len(doc_start) - 1
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
-      return tokens, _empty_pairs()
+      return self._with_packing(tokens, _empty_pairs())
     index_ = pairs_lib.build_pair_index(
       sent_start,
       doc_start,
@@ -161,7 +166,13 @@ class StreamingPipeline:
       float(d.pair_random_next_prob),
       keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1),
     )
-    return tokens, index_.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
+    return self._with_packing(
+      tokens, index_.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(index_)))
+    )
+
+  def _with_packing(self, tokens, pair_index: pairs_lib.PairIndex):
+    """(tokens, pairs, their packing or None): what a built window holds."""
+    return tokens, pair_index, self.layout.pack(pair_index)
 
   def _cover(self, last: int, first: int | None = None):
     """Extends (or restarts) the table until it holds example positions first..last."""
@@ -204,7 +215,7 @@ class StreamingPipeline:
       return np.searchsorted(self._ends, positions, side="right")
 
   def _window(self, w: int):
-    """The tokens and shuffled pairs of table entry w, rebuilt from its locator if evicted."""
+    """The tokens, shuffled pairs and packing of table entry w, rebuilt from its locator if evicted."""
     win = self._windows[w]
     built = self._built.get((win.epoch, win.index))
     if built is not None:  # no lock: a read-ahead may be building the next window
@@ -214,13 +225,13 @@ class StreamingPipeline:
       key = (win.epoch, win.index)
       if key not in self._built:
         docs = DocumentStream(self.corpus, win.locator).take(win.documents)
-        tokens, pair_index = self._build_window(win.epoch, win.index, docs)
-        if len(docs) != win.documents or len(pair_index) != win.size:
+        built = self._build_window(win.epoch, win.index, docs)
+        if len(docs) != win.documents or self.layout.count(*built[1:]) != win.size:
           raise BertjaxError(
             f"corpus {self.corpus.source} changed while reading it (window "
             f"{win.index} of pass {win.epoch} differs): restart the run"
           )
-        self._keep(key, (tokens, pair_index))
+        self._keep(key, built)
       return self._built[key]
 
   # -- the Pipeline interface ---------------------------------------------------------------
@@ -258,21 +269,12 @@ class StreamingPipeline:
     made = []
     for w in np.unique(which):
       sel = which == w
-      tokens, pair_index = self._window(int(w))
-      local = positions[sel] - self._windows[int(w)].first_example
-      made.append(
-        (
-          sel,
-          make_examples(
-            tokens,
-            pair_index.take(local),
-            keyed_random.row_keys(self.seed, 0, positions[sel]),
-            self.seq_len,
-            self.tokenizer,
-            self.masking,
-          ),
-        )
-      )
+      win = self._windows[int(w)]
+      if self.layout.max_pairs is None:  # example i of the stream: keys from (seed, 0, i)
+        keys_of = lambda i, first=win.first_example: keyed_random.row_keys(self.seed, 0, first + i)
+      else:  # pair i of window w of pass e: keys from (seed, e, w, i)
+        keys_of = lambda i, win=win: keyed_random.window_keys(self.seed, win.epoch, win.index, i)
+      made.append((sel, self.layout.examples(*self._window(int(w)), positions[sel] - win.first_example, keys_of)))
     self._read_ahead(int(which.max()))
     return merge_parts(made, len(rows))
 
@@ -289,33 +291,22 @@ class StreamingPipeline:
           "two with text; raise data.streaming_eval_documents"
         )
       d = self.config.data
-      self._eval = (
-        tokens,
-        pairs_lib.build_pair_index(
-          sent_start,
-          doc_start,
-          np.arange(len(doc_start) - 1),
-          self.seq_len,
-          float(d.short_seq_prob),
-          float(d.pair_random_next_prob),
-          keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1),
-        ),
+      index = pairs_lib.build_pair_index(
+        sent_start,
+        doc_start,
+        np.arange(len(doc_start) - 1),
+        self.seq_len,
+        float(d.short_seq_prob),
+        float(d.pair_random_next_prob),
+        keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1),
       )
-    tokens, index = self._eval
+      self._eval = self._with_packing(tokens, index)
     rows = check_rows(rows, self.batch_size)
     out = []
     for k in range(int(self.config.train.eval_batches)):
-      pos = (k * self.batch_size + rows) % len(index)  # wraps when the split is small
-      out.append(
-        make_examples(
-          tokens,
-          index.take(pos),
-          keyed_random.row_keys(self.seed ^ 0xE7A1, 0, pos),
-          self.seq_len,
-          self.tokenizer,
-          self.masking,
-        )
-      )
+      pos = (k * self.batch_size + rows) % self.layout.count(*self._eval[1:])  # wraps when the split is small
+      keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
+      out.append(self.layout.examples(*self._eval, pos, keys_of))
     return out
 
   def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
@@ -343,6 +334,7 @@ class StreamingPipeline:
       "first_example": win.first_example,
       "locator": win.locator,
       "windows_per_epoch": self._windows_per_epoch,
+      **packing_state(self.layout.max_pairs),
     }
 
   def restore(self, state: dict) -> int:
@@ -368,6 +360,7 @@ class StreamingPipeline:
         raise BertjaxError(
           f"the checkpoint's data order used {name}={state.get(key)}, this run {mine}: resume with the same value"
         )
+    check_packing_state(state, self.layout.max_pairs)
     if state.get("corpus") != self.corpus.fingerprint:
       log.warning(
         "corpus fingerprint changed (%s -> %s): resumed data order differs",

@@ -91,12 +91,18 @@ class SelfAttention(nnx.Module):
     qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
     q, k, v = (constrain(qkv[:, :, i], axes) for i in range(3))
+    # Every path applies `mask_Bx1xLxL` (a token sees the real tokens of its own pair) or, with one
+    # pair a row, the equivalent key lengths: a token never attends across packed pairs.
     if dropout_key is not None and self.rate > 0.0:
       ctx = self._attend_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key)
     elif self.impl == "cudnn" and kv_lengths_B is not None:
-      # Padding is a length per row: cuDNN's flash kernel takes it without a dense mask.
+      # One pair a row: padding is a length per row, which cuDNN's flash kernel takes without a
+      # dense mask.
       ctx = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths_B, implementation="cudnn")
     else:
+      # XLA; or cuDNN on packed rows (kv_lengths_B is None). jax.nn.dot_product_attention passes
+      # cuDNN no segment ids or per-pair lengths, only this block-diagonal mask, which it adds to
+      # the logits as a [B, 1, L, L] bias.
       ctx = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation=self.impl)
     ctx = constrain(ctx, axes)
     out = jnp.einsum("blhd,hde->ble", ctx, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)

@@ -1,7 +1,11 @@
 """`bertjax bench`: the compiled train step timed on synthetic batches of the config's shape.
 
 No corpus and no tokenizer: the vocabulary is `data.vocab_size` and batches are random ids with
-`data.max_predictions` masked positions, so the figure is the model's and the mesh's alone.
+`data.max_predictions` masked positions, so the figure is the model's and the mesh's alone. With
+`data.pack_pairs` the batch is packed (1 to `data.max_pairs_per_row` pairs a row), so the packed
+step (pair mask, a [CLS] per pair) is what is timed. `tokens_per_s` counts every position the
+step computes; `nonpadding_tokens_per_s` only the real tokens of the batch timed. Synthetic rows
+are full; `run(config, batch=...)` times a batch of the input pipeline instead, padding included.
 Prints one JSON line per shape measured (the config's). With `--profile DIR` it also traces a few
 steps with `jax.profiler` (open DIR in TensorBoard or Perfetto) and adds where the time went:
 device time per step by kernel (XLA op on CPU), the biggest first.
@@ -14,7 +18,7 @@ import jax
 from etils import epath
 
 from bertjax.config.validation import validate_for_devices
-from bertjax.data.synthetic import synthetic_batch
+from bertjax.data.synthetic import synthetic_batch, synthetic_packed_batch
 from bertjax.metrics import flops as flops_lib
 from bertjax.model.config import resolve_config
 from bertjax.parallel import mesh as mesh_lib
@@ -25,7 +29,14 @@ from bertjax.train import steps as steps_lib
 PROFILED_STEPS = 3
 
 
-def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
+def _synthetic(config) -> dict:
+  d, t = config.data, config.train
+  if d.pack_pairs:
+    return synthetic_packed_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size, d.max_pairs_per_row)
+  return synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size)
+
+
+def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) -> dict:
   """Compile, warm up, then time `steps` train steps; the median step gives the throughput.
 
   Args:
@@ -33,9 +44,11 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
     steps, warmup: timed steps, and untimed ones before them.
     profile_dir: if given, PROFILED_STEPS more steps are traced there and their kernel summary
       is added under "profile".
+    batch: a global batch in the pipeline's arrays (`Pipeline.batch(step)`) to time instead of a
+      synthetic one; its padding then counts in `nonpadding_tokens_per_s`.
   Returns:
-    The figures of one JSON line (compile time, step time, tokens/s, MFU where the chip's peak
-    is known, peak memory where the device reports it).
+    The figures of one JSON line (compile time, step time, tokens/s of all positions and of the
+    real tokens, MFU where the chip's peak is known, peak memory where the device reports it).
   """
   d, t = config.data, config.train
   validate_for_devices(config, jax.device_count())
@@ -43,10 +56,10 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
   mesh = mesh_lib.make_mesh(config.mesh)
   compiled = steps_lib.compile_steps(model_config, config.optim, t.steps, t.grad_accum, mesh)
   state = compiled.init(t.seed)
-  batch = {
-    k: jax.device_put(v, compiled.batch_sharding)
-    for k, v in synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size).items()
-  }
+  host = _synthetic(config) if batch is None else batch
+  real_tokens = float(host["attention_mask"].sum())
+  pairs = float(host["nsp_weights"].sum()) if "nsp_weights" in host else float(len(host["nsp_labels"]))
+  batch = {k: jax.device_put(v, compiled.batch_sharding) for k, v in host.items()}
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -91,6 +104,10 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None) -> dict:
     "step_s_min": round(min(times), 5),
     "step_s_max": round(max(times), 5),
     "tokens_per_s": round(t.batch_size * d.seq_len / step_s, 1),
+    "nonpadding_tokens_per_s": round(real_tokens / step_s, 1),
+    "padding_fraction": round(1.0 - real_tokens / (t.batch_size * d.seq_len), 4),
+    "pack_pairs": bool(d.pack_pairs),
+    "pairs_per_row": round(pairs / t.batch_size, 3),
     "loss": float(out["loss"]),
   }
   if peak:

@@ -127,12 +127,14 @@ def baselines(eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
   """What a model that learned nothing scores on the held-out batches (all rows, on the host).
 
   The MLM baseline always predicts the most frequent masked token; the NSP baseline always
-  predicts the majority label.
+  predicts the majority label of the real pairs (with packing, the pair slots of weight 1).
   """
   if not eval_batches:
     return {}
   masked = np.concatenate([b["masked_ids"][b["masked_weights"] > 0] for b in eval_batches])
-  labels = np.concatenate([b["nsp_labels"] for b in eval_batches])
+  labels = np.concatenate(
+    [b["nsp_labels"][b["nsp_weights"] > 0] if "nsp_weights" in b else b["nsp_labels"] for b in eval_batches]
+  )
   return {
     "mlm_baseline_accuracy": float(np.bincount(masked).max() / max(len(masked), 1)),
     "nsp_baseline_accuracy": float(max(labels.mean(), 1 - labels.mean())),

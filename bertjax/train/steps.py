@@ -66,6 +66,11 @@ def _microbatches(batch: Batch, k: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+# A packed batch (data.pack_pairs) carries these too: per-pair positions, pair ids (attention stays
+# within a pair) and each pair's [CLS]; NSP labels and weights are then [B, K], one per pair slot.
+PACKING_ARRAYS = ("position_ids", "pair_ids", "nsp_positions")
+
+
 def _forward_sums(graphdef, params, batch: Batch, dropout_key) -> dict[str, jax.Array]:
   model = nnx.merge(graphdef, params)
   mlm, nsp = model(
@@ -73,9 +78,17 @@ def _forward_sums(graphdef, params, batch: Batch, dropout_key) -> dict[str, jax.
     batch["segment_ids"],
     batch["attention_mask"],
     batch["masked_positions"],
+    **{k: batch[k] for k in PACKING_ARRAYS if k in batch},
     dropout_key=dropout_key,
   )
   return losses.pretraining_sums(mlm, nsp, batch)
+
+
+def _pair_count(batch: Batch) -> jax.Array:
+  """Real NSP pairs in a batch: one a row, or with packing the weighted pair slots."""
+  if "nsp_weights" in batch:
+    return batch["nsp_weights"].astype(jnp.float32).sum()
+  return jnp.float32(batch["nsp_labels"].size)
 
 
 def train_step(
@@ -89,12 +102,13 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch, accumulating `grad_accum` microbatches.
 
-  The objective is normalised by the whole batch's masked weights and pair count, so k
-  microbatches give the gradient of one step on the whole batch.
+  The objective is normalised by the whole batch's masked weights and pair count (real pairs, not
+  rows, when the batch is packed), so k microbatches give the gradient of one step on the whole
+  batch.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   mlm_total = jnp.maximum(batch["masked_weights"].astype(jnp.float32).sum(), 1e-8)
-  nsp_total = jnp.float32(batch["nsp_labels"].size)
+  nsp_total = jnp.maximum(_pair_count(batch), 1.0)
 
   def grads_and_sums(params, micro: Batch, index):
     def objective(p):
@@ -128,8 +142,9 @@ def train_step(
     "learning_rate": schedule(state.step),
     "nonfinite_consecutive": consecutive,
     "skipped_steps": total,
-    "tokens": real.sum(),
+    "tokens": real.sum(),  # non-padding: the loop's tokens/s counts these
     "padding_fraction": 1.0 - real.mean(),
+    "pairs_per_row": _pair_count(batch) / real.shape[0],
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -297,3 +297,70 @@ def test_the_feed_forward_applies_the_exact_gelu_not_the_tanh_approximation():
   np.testing.assert_allclose(got, exact, atol=1e-6)
   tanh_approximation = np.asarray(jax.nn.gelu(t, approximate=True))
   assert np.abs(got - tanh_approximation).max() > 1e-4  # what jax.nn.gelu's default would give
+
+
+def _packed_row():
+  """One row of 32 holding three pairs (9, 12 and 7 tokens) and 4 padding positions."""
+  rng = np.random.default_rng(0)
+  lengths = [9, 12, 7]
+  pair_ids = np.concatenate([np.full(n, k + 1) for k, n in enumerate(lengths)] + [np.zeros(4)]).astype(np.int32)
+  positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(4)]).astype(np.int32)
+  segments = np.concatenate([(np.arange(n) > n // 2) for n in lengths] + [np.zeros(4)]).astype(np.int32)
+  ids = np.where(pair_ids > 0, rng.integers(5, 256, 32), 0).astype(np.int32)
+  starts = np.array([0, 9, 21], np.int32)
+  return ids[None], segments[None], positions[None], pair_ids[None], starts[None]
+
+
+@pytest.mark.parametrize("path", ["xla", "explicit with attention dropout"])
+def test_no_attention_across_pairs(path):
+  """The gradient of one pair's outputs with respect to another pair's inputs is exactly zero."""
+  dropout = path != "xla"
+  model = model_lib.init_model(micro_bert(dropout=0.0, attention_dropout=0.1 if dropout else 0.0), seed=0)
+  graphdef, params = nnx.split(model)
+  ids, segments, positions, pair_ids, starts = _packed_row()
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(1, 32, 32)), jnp.float32)
+  key = jax.random.key(2) if dropout else None
+
+  def pair_output(delta, k):
+    """Pair k's hidden states (weighted) and NSP logits, with `delta` added to the embeddings."""
+    m = nnx.merge(graphdef, params)
+    x = m.embeddings(ids, segments, positions) + delta
+    mask = model_lib.attention_mask_for((pair_ids > 0).astype(np.int32), pair_ids)
+    h = m.encoder(x, mask, None, key)
+    own = (pair_ids == k)[..., None]
+    nsp = m.nsp_head(m.pooler(h[:, starts[0, k - 1]]))
+    return jnp.sum(jnp.where(own, h * weights, 0.0)) + nsp.sum()
+
+  grads = jax.jit(jax.grad(pair_output), static_argnums=1)
+  for k in (1, 2, 3):
+    g = np.abs(np.asarray(grads(jnp.zeros((1, 32, 32)), k))).sum(-1)[0]
+    assert np.all(g[pair_ids[0] == k] > 0), k
+    assert np.all(g[pair_ids[0] != k] == 0), (k, g)  # other pairs and padding: exactly nothing
+
+
+def test_cudnn_gets_key_lengths_unpacked_and_the_pair_mask_packed(monkeypatch):
+  """cuDNN needs a GPU; on CPU, what reaches jax.nn.dot_product_attention(implementation="cudnn")
+  is checked, and the call is answered by the XLA implementation with the same arguments."""
+  calls = []
+  reference = jax.nn.dot_product_attention
+
+  def record(q, k, v, *args, implementation=None, **kwargs):
+    calls.append((implementation, kwargs))
+    return reference(q, k, v, *args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  model = model_lib.init_model(micro_bert(attention_dropout=0.0, attention_impl="cudnn"), seed=0)
+  ids, segments, positions, pair_ids, _ = _packed_row()
+  real = (pair_ids > 0).astype(np.int32)
+  model.encode(ids, segments, real)
+  assert calls and all(impl == "cudnn" for impl, _ in calls)
+  assert all(set(kw) == {"key_value_seq_lengths"} and kw["key_value_seq_lengths"].tolist() == [28] for _, kw in calls)
+  calls.clear()
+  packed = model.encode(ids, segments, real, position_ids=positions, pair_ids=pair_ids)
+  assert calls and all(impl == "cudnn" and set(kw) == {"mask"} for impl, kw in calls)
+  mask = np.asarray(calls[0][1]["mask"])[0, 0]
+  same_pair = (pair_ids[0][:, None] == pair_ids[0][None, :]) & (pair_ids[0][None, :] > 0)
+  np.testing.assert_array_equal(mask, same_pair)  # block-diagonal: no key outside the query's pair
+  monkeypatch.undo()
+  xla = model_lib.init_model(micro_bert(attention_dropout=0.0, attention_impl="xla"), seed=0)
+  np.testing.assert_allclose(packed, xla.encode(ids, segments, real, position_ids=positions, pair_ids=pair_ids))

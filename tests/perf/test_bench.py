@@ -15,6 +15,8 @@ def test_bench_times_the_step_and_reports_where_the_time_went(tmp_path):
   assert result["batch_size"] == 8 and result["seq_len"] == 32 and result["steps"] == 2
   assert result["tokens_per_s"] > 0 and abs(result["tokens_per_s"] * result["step_s"] / (8 * 32) - 1) < 1e-3
   assert result["step_s_min"] <= result["step_s"] <= result["step_s_max"]
+  assert result["nonpadding_tokens_per_s"] == result["tokens_per_s"] and result["padding_fraction"] == 0
+  assert not result["pack_pairs"] and result["pairs_per_row"] == 1
   assert 0 < result["loss"] < math.log(256) + math.log(2) + 0.1  # three steps from chance level
   profile = result["profile"]
   assert profile["trace"].startswith(str(tmp_path / "profile")) and profile["trace"].endswith(".json.gz")
@@ -24,6 +26,36 @@ def test_bench_times_the_step_and_reports_where_the_time_went(tmp_path):
   name, ms, calls = profile["top"][0]
   assert isinstance(name, str) and ms > 0 and calls > 0
   assert [row[1] for row in profile["top"]] == sorted((row[1] for row in profile["top"]), reverse=True)
+
+
+def test_bench_times_the_packed_step_and_counts_real_tokens():
+  import numpy as np
+
+  from bertjax.data.synthetic import synthetic_packed_batch
+
+  config = config_lib.load_config(
+    "configs/tiny.py", MICRO_OVERRIDES + ["data.pack_pairs=true", "data.max_pairs_per_row=3"]
+  )
+  synthetic = bench._synthetic(config)  # what `bertjax bench` times: full rows of 1-3 pairs
+  assert synthetic["attention_mask"].all() and synthetic["nsp_weights"].shape == (8, 3)
+  assert synthetic["nsp_weights"].sum(1).max() > 1
+  # A pipeline-like batch: the last pair of every row with two or more becomes padding.
+  batch = synthetic_packed_batch(8, 32, 5, 256, 3, seed=1)
+  for r in range(8):
+    k = int(batch["nsp_weights"][r].sum())
+    if k > 1:
+      drop = batch["pair_ids"][r] == k
+      for name in ("input_ids", "segment_ids", "attention_mask", "position_ids", "pair_ids"):
+        batch[name][r, drop] = 0
+      batch["nsp_weights"][r, k - 1] = batch["nsp_labels"][r, k - 1] = batch["nsp_positions"][r, k - 1] = 0
+      batch["masked_weights"][r, drop[batch["masked_positions"][r]]] = 0
+  real = batch["attention_mask"].mean()
+  assert 0.5 < real < 1
+  result = bench.run(config, steps=2, warmup=1, batch=batch)
+  assert result["pack_pairs"] and result["pairs_per_row"] == batch["nsp_weights"].sum() / 8
+  assert result["padding_fraction"] == round(1 - real, 4)
+  assert abs(result["nonpadding_tokens_per_s"] / result["tokens_per_s"] - real) < 1e-3
+  assert np.isfinite(result["loss"])
 
 
 def _trace(tmp_path, events):

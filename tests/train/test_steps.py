@@ -93,3 +93,100 @@ def test_nonfinite_gradients_skip_the_update_and_are_counted():
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)
   assert int(state.step) == 2  # the global step still advances: the schedule follows it
+
+
+# Packed rows of the session corpus (tests/support/corpora.py): at seq 128 with short targets
+# about half the rows hold two pairs. The micro model gets 128 positions for them.
+PACKED = dict(seq_len=128, short_seq_prob=1.0, max_predictions=20, pack_pairs=True, max_pairs_per_row=4)
+PACKED_MODEL = micro_bert(dropout=0.0, attention_dropout=0.0, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def packed_and_alone(make_pipeline):
+  """A packed global batch of real pairs, and the same pairs one a row, masked alike."""
+  from bertjax.data import keyed_random
+
+  p = make_pipeline(**PACKED)
+  step = 2
+  packed = p.batch(step)
+  pairs, packing = p._epoch_data(0)
+  index, row_of_pair, slot = packing.select(step * p.batch_size + np.arange(p.batch_size))
+  alone = p._make(pairs.take(index), keyed_random.row_keys(p.seed, 0, index))
+  assert len(index) >= p.batch_size + 3  # several rows hold more than one pair
+  return packed, alone, row_of_pair, slot
+
+
+def test_a_packed_row_gives_each_pair_the_losses_it_has_alone(packed_and_alone):
+  import optax
+  from flax import nnx
+
+  from bertjax.model.bert import init_model
+  from bertjax.train.steps import PACKING_ARRAYS
+
+  packed, alone, row_of_pair, slot = packed_and_alone
+  graphdef, params = nnx.split(init_model(PACKED_MODEL, seed=0))
+
+  @jax.jit
+  def per_prediction_and_pair(params, batch):
+    extra = {k: batch[k] for k in PACKING_ARRAYS if k in batch}
+    mlm, nsp = nnx.merge(graphdef, params)(
+      batch["input_ids"], batch["segment_ids"], batch["attention_mask"], batch["masked_positions"], **extra
+    )
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return ce(mlm, batch["masked_ids"]), ce(nsp, batch["nsp_labels"])
+
+  mlm_packed, nsp_packed = jax.device_get(per_prediction_and_pair(params, packed))
+  mlm_alone, nsp_alone = jax.device_get(per_prediction_and_pair(params, alone))
+  for j, (r, k) in enumerate(zip(row_of_pair, slot)):
+    start, n = packed["nsp_positions"][r, k], alone["attention_mask"][j].sum()
+    in_pair = (packed["masked_positions"][r] >= start) & (packed["masked_positions"][r] < start + n)
+    mine = in_pair & (packed["masked_weights"][r] > 0)
+    np.testing.assert_allclose(mlm_packed[r][mine], mlm_alone[j][alone["masked_weights"][j] > 0], atol=2e-5)
+    np.testing.assert_allclose(nsp_packed[r, k], nsp_alone[j], atol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def packed_step(packed_and_alone):
+  """(parameters, metrics) after one step on the packed batch, on one device."""
+  return _one_step((1, 1, 1), packed_and_alone[0], cfg=PACKED_MODEL)
+
+
+def test_a_packed_step_is_the_step_on_the_same_pairs_unpacked(packed_and_alone, packed_step):
+  """Same loss, same gradient, same update: NSP is averaged over real pairs, not rows."""
+  packed, alone, row_of_pair, _ = packed_and_alone
+  packed_params, p = packed_step
+  alone_params, a = _one_step((1, 1, 1), alone, cfg=PACKED_MODEL)
+  for key in ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "grad_norm"):
+    np.testing.assert_allclose(p[key], a[key], rtol=2e-5, err_msg=key)
+  for x, y in zip(jax.tree.leaves(packed_params), jax.tree.leaves(alone_params)):
+    np.testing.assert_allclose(x, y, atol=3e-6)
+  assert p["pairs_per_row"] == pytest.approx(len(row_of_pair) / 8) and a["pairs_per_row"] == 1.0
+  assert p["tokens"] == a["tokens"] == alone["attention_mask"].sum()
+  assert p["padding_fraction"] == pytest.approx(1 - packed["attention_mask"].mean())
+  assert p["padding_fraction"] < a["padding_fraction"]
+
+
+def test_a_packed_step_is_the_same_on_a_mesh_with_accumulation(packed_and_alone, packed_step):
+  """Eight devices (data, fsdp, tensor) and two microbatches of strided rows: the same step."""
+  reference_params, reference = packed_step
+  params, metrics = _one_step((2, 2, 2), packed_and_alone[0], grad_accum=2, cfg=PACKED_MODEL)
+  for key in ("loss", "nsp_loss", "grad_norm", "pairs_per_row", "padding_fraction"):
+    np.testing.assert_allclose(metrics[key], reference[key], rtol=2e-5, err_msg=key)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference_params)):
+    np.testing.assert_allclose(a, b, atol=3e-6)
+
+
+def test_packed_eval_sums_and_baselines_count_pairs(packed_and_alone):
+  from bertjax.train import losses
+  from bertjax.train.run import baselines
+
+  packed, alone, _, _ = packed_and_alone
+  steps = _steps((1, 1, 1), cfg=PACKED_MODEL)
+  params = steps.init(0).params
+  got = jax.device_get(steps.eval(params, packed))
+  want = jax.device_get(steps.eval(params, alone))
+  assert got["nsp_weight_sum"] == want["nsp_weight_sum"] == len(alone["nsp_labels"])
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
+  assert losses.from_sums(got)["nsp_accuracy"] == pytest.approx(float(losses.from_sums(want)["nsp_accuracy"]))
+  assert baselines([packed]) == baselines([alone])
