@@ -148,6 +148,20 @@ def read_config(workdir) -> config_dict.ConfigDict:
   return config
 
 
+def written_config(workdir) -> dict:
+  """WORKDIR/config.json as its run wrote it: the keys it holds, in the defaults' order.
+
+  What describes a run in its exports: keys added to the defaults after the run was written are
+  not part of its config, so the export of an older run stays what it was.
+  """
+  written = json.loads((epath.Path(workdir) / CONFIG_FILENAME).read_text())
+
+  def keep(values: dict, present: dict) -> dict:
+    return {k: keep(v, present[k]) if isinstance(v, dict) else v for k, v in values.items() if k in present}
+
+  return keep(to_dict(read_config(workdir)), written)
+
+
 def load_run_config(workdir, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
   """The validated config of an earlier run (WORKDIR/config.json) with overrides applied: how a
   run is resumed, or an imported one trained, without naming its config file again."""

@@ -121,7 +121,7 @@ def export_params(workdir, out=None, step: int | None = None) -> epath.Path:
     "format": PARAMS_FORMAT,
     "step": run.step,
     "bert_config": dataclasses.asdict(run.model_config),
-    "run_config": config_loading.to_dict(run.config),
+    "run_config": config_loading.written_config(workdir),
   }
 
   _check_out(out)
