@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.attention_impl = "auto"  # auto | xla | cudnn
   c.model.remat = "none"  # none | full | dots
   c.model.scan_layers = True
+  # How dropout masks are drawn: threefry (jax.random) or hash (a counter-based hash computed where
+  # the mask is applied, never written to memory); both are mesh-independent.
+  c.model.dropout_impl = "threefry"
 
   c.data = config_dict.ConfigDict()
   c.data.source = "builtin"  # builtin | files:GLOB | hf:NAME[:CONFIG] | disk:DIR

@@ -71,6 +71,7 @@ def _check_model(config) -> None:
   _choice(config, "model.dtype", model_config.DTYPES)
   _choice(config, "model.attention_impl", model_config.ATTENTION_IMPLS)
   _choice(config, "model.remat", model_config.REMAT_POLICIES)
+  _choice(config, "model.dropout_impl", model_config.DROPOUT_IMPLS)
   if m.attention_impl == "cudnn" and m.attention_dropout > 0:
     _fail(
       "model.attention_impl",

@@ -42,6 +42,7 @@ VARIANTS.update(
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots")
+DROPOUT_IMPLS = ("threefry", "hash")  # bertjax.model.dropout.IMPLS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -64,6 +65,7 @@ class BertConfig:
   attention_impl: str = "xla"  # xla | cudnn
   remat: str = "none"
   scan_layers: bool = True
+  dropout_impl: str = "threefry"  # threefry | hash: how dropout masks are drawn (bertjax.model.dropout)
 
   @property
   def head_dim(self) -> int:
@@ -128,4 +130,5 @@ def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) 
     attention_impl=impl,
     remat=model_cfg.remat,
     scan_layers=model_cfg.scan_layers,
+    dropout_impl=model_cfg.dropout_impl,
   )

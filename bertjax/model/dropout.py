@@ -21,8 +21,6 @@ partitioned by offsetting each shard, so the coordinates are global and the mask
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("threefry", "hash")
-
 # Odd multipliers: murmur3's finaliser constants and the 32-bit golden ratio (per-axis salt).
 _M1, _M2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bertjax.model.config import BertConfig
+from bertjax.model.dropout import dropout
 from bertjax.parallel.rules import constrain
 
 # The most negative float32: masked logits vanish under softmax without producing inf - inf.
@@ -20,13 +21,6 @@ def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
   # No eager sharding: placement comes from a jitted init with out-shardings derived from
   # these names (bertjax.parallel.rules), so the model also builds where no mesh is set.
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _split(key: jax.Array | None, n: int) -> tuple[jax.Array | None, ...]:
@@ -61,6 +55,7 @@ class Embeddings(nnx.Module):
     self.segment = _param(init(rngs.params(), (cfg.type_vocab_size, h)), ("segment", "embed"))
     self.norm = LayerNorm(h, cfg)
     self.rate = cfg.dropout
+    self.dropout_impl = cfg.dropout_impl
 
   def __call__(self, ids_BxL, segment_ids_BxL, position_ids_BxL, dropout_key=None):
     x = (
@@ -69,7 +64,7 @@ class Embeddings(nnx.Module):
       + jnp.take(self.segment[...], segment_ids_BxL, axis=0)
     )
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    return _dropout(self.norm(x), self.rate, dropout_key)
+    return dropout(self.norm(x), self.rate, dropout_key, self.dropout_impl)
 
 
 class SelfAttention(nnx.Module):
@@ -84,6 +79,7 @@ class SelfAttention(nnx.Module):
     self.out_bias = _param(jnp.zeros((h,), jnp.float32), ("embed",))
     self.dtype = cfg.compute_dtype
     self.rate = cfg.attention_dropout
+    self.dropout_impl = cfg.dropout_impl
     self.impl = cfg.attention_impl
 
   def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None):
@@ -113,7 +109,7 @@ class SelfAttention(nnx.Module):
     # as its XLA path: float32 logits and softmax, probabilities cast back to the compute dtype.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask, logits * (q.shape[-1] ** -0.5), _NEG)
-    probs = _dropout(jax.nn.softmax(logits, axis=-1), self.rate, key).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), self.rate, key, self.dropout_impl).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
@@ -147,13 +143,14 @@ class EncoderLayer(nnx.Module):
     self.feed_forward = FeedForward(cfg, rngs=rngs)
     self.output_norm = LayerNorm(cfg.hidden_size, cfg)
     self.rate = cfg.dropout
+    self.dropout_impl = cfg.dropout_impl
 
   def __call__(self, x, mask, kv_lengths, dropout_key=None):
     attn_key, attn_out_key, ffn_out_key = _split(dropout_key, 3)
     a = self.attention(x, mask, kv_lengths, attn_key)
-    x = self.attention_norm(x + _dropout(a, self.rate, attn_out_key))
+    x = self.attention_norm(x + dropout(a, self.rate, attn_out_key, self.dropout_impl))
     f = self.feed_forward(x)
-    return self.output_norm(x + _dropout(f, self.rate, ffn_out_key))
+    return self.output_norm(x + dropout(f, self.rate, ffn_out_key, self.dropout_impl))
 
 
 _REMAT = {

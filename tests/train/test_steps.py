@@ -28,9 +28,10 @@ def test_one_step_is_the_same_on_every_mesh():
       np.testing.assert_allclose(a, b, atol=2e-6, err_msg=name)
 
 
-def test_dropout_masks_do_not_depend_on_the_mesh():
+@pytest.mark.parametrize("dropout_impl", ["threefry", "hash"])
+def test_dropout_masks_do_not_depend_on_the_mesh(dropout_impl):
   batch = synthetic_batch(batch_size=16)
-  with_dropout = micro_bert()
+  with_dropout = micro_bert(dropout_impl=dropout_impl)
   _, one = _one_step((1, 1, 1), batch, cfg=with_dropout)
   _, eight = _one_step((2, 2, 2), batch, cfg=with_dropout)
   np.testing.assert_allclose(one["loss"], eight["loss"], rtol=1e-6)
