@@ -88,17 +88,24 @@ def read_classification(config, with_train: bool = True) -> ClassificationData:
 
 
 # -- GLUE folders --------------------------------------------------------------------------------
-def _glue_folder(config, spec: tasks.TaskSpec, with_train: bool) -> ClassificationData:
-  task = tasks.GLUE[config.finetune.glue_task]
-  root = epath.Path(config.finetune.data)
+def glue_task_folder(root, name: str) -> epath.Path:
+  """The folder of GLUE task `name` under `root` (or `root` itself when it is that folder)."""
+  task = tasks.GLUE[name]
+  root = epath.Path(root)
   folder = root / task.folder
   if not folder.is_dir() and root.name == task.folder:
     folder = root  # finetune.data names the task's own folder
   if not folder.is_dir():
     raise BertjaxError(
-      f"finetune.data={root} holds no {task.folder}/ (GLUE task {task.name}): point it at the GLUE folder "
-      f"that holds {task.folder}/ as the GLUE download lays it out, or run the tasks it has"
+      f"GLUE folder {root} holds no {task.folder}/ (task {task.name}): point finetune.data (glue: --data) at "
+      f"the folder that holds {task.folder}/ as the GLUE download lays it out, or leave {task.name} out"
     )
+  return folder
+
+
+def _glue_folder(config, spec: tasks.TaskSpec, with_train: bool) -> ClassificationData:
+  task = tasks.GLUE[config.finetune.glue_task]
+  folder = glue_task_folder(config.finetune.data, task.name)
   tsv_to_id = {label: i for i, label in enumerate(task.tsv_labels)}
 
   def split(name: str) -> Examples:
@@ -221,9 +228,15 @@ def _hf_dataset(config, spec: tasks.TaskSpec, glue_dev: dict[str, str] | None, w
   def examples(ds, split: str) -> Examples:
     table = _Table(f"{f.data}:{split}", {c: ds[c] for c in ds.column_names}, first_line=None)
     label_feature = ds.features.get(label)
-    if isinstance(label_feature, datasets.ClassLabel) and label in table.columns:
+    if isinstance(label_feature, datasets.ClassLabel):
+      names = label_feature.names
+    else:  # a copy of a GLUE task without ClassLabel metadata still writes class ids
+      names = spec.labels if glue_dev is not None and not spec.regression else None
+    if names is not None and label in table.columns:
       # Class ids as names; -1 (a test split's missing label) stays "-1" and is refused below.
-      table.columns[label] = [label_feature.names[i] if i >= 0 else str(i) for i in table.columns[label]]
+      table.columns[label] = [
+        names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in table.columns[label]
+      ]
     return _examples(table, text, pair, label, spec)
 
   if pair and pair not in first.column_names and glue_dev is None:

@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -126,8 +127,17 @@ def compile_steps(
   """Shardings from the model's logical axes, then jitted init / train / eval over `mesh`.
 
   `optim_cfg` is the run's optimizer section with the fine-tuning warmup in it; the schedule
-  decays to `end_lr` at `total_steps`. Nothing is compiled until first called.
+  decays to `end_lr` at `total_steps`. Nothing is compiled until first called. Runs that differ
+  only in their seed (the GLUE suite's), or a run and its resumption in one process, get the same
+  jitted functions, so they compile once.
   """
+  optim_values = tuple(sorted(optim_cfg.items()))
+  return _compile_steps(cfg, spec, head_dropout, optim_values, total_steps, grad_accum, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_steps(cfg, spec, head_dropout, optim_values, total_steps, grad_accum, mesh) -> CompiledSteps:
+  optim_cfg = ml_collections.ConfigDict(dict(optim_values))
   tx = optim.build_optimizer(optim_cfg, total_steps)
   schedule = optim.learning_rate_schedule(optim_cfg, total_steps)
   abstract = heads.abstract(cfg, spec, head_dropout)

@@ -111,6 +111,12 @@ def custom_metrics(f) -> tuple[str, ...]:
   return REGRESSION_METRICS if f.regression else ("accuracy",)
 
 
+def glue_spec(name: str) -> TaskSpec:
+  """The TaskSpec of a GLUE task."""
+  glue = GLUE[name]
+  return TaskSpec("classification", name, glue.labels, glue.regression, glue.metrics, tuple(glue.dev_files))
+
+
 def resolve(config) -> TaskSpec:
   """The task of a validated config's `finetune` section."""
   f = config.finetune
@@ -120,10 +126,7 @@ def resolve(config) -> TaskSpec:
       return TaskSpec("qa", "squad_v2", metrics=("exact", "f1"))
     return TaskSpec("qa", "squad", metrics=("exact_match", "f1"))
   if f.glue_task:
-    glue = GLUE[f.glue_task]
-    return TaskSpec(
-      "classification", glue.name, glue.labels, glue.regression, glue.metrics, dev_splits=tuple(glue.dev_files)
-    )
+    return glue_spec(f.glue_task)
   dev_splits = ("dev",)
   if f.data.startswith("hf:") and len(split_list(f.dev_split)) > 1:
     dev_splits = split_list(f.dev_split)
