@@ -2,8 +2,8 @@
 
     finetune(config, workdir, data)    to finetune.epochs epochs, evaluating on the dev split(s)
                                        at the end of each; checkpoints every
-                                       checkpoint.every_steps, at every epoch's end and on
-                                       SIGTERM/SIGINT (the same command resumes)
+                                       checkpoint.every_steps, at the end and on SIGTERM/SIGINT
+                                       (the same command resumes)
     evaluate_checkpoint(config, workdir, step)   what `bertjax eval` prints for a fine-tune run
 
 It keeps pretraining's conventions and reuses its parts: orbax checkpoints with manifests
@@ -32,6 +32,7 @@ from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
 from bertjax.train import checkpoint, optim
+from bertjax.train import run as pretrain_run
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.steps import TrainState
 
@@ -64,14 +65,19 @@ def _checkpoint_meta(run: run_lib.Run) -> dict:
   }
 
 
+def _describe(task: dict) -> str:
+  if task.get("regression"):
+    return f"{task.get('name')} (a regression)"
+  return f"{task.get('name')} (classes {', '.join(task.get('labels', []))})" if task.get("labels") else str(task)
+
+
 def _check_resumable(run: run_lib.Run, source: str):
   def check(meta: dict) -> None:
     checkpoint.check_compatible(meta, run.model_config, run.data.tokenizer.fingerprint, source)
-    saved = meta.get("task", {})
-    if saved != _task_meta(run):
+    saved, current = meta.get("task", {}), _task_meta(run)
+    if saved != current:
       raise BertjaxError(
-        f"{source} holds a fine-tune of {saved.get('name')} {saved.get('labels') or ''}, not of "
-        f"{run.data.spec.name} {list(run.data.spec.labels) or ''}; use a new workdir"
+        f"{source} holds a fine-tune of {_describe(saved)}, not of {_describe(current)}; use a new workdir"
       )
 
   return check
@@ -82,6 +88,7 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
   from finetune.init. `data` is run.prepare's (read before anything is written)."""
   data = run_lib.prepare(config) if data is None else data
   run = run_lib.setup(config, workdir, data)
+  pretrain_run.check_workdir(run.workdir)
   with contextlib.ExitStack() as stack:
     checkpoint.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
@@ -92,6 +99,7 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
       log.info("resumed from checkpoint step %d in %s", meta["step"], checkpoints.dir)
     else:
       state = run_lib.warm_start(run, config.finetune.init)
+    run_lib.write_run_files(run)  # only once the workdir is known to hold this run (or nothing)
     start = int(jax.device_get(state.step))
     if start >= run.total_steps:  # nothing left to train: report where the run stands
       log.info("the run in %s is complete (%d steps); evaluating it", run.workdir, start)
@@ -136,7 +144,7 @@ def _loop(run: run_lib.Run, state, start: int, checkpoints, guard, stack) -> Res
         _after_step(run, *pending, writer, progress, window)
       checkpoints.save(state, _checkpoint_meta(run), wait=True)
       return Result({}, state, stopped_by=guard.received)
-    if done < total and (done % per_epoch == 0 or done % config.checkpoint.every_steps == 0):
+    if done < total and done % config.checkpoint.every_steps == 0:
       checkpoints.save(state, _checkpoint_meta(run))
   if pending is not None:
     _after_step(run, *pending, writer, progress, window)
@@ -200,7 +208,7 @@ def evaluate_checkpoint(config, workdir, *, step: int | None = None) -> dict:
   workdir = epath.Path(workdir)
   tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
   data = run_lib.prepare(config, tokenizer, with_train=False)
-  run = run_lib.setup(config, workdir, data, write=False)
+  run = run_lib.setup(config, workdir, data)
   with checkpoint.Checkpoints(run.workdir, read_only=True) as checkpoints:
     if not checkpoints.steps():
       raise BertjaxError(f"--workdir {workdir}: no checkpoints there; fine-tune first")

@@ -4,6 +4,7 @@
     prepare(config)                            the task's data read and tokenised: before anything
                                                is written and before JAX touches a device
     setup(config, workdir, data)               mesh, compiled steps, this process's rows
+    write_run_files(run)                       WORKDIR/config.json and tokenizer/
     warm_start(run, init)                      step 0: the --init run's encoder, a fresh head
     evaluate(run, params)                      dev metrics (and QA answers)
 
@@ -146,18 +147,12 @@ def _optim_config(config, total_steps: int):
   return optim_cfg
 
 
-def setup(config, workdir, data: Data, *, write: bool = True) -> Run:
-  """The mesh, the compiled steps and this process's rows; with `write`, process 0 writes
-  WORKDIR/config.json (with the classes an hf: dataset named) and the tokenizer."""
+def setup(config, workdir, data: Data) -> Run:
+  """The mesh, the compiled steps and this process's rows (nothing is written)."""
   validation.validate_for_devices(config, jax.device_count())
   workdir = epath.Path(workdir)
   if data.spec.kind == "classification" and not config.finetune.glue_task and not config.finetune.regression:
     config.finetune.labels = ",".join(data.spec.labels)  # resolved: export and eval read them here
-  if write and jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_loading.write_config(config, workdir)
-  if write:
-    tokenizer_lib.tokenizer_for_run(config, workdir)  # a copy of the init run's, checked on resume
   model_config = resolve_config(config.model, data.tokenizer.vocab_size)
   t = config.train
   order = features.TrainOrder(len(data.train["input_ids"]), t.batch_size, t.seed)
@@ -168,6 +163,15 @@ def setup(config, workdir, data: Data, *, write: bool = True) -> Run:
   )
   rows = mesh_lib.rows_for_sharding(steps.batch_sharding, t.batch_size)
   return Run(config, workdir, data, model_config, steps, order, total, rows)
+
+
+def write_run_files(run: Run) -> None:
+  """WORKDIR/config.json (with the classes an hf: dataset named) from process 0, and
+  WORKDIR/tokenizer/, a copy of the init run's (checked against it on resume)."""
+  if run.is_primary:
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    config_loading.write_config(run.config, run.workdir)
+  tokenizer_lib.tokenizer_for_run(run.config, run.workdir)
 
 
 def warm_start(run: Run, init: str):

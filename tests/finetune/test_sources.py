@@ -14,37 +14,8 @@ import pytest
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
 from bertjax.finetune import features, sources, tasks
+from tests.support.finetune import write_glue_files
 
-MNLI_TRAIN_HEADER = (
-  "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-  "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
-)
-MNLI_DEV_HEADER = MNLI_TRAIN_HEADER.replace("label1\tgold_label", "label1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
-
-
-def _mnli_row(i, a, b, label, dev=False):
-  labels = f"{label}\t{label}\t{label}\t{label}\t{label}" if dev else label
-  return f"{i}\t{i}\t{i}e\tfiction\t( {a} )\t( {b} )\t(ROOT {a})\t(ROOT {b})\t{a}\t{b}\t{labels}\t{label}"
-
-
-# task -> (header or None, row builder (index, first, second, TSV label) -> line)
-LAYOUTS = {
-  "cola": (None, lambda i, a, b, y: f"gj04\t{y}\t{'' if y == '1' else '*'}\t{a}"),
-  "sst2": ("sentence\tlabel", lambda i, a, b, y: f"{a}\t{y}"),
-  "mrpc": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, a, b, y: f"{y}\t{100 + i}\t{200 + i}\t{a}\t{b}"),
-  "stsb": (
-    "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
-    lambda i, a, b, y: f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a}\t{b}\t{y}",
-  ),
-  "qqp": (
-    "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
-    lambda i, a, b, y: f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{y}",
-  ),
-  "mnli": (MNLI_TRAIN_HEADER, _mnli_row),
-  "qnli": ("index\tquestion\tsentence\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
-  "rte": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
-  "wnli": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
-}
 TEXTS = ['He said "yes" and left.', "nan", "null", "It's 5' 10\" tall"]
 
 
@@ -63,24 +34,12 @@ def _rows(task: tasks.GlueTask, count: int, offset: int):
 
 
 def write_glue_task(root, name: str, train: int = 5, dev: int = 3) -> dict[str, list]:
-  """TASK/train.tsv and its dev files as the GLUE download lays them out; returns the rows."""
+  """TASK/train.tsv and its dev files with a few rows each; returns the rows written."""
   task = tasks.GLUE[name]
-  header, row = LAYOUTS[name]
-  folder = root / task.folder
-  folder.mkdir(parents=True, exist_ok=True)
-  written = {}
-  for file, count, offset in [("train.tsv", train, 0)] + [
-    (f, dev, 10 + j) for j, f in enumerate(task.dev_files.values())
-  ]:
-    rows = _rows(task, count, offset)
-    dev_file = file != "train.tsv"
-    lines = [
-      _mnli_row(i, a, b, y, dev=dev_file) if name == "mnli" else row(i, a, b, y) for i, (a, b, y, _) in enumerate(rows)
-    ]
-    head = MNLI_DEV_HEADER if name == "mnli" and dev_file else header
-    (folder / file).write_text("\n".join(([head] if head else []) + lines) + "\n")
-    written[file] = rows
-  return written
+  files = ["train.tsv", *task.dev_files.values()]
+  rows = {file: _rows(task, train if file == "train.tsv" else dev, 10 * i) for i, file in enumerate(files)}
+  write_glue_files(root, name, {file: [r[:3] for r in file_rows] for file, file_rows in rows.items()})
+  return rows
 
 
 def _config(*overrides, task="classification"):

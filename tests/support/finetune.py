@@ -37,12 +37,12 @@ FINETUNE_OVERRIDES = [
 ]
 # Pretraining that leaves a usable encoder: BERT's AdamW has no bias correction, so a micro run at
 # lr 3e-3 without warmup collapses to the unigram plateau, from which fine-tuning does not learn.
-PRETRAIN_STEPS = 120
+PRETRAIN_STEPS = 200
 PRETRAIN_OVERRIDES = [
   f"train.steps={PRETRAIN_STEPS}",
   "optim.lr=1e-3",
-  "optim.warmup_steps=40",
-  "train.log_every=40",
+  "optim.warmup_steps=50",
+  "train.log_every=50",
   "train.eval_every=1000",
   "checkpoint.every_steps=1000",
 ]
@@ -61,12 +61,19 @@ def pretrained(tmp_path_factory):
   return root / "run"
 
 
+# English words of the test corpus (tests/support/corpora.py); the tasks use those the session
+# tokenizer keeps whole, in this order (the first ones are the chosen words).
+CANDIDATE_WORDS = (
+  "river mill children play weather markets songs people flowers where talk through teachers explain numbers maps "
+  "stars letters seasons bread stone gardens bells apples pears onions coins"
+).split()
+
+
 @pytest.fixture(scope="session")
 def whole_words(pretrained) -> list[str]:
-  """Words the session tokenizer keeps as one piece, in a fixed order."""
+  """Words the session tokenizer keeps as one piece, in CANDIDATE_WORDS order."""
   tokenizer = tokenizer_lib.load_tokenizer(pretrained / "tokenizer")
-  corpus_words = {w for doc in numbered_documents(40) for sentence in doc for w in sentence.rstrip(".").split()}
-  words = sorted(w for w in corpus_words if w.isalpha() and w.islower() and len(tokenizer.encode(w)) == 1)
+  words = [w for w in CANDIDATE_WORDS if len(tokenizer.encode(w)) == 1]
   assert len(words) >= 8, words
   return words
 
@@ -133,8 +140,8 @@ def task_files(whole_words, tmp_path_factory):
   write_jsonl(root / "pairs-dev.jsonl", pair_examples(whole_words, 200, seed=2))
   write_jsonl(root / "count-train.jsonl", pair_examples(whole_words, 1000, seed=3, regression=True))
   write_jsonl(root / "count-dev.jsonl", pair_examples(whole_words, 200, seed=4, regression=True))
-  (root / "squad-train.json").write_text(json.dumps(squad_articles(whole_words, 500, seed=5, v2=True, length=24)))
-  (root / "squad-dev.json").write_text(json.dumps(squad_articles(whole_words, 100, seed=6, v2=True, length=24)))
+  (root / "squad-train.json").write_text(json.dumps(squad_articles(whole_words, 500, seed=5, v2=True, length=30)))
+  (root / "squad-dev.json").write_text(json.dumps(squad_articles(whole_words, 100, seed=6, v2=True, length=30)))
   return root
 
 
@@ -151,7 +158,7 @@ def pair_task_config(pretrained, task_files, *extra):
 
 
 def squad_task_config(pretrained, task_files, *extra):
-  """SQuAD 2.0 in 32-token windows 8 tokens apart: the 24-word contexts need several."""
+  """SQuAD 2.0 in 32-token windows 8 tokens apart: the 30-word contexts need several."""
   return finetune_config(
     pretrained,
     f"finetune.train_file={task_files}/squad-train.json",
@@ -186,3 +193,91 @@ def squad_run(pretrained, task_files, tmp_path_factory):
   config = squad_task_config(pretrained, task_files)
   workdir = tmp_path_factory.mktemp("squad-run") / "run"
   return config, workdir, loop.finetune(config, workdir)
+
+
+def count_task_config(pretrained, task_files, *extra):
+  return finetune_config(
+    pretrained,
+    f"finetune.train_file={task_files}/count-train.jsonl",
+    f"finetune.dev_file={task_files}/count-dev.jsonl",
+    "finetune.regression=true",
+    "finetune.max_seq_len=16",
+    "finetune.epochs=5",  # a count is learned later than a class: 160 steps
+    f"data.cache_dir={task_files}/cache",
+    *extra,
+  )
+
+
+@pytest.fixture(scope="session")
+def count_run(pretrained, task_files, tmp_path_factory):
+  """(config, workdir, result) of the count task, a regression, fine-tuned for 5 epochs."""
+  from bertjax.finetune import loop
+
+  config = count_task_config(pretrained, task_files)
+  workdir = tmp_path_factory.mktemp("count-run") / "run"
+  return config, workdir, loop.finetune(config, workdir)
+
+
+# -- GLUE folders ---------------------------------------------------------------------------------
+MNLI_TRAIN_HEADER = (
+  "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+  "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label"
+)
+MNLI_DEV_HEADER = MNLI_TRAIN_HEADER.replace("label1\tgold_label", "label1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label")
+
+
+def _mnli_row(i, a, b, label, dev=False):
+  labels = f"{label}\t{label}\t{label}\t{label}\t{label}" if dev else label
+  return f"{i}\t{i}\t{i}e\tfiction\t( {a} )\t( {b} )\t(ROOT {a})\t(ROOT {b})\t{a}\t{b}\t{labels}\t{label}"
+
+
+# task -> (header or None, row builder (index, first, second, TSV label) -> line)
+LAYOUTS = {
+  "cola": (None, lambda i, a, b, y: f"gj04\t{y}\t{'' if y == '1' else '*'}\t{a}"),
+  "sst2": ("sentence\tlabel", lambda i, a, b, y: f"{a}\t{y}"),
+  "mrpc": ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, a, b, y: f"{y}\t{100 + i}\t{200 + i}\t{a}\t{b}"),
+  "stsb": (
+    "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore",
+    lambda i, a, b, y: f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{a}\t{b}\t{y}",
+  ),
+  "qqp": (
+    "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+    lambda i, a, b, y: f"{i}\t{2 * i}\t{2 * i + 1}\t{a}\t{b}\t{y}",
+  ),
+  "mnli": (MNLI_TRAIN_HEADER, _mnli_row),
+  "qnli": ("index\tquestion\tsentence\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
+  "rte": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
+  "wnli": ("index\tsentence1\tsentence2\tlabel", lambda i, a, b, y: f"{i}\t{a}\t{b}\t{y}"),
+}
+
+
+def write_glue_files(root, name: str, files: dict[str, list[tuple[str, str, str]]]) -> None:
+  """ROOT/TASK/FILE with the GLUE download's header and columns for each (first text, second
+  text, label as the TSV writes it) row."""
+  from bertjax.finetune import tasks
+
+  header, row = LAYOUTS[name]
+  folder = root / tasks.GLUE[name].folder
+  folder.mkdir(parents=True, exist_ok=True)
+  for file, rows in files.items():
+    dev = file != "train.tsv"
+    if name == "mnli":
+      lines = [_mnli_row(i, a, b, y, dev=dev) for i, (a, b, y) in enumerate(rows)]
+      header = MNLI_DEV_HEADER if dev else MNLI_TRAIN_HEADER
+    else:
+      lines = [row(i, a, b, y) for i, (a, b, y) in enumerate(rows)]
+    (folder / file).write_text("\n".join(([header] if header else []) + lines) + "\n")
+
+
+def write_learnable_glue(root, words, name: str, train: int, dev: int, seed: int = 0) -> None:
+  """A GLUE task folder holding the tasks above in its own layout: SST-2 the second texts of the
+  pair task (does the sentence hold the chosen word?), MRPC the pair task, STS-B the count task."""
+  regression = name == "stsb"
+  files = {}
+  for i, (file, count) in enumerate((("train.tsv", train), ("dev.tsv", dev))):
+    rows = []
+    for r in pair_examples(words, count, seed=100 * seed + i, regression=regression):
+      label = f"{r['label']:.1f}" if regression else ("1" if r["label"] == "yes" else "0")
+      rows.append((r["text_pair"], "", label) if name == "sst2" else (r["text"], r["text_pair"], label))
+    files[file] = rows
+  write_glue_files(root, name, files)
