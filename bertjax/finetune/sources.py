@@ -20,6 +20,7 @@ outside them, a missing column, an empty split or a GLUE folder without the task
 with one line naming the file and the fix, before anything is written.
 """
 
+import contextlib
 import csv
 import dataclasses
 import logging
@@ -50,6 +51,21 @@ class ClassificationData:
   dev: dict[str, Examples]  # split name -> examples, in spec.dev_splits order
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+  """No progress bars from `datasets` while it reads: the splits are small next to a corpus, and
+  a bad input's one-line message then stands alone."""
+  import datasets  # heavy: only reading data needs it
+
+  shown = datasets.is_progress_bar_enabled()
+  datasets.disable_progress_bars()
+  try:
+    yield
+  finally:
+    if shown:
+      datasets.enable_progress_bars()
+
+
 def _datasets_cache(config) -> str | None:
   return str(epath.Path(config.data.cache_dir) / "datasets") if config.data.cache_dir else None
 
@@ -71,11 +87,17 @@ def read_classification(config, with_train: bool = True) -> ClassificationData:
   class ids."""
   spec = tasks.resolve(config)
   f = config.finetune
-  if f.glue_task and not f.data.startswith("hf:"):
-    return _glue_folder(config, spec, with_train)
-  if f.data.startswith("hf:"):
-    dev_splits = tasks.GLUE[f.glue_task].hf_dev_splits if f.glue_task else None
-    return _hf_dataset(config, spec, dev_splits, with_train)
+  with quiet_datasets():
+    if f.glue_task and not f.data.startswith("hf:"):
+      return _glue_folder(config, spec, with_train)
+    if f.data.startswith("hf:"):
+      dev_splits = tasks.GLUE[f.glue_task].hf_dev_splits if f.glue_task else None
+      return _hf_dataset(config, spec, dev_splits, with_train)
+    return _local_files(config, spec, with_train)
+
+
+def _local_files(config, spec: tasks.TaskSpec, with_train: bool) -> ClassificationData:
+  f = config.finetune
   train = _read_file(config, f.train_file, "finetune.train_file") if with_train else None
   dev = _read_file(config, f.dev_file, "finetune.dev_file")
   first = train or dev  # the train file decides whether the task reads pairs

@@ -20,6 +20,7 @@ import numpy as np
 from etils import epath
 
 from bertjax.errors import BertjaxError
+from bertjax.finetune.sources import quiet_datasets
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def _from_hf(name: str, conf: str, split: str, cache_dir: str | None) -> list[Qu
   import datasets  # heavy: only reading data needs it
 
   try:
-    ds = datasets.load_dataset(name, conf or None, split=split, cache_dir=cache_dir)
+    with quiet_datasets():
+      ds = datasets.load_dataset(name, conf or None, split=split, cache_dir=cache_dir)
   except Exception as e:  # the hub raises many kinds; all mean "cannot get this split"
     raise BertjaxError(
       f"finetune.data=hf:{name} split {split!r} could not be loaded ({type(e).__name__}): "
