@@ -285,11 +285,11 @@ def write_glue_files(root, name: str, files: dict[str, list[tuple[str, str, str]
 def write_learnable_glue(root, words, name: str, train: int, dev: int, seed: int = 0) -> None:
   """A GLUE task folder holding the tasks above in its own layout: SST-2 the second texts of the
   pair task (does the sentence hold the chosen word?), MRPC the pair task, STS-B the count task
-  (its second text a copy of the first)."""
+  (its second text one filler word, so that no truncation cuts the first)."""
   files = {}
   for i, (file, count) in enumerate((("train.tsv", train), ("dev.tsv", dev))):
     if name == "stsb":
-      rows = [(r["text"], r["text"], f"{r['label']:.1f}") for r in count_examples(words, count, 100 * seed + i)]
+      rows = [(r["text"], words[-1], f"{r['label']:.1f}") for r in count_examples(words, count, 100 * seed + i)]
     else:
       pairs = pair_examples(words, count, seed=100 * seed + i)
       label = lambda r: "1" if r["label"] == "yes" else "0"
