@@ -74,6 +74,16 @@ def test_a_workdir_holding_another_tasks_run_is_refused_untouched(pair_run, pret
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
 
 
+def test_an_import_hf_workdir_starts_a_run_as_the_run_it_was_exported_from(pair_run, pretrained, task_files, tmp_path):
+  """Export the pretrained run, import it back: fine-tuning from the import is fine-tuning from the run."""
+  from bertjax.hf import export, import_hf
+
+  _, _, reference = pair_run
+  import_hf.import_hf(export.export_hf(pretrained, tmp_path / "hf"), tmp_path / "imported")
+  result = loop.finetune(pair_task_config(tmp_path / "imported", task_files), tmp_path / "run")
+  assert result.final == reference.final
+
+
 def test_an_init_that_is_no_run_and_a_missing_init(tmp_path, pretrained, task_files):
   with pytest.raises(BertjaxError, match="--init .* holds no config.json and tokenizer/"):
     finetune_config(tmp_path)
