@@ -7,11 +7,13 @@
     evaluate_checkpoint(config, workdir, step)   what `bertjax eval` prints for a fine-tune run
 
 It keeps pretraining's conventions and reuses its parts: orbax checkpoints with manifests
-(bertjax.train.checkpoint), the preemption guard, metrics.jsonl and TensorBoard, the progress
-line. Metrics are read back one step late, so the host never waits on the device. At the end,
-process 0 writes WORKDIR/eval_results.json (the last dev metrics) and, for QA,
-WORKDIR/predictions.json (question id -> answer, the official scripts' input) and for SQuAD 2.0
-null_odds.json; each is written whole or not at all, and only once the run is complete.
+(bertjax.train.checkpoint), the workdir's lease (one run per workdir), the preemption guard,
+metrics.jsonl and TensorBoard, the progress line; no periodic checkpoint is saved while steps are
+skipped for a non-finite gradient. Metrics are read back one step late, so the host never waits
+on the device. At the end, process 0 writes WORKDIR/eval_results.json (the last dev metrics)
+and, for QA, WORKDIR/predictions.json (question id -> answer, the official scripts' input) and
+for SQuAD 2.0 null_odds.json; each is written whole or not at all, and only once the run is
+complete.
 """
 
 import contextlib
@@ -31,8 +33,7 @@ from bertjax.finetune import run as run_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, optim
-from bertjax.train import run as pretrain_run
+from bertjax.train import checkpoint, lock, optim, processes
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.steps import TrainState
 
@@ -87,9 +88,9 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
   """Fine-tune to finetune.epochs: resume WORKDIR's newest good checkpoint (or `step`), or start
   from finetune.init. `data` is run.prepare's (read before anything is written)."""
   data = run_lib.prepare(config) if data is None else data
-  run = run_lib.setup(config, workdir, data)
-  pretrain_run.check_workdir(run.workdir)
   with contextlib.ExitStack() as stack:
+    workdir_lock = stack.enter_context(lock.hold(workdir))  # one run per workdir, as pretraining
+    run = run_lib.setup(config, workdir, data)
     checkpoint.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
     if checkpoints.steps() or step is not None:
@@ -107,7 +108,33 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
       _write_results(run, start, final, answered)
       return Result(final, state)
     guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption, start=start))
-    return _loop(run, state, start, checkpoints, guard, stack)
+    return _loop(run, state, start, _Saver(run, checkpoints, workdir_lock), guard, stack)
+
+
+@dataclasses.dataclass
+class _Saver:
+  """Checkpoints of the loop, with pretraining's rules: never after another run took the workdir
+  over, never while steps are skipped for a non-finite gradient."""
+
+  run: run_lib.Run
+  checkpoints: checkpoint.Checkpoints
+  workdir_lock: lock.WorkdirLock | None  # process 0's; None on the others
+
+  def save(self, state, *, wait: bool = False) -> None:
+    lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
+    if processes.from_primary(lost):  # every process stops, none waits in the save's collective
+      if self.workdir_lock is not None:
+        self.workdir_lock.check()
+      raise lock.WorkdirInUse(f"--workdir {self.run.workdir}: another run took it over (process 0 says which)")
+    self.checkpoints.save(state, _checkpoint_meta(self.run), wait=wait)
+
+  def periodic(self, state, step_metrics) -> None:
+    if int(jax.device_get(step_metrics["nonfinite_consecutive"])) == 0:
+      self.save(state)
+
+  def newest(self) -> int | None:
+    steps = self.checkpoints.steps()
+    return steps[-1] if steps else None
 
 
 @dataclasses.dataclass
@@ -120,7 +147,7 @@ class _Window:
   steps: int = 0
 
 
-def _loop(run: run_lib.Run, state, start: int, checkpoints, guard, stack) -> Result:
+def _loop(run: run_lib.Run, state, start: int, saver: _Saver, guard, stack) -> Result:
   config, total, per_epoch = run.config, run.total_steps, run.order.steps_per_epoch
   writer = stack.enter_context(MetricsWriter(run.workdir, enabled=run.is_primary))
   progress = ProgressBar(total, start, enabled=run.is_primary)
@@ -130,25 +157,25 @@ def _loop(run: run_lib.Run, state, start: int, checkpoints, guard, stack) -> Res
   for step in range(start, total):
     state, step_metrics = run.steps.train(state, run.train_batch(step))
     if pending is not None:
-      _after_step(run, *pending, writer, progress, window)
+      _after_step(run, *pending, writer, progress, window, saver)
     pending = (step, step_metrics)
     done = step + 1
     if done % per_epoch == 0 or done == total:  # an epoch's end: evaluate before anything else
-      _after_step(run, *pending, writer, progress, window)
+      _after_step(run, *pending, writer, progress, window, saver)
       pending = None
       final, answered = run_lib.evaluate(run, state.params)
       writer.write(done, {**final, "epoch": done / per_epoch}, split="eval")
       log.info("epoch %d of %d: %s", done // per_epoch, config.finetune.epochs, _summary(final))
     if guard.should_stop(done):
       if pending is not None:
-        _after_step(run, *pending, writer, progress, window)
-      checkpoints.save(state, _checkpoint_meta(run), wait=True)
+        _after_step(run, *pending, writer, progress, window, saver)
+      saver.save(state, wait=True)
       return Result({}, state, stopped_by=guard.received)
     if done < total and done % config.checkpoint.every_steps == 0:
-      checkpoints.save(state, _checkpoint_meta(run))
+      saver.periodic(state, step_metrics)
   if pending is not None:
-    _after_step(run, *pending, writer, progress, window)
-  checkpoints.save(state, _checkpoint_meta(run), wait=True)
+    _after_step(run, *pending, writer, progress, window, saver)
+  saver.save(state, wait=True)
   _write_results(run, total, final, answered)
   return Result(final, state)
 
@@ -172,11 +199,11 @@ def _write_results(run: run_lib.Run, step: int, final: dict, answered: dict) -> 
       atomic.write_text(run.workdir / NULL_ODDS_FILE.replace(".json", f"{suffix}.json"), json.dumps(found["null_odds"]))
 
 
-def _after_step(run: run_lib.Run, step: int, step_metrics, writer, progress, window: _Window) -> None:
+def _after_step(run: run_lib.Run, step: int, step_metrics, writer, progress, window: _Window, saver: _Saver) -> None:
   consecutive, tokens, examples = jax.device_get(
     (step_metrics["nonfinite_consecutive"], step_metrics["tokens"], step_metrics["examples"])
   )
-  optim.check_nonfinite(int(consecutive), run.config.optim.max_nonfinite, step + 1)
+  optim.check_nonfinite(int(consecutive), run.config.optim.max_nonfinite, step + 1, saver.newest())
   window.tokens += float(tokens)
   window.examples += float(examples)
   window.steps += 1
