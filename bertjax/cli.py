@@ -105,11 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
 
-  p = sub.add_parser("finetune", help="fine-tune a pretrained checkpoint on classification or QA")
+  p = sub.add_parser(
+    "finetune", help="fine-tune a pretrained run on classification, regression or extractive QA (resumes)"
+  )
   p.add_argument("--task", required=True, choices=("classification", "qa"))
   _add_config(p)
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--init", required=True, help="pretrained workdir or export to start from")
+  p.add_argument("--workdir", required=True, help="the fine-tuning run's folder (local path or gs://...)")
+  p.add_argument("--init", required=True, help="the pretraining or import-hf workdir whose parameters it starts from")
+  _add_distributed(p)
+
+  p = sub.add_parser("glue", help="fine-tune every GLUE task with several seeds; a results table like the paper's")
+  p.add_argument("--init", required=True, help="the pretraining or import-hf workdir to fine-tune")
+  p.add_argument("--data", required=True, metavar="GLUE_DIR", help="the GLUE folder (SST-2/, MRPC/, ...)")
+  p.add_argument("--workdir", required=True, help="one run per task and seed goes into WORKDIR/TASK/seed-S")
+  p.add_argument("--tasks", default="", metavar="T1,T2", help="e.g. sst2,mrpc (default: all nine)")
+  p.add_argument("--seeds", type=int, default=3, metavar="N", help="runs per task, seeds 0..N-1 (default 3)")
+  _add_config(p, required=False)  # default: configs/finetune/glue.py
   _add_distributed(p)
   return parser
 
@@ -248,6 +259,12 @@ def _eval(args, overrides) -> int:
   from bertjax.train import run
 
   config = _run_config(args, overrides)
+  if config.finetune.task:  # a fine-tuning run: its task's dev metrics
+    from bertjax.finetune import loop as finetune_loop
+
+    _prepare_devices(args, config)
+    print(json.dumps(finetune_loop.evaluate_checkpoint(config, args.workdir, step=args.step)), flush=True)
+    return 0
   data = run.prepare_data(config, args.workdir)
   _prepare_devices(args, config)
   print(json.dumps(run.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
@@ -299,23 +316,56 @@ def _plot(args, overrides) -> int:
   return 0
 
 
-# Commands the parser knows but this version does not implement: they say so and exit 2.
-_UNAVAILABLE = {
-  "finetune": "fine-tuning is not part of this version of bertjax",
-}
+def _finetune(args, overrides) -> int:
+  from bertjax.finetune import loop
+  from bertjax.finetune import run as finetune_run
+
+  config = finetune_run.load_config(args.config, overrides, task=args.task, init=args.init)
+  data = finetune_run.prepare(config)  # read and tokenised first: bad data stops before any write
+  _prepare_devices(args, config, preemption=True)
+  import jax
+
+  result = loop.finetune(config, args.workdir, data)
+  if jax.process_index() == 0:
+    if result.stopped_by:
+      print(
+        f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
+        f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume",
+        flush=True,
+      )
+    else:
+      scores = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+      print(f"{data.spec.name} dev: {scores}", flush=True)
+      print(f"run folder {args.workdir}: {loop.RESULTS_FILE}, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
+  return 0
 
 
-def _unavailable(name: str) -> Callable:
-  def run(args, overrides) -> int:
-    if getattr(args, "config", None):
-      _loaded_config(args, overrides)  # a bad config is still reported as such
-    raise BertjaxError(f"{name}: {_UNAVAILABLE[name]}")
+def _glue(args, overrides) -> int:
+  from bertjax.config import loading
+  from bertjax.finetune import glue
+  from bertjax.finetune import run as finetune_run
 
-  return run
+  spec = args.config or str(loading.PACKAGED_CONFIGS / "finetune" / "glue.py")
+  names = glue.parse_tasks(args.tasks)
+  first = [*overrides, f"finetune.glue_task={names[0]}", f"finetune.data={args.data}"]
+  _prepare_devices(args, finetune_run.load_config(spec, first, task="classification", init=args.init), preemption=True)
+  import jax
+
+  summary = glue.run_suite(
+    spec, overrides, init=args.init, data=args.data, workdir=args.workdir, task_names=names, seeds=args.seeds
+  )
+  if jax.process_index() == 0:
+    if summary is None:
+      print(f"stopped by a signal: the runs so far are saved in {args.workdir}; run the same command to resume")
+    else:
+      print(glue.format_table(summary, args.seeds), end="", flush=True)
+      print(f"wrote {args.workdir}/{glue.RESULTS_JSON} and {args.workdir}/{glue.RESULTS_MD}")
+  return 0
 
 
 COMMANDS: dict[str, Callable] = {
-  **{name: _unavailable(name) for name in _UNAVAILABLE},
+  "finetune": _finetune,
+  "glue": _glue,
   "train": _train,
   "export": _export,
   "import-hf": _import_hf,

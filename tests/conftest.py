@@ -18,4 +18,4 @@ for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"
   os.environ.setdefault(_offline, "1")
 
 # Fixtures shared across test folders live in these modules, never in another test file.
-pytest_plugins = ["tests.support.micro", "tests.support.corpora", "tests.support.runs"]
+pytest_plugins = ["tests.support.micro", "tests.support.corpora", "tests.support.runs", "tests.support.finetune"]

@@ -19,6 +19,7 @@ COMMANDS = [
   "bench",
   "plot",
   "finetune",
+  "glue",
 ]
 
 
@@ -32,7 +33,7 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_help_lists_every_command():
   out = run_cli("--help")
   assert out.returncode == 0
-  for name in ("train", "eval", "export", "import-hf", "tokenizer", "data", "bench", "plot", "finetune"):
+  for name in ("train", "eval", "export", "import-hf", "tokenizer", "data", "bench", "plot", "finetune", "glue"):
     assert f"    {name}" in out.stdout
 
 
@@ -89,12 +90,104 @@ def test_a_user_error_through_the_real_entry_point_has_no_traceback():
   assert out.stdout == ""
 
 
+# -- fine-tuning: bad input is one line naming the file and the fix, and nothing is written ----------
+@pytest.fixture(scope="module")
+def init_run(micro_tokenizer, tmp_path_factory):
+  """A folder that passes for a pretraining run up to its checkpoints: bad data stops before them."""
+  from bertjax.config import loading
+  from tests.support.micro import micro_run_config
+
+  root = tmp_path_factory.mktemp("init")
+  loading.write_config(micro_run_config(), root)
+  micro_tokenizer.save(root / "tokenizer")
+  return root
+
+
+def _finetune_argv(init_run, workdir, *overrides, task="classification", config="configs/finetune/classification.py"):
+  argv = ["finetune", "--task", task, "--config", config, "--init", str(init_run), "--workdir", str(workdir)]
+  return argv + [f"--config.{o}" for o in ("finetune.max_seq_len=32", *overrides)]
+
+
+def _jsonl(path, rows):
+  import json
+
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def _assert_one_line(capsys, *parts):
+  err = capsys.readouterr().err
+  assert err.startswith("bertjax: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+  for part in parts:
+    assert part in err, err
+
+
 @pytest.mark.parametrize(
-  "argv",
+  "train, dev, parts",
   [
-    ["finetune", "--task", "qa", "--config", "configs/tiny.py", "--workdir", "w", "--init", "i"],
+    ([{"text": "a", "label": "no"}, {"text": "b", "label": "perhaps"}], None, ["train.jsonl line 2", "'perhaps'"]),
+    ([{"sentence": "a", "label": "no"}], None, ["train.jsonl has no column 'text'", "set finetune.text_column"]),
+    ([{"text": "a", "label": "no"}], [], ["dev.jsonl holds no examples"]),
   ],
 )
-def test_commands_this_version_lacks_say_so(argv, capsys):
+def test_bad_fine_tuning_data_exits_2_with_one_line_and_writes_nothing(init_run, tmp_path, capsys, train, dev, parts):
+  _jsonl(tmp_path / "train.jsonl", train)
+  _jsonl(tmp_path / "dev.jsonl", train[:1] if dev is None else dev)
+  files = [f"finetune.train_file={tmp_path}/train.jsonl", f"finetune.dev_file={tmp_path}/dev.jsonl"]
+  assert cli.main(_finetune_argv(init_run, tmp_path / "run", *files, "finetune.labels=no,yes")) == 2
+  _assert_one_line(capsys, *parts)
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_glue_folder_without_the_task_exits_2(init_run, tmp_path, capsys):
+  (tmp_path / "glue" / "SST-2").mkdir(parents=True)
+  argv = _finetune_argv(init_run, tmp_path / "run", "finetune.glue_task=rte", f"finetune.data={tmp_path}/glue")
   assert cli.main(argv) == 2
-  assert "not part of this version" in capsys.readouterr().err
+  _assert_one_line(capsys, f"GLUE folder {tmp_path}/glue holds no RTE/ (task rte)")
+  assert not (tmp_path / "run").exists()
+
+
+def test_squad_answers_outside_their_contexts_exit_2_when_none_is_left(init_run, tmp_path, capsys):
+  import json
+
+  squad = {
+    "data": [
+      {
+        "paragraphs": [
+          {"context": "a b c", "qas": [{"id": "1", "question": "q", "answers": [{"text": "z", "answer_start": 0}]}]}
+        ]
+      }
+    ]
+  }
+  for split in ("train", "dev"):
+    (tmp_path / f"{split}.json").write_text(json.dumps(squad))
+  files = [f"finetune.train_file={tmp_path}/train.json", f"finetune.dev_file={tmp_path}/dev.json"]
+  argv = _finetune_argv(
+    init_run,
+    tmp_path / "run",
+    *files,
+    "finetune.max_query_len=8",
+    "finetune.doc_stride=8",
+    task="qa",
+    config="configs/finetune/squad.py",
+  )
+  assert cli.main(argv) == 2
+  _assert_one_line(capsys, f"{tmp_path}/train.json: no question's answer is in its context")
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["finetune", "--task", "qa", "--config", "configs/finetune/squad.py", "--workdir", "w"], "--init"),
+    (
+      ["finetune", "--task", "qa", "--config", "configs/finetune/squad.py", "--workdir", "w", "--init", "no-such-run"],
+      "no-such-run: holds no config.json and tokenizer/",
+    ),
+    (["glue", "--init", "i", "--data", "d", "--workdir", "w", "--tasks", "sst2,nope"], "'nope' is not a GLUE task"),
+    (["finetune", "--task", "ner", "--config", "x", "--workdir", "w", "--init", "i"], "invalid choice: 'ner'"),
+  ],
+)
+def test_fine_tuning_command_lines_that_cannot_run(argv, message, capsys):
+  assert cli.main(argv) == 2
+  _assert_one_line(capsys, message)

@@ -29,6 +29,7 @@ ALLOWED = {
     "bertjax.model.config",
     "bertjax.parallel.layout",
     "bertjax.data.corpus",
+    "bertjax.finetune.tasks",  # the GLUE task table (a leaf: no JAX), which the finetune checks read
   ),
   "bertjax.parallel": ("bertjax.errors",),
   "bertjax.model": ("bertjax.errors", "bertjax.parallel.rules"),
@@ -42,6 +43,18 @@ ALLOWED = {
     "bertjax.parallel",
     "bertjax.metrics",
   ),
+  # Fine-tuning is built on pretraining: its model, steps, checkpoints, metrics and loop parts.
+  "bertjax.finetune": (
+    "bertjax.errors",
+    "bertjax.atomic",
+    "bertjax.config",
+    "bertjax.data",
+    "bertjax.model",
+    "bertjax.parallel",
+    "bertjax.metrics",
+    "bertjax.train",
+  ),
+  # Exports of fine-tuned models read their task (classes, head) from bertjax.finetune.
   "bertjax.hf": (
     "bertjax.errors",
     "bertjax.atomic",
@@ -49,6 +62,7 @@ ALLOWED = {
     "bertjax.data",
     "bertjax.model",
     "bertjax.train",
+    "bertjax.finetune",
   ),
   "bertjax.perf": (
     "bertjax.errors",

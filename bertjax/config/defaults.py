@@ -123,5 +123,39 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.metrics = config_dict.ConfigDict()
   c.metrics.peak_tflops = 0.0  # 0: the chip's datasheet dense bf16 peak (bertjax.metrics.flops)
 
+  # Fine-tuning (`bertjax finetune`, `bertjax glue`; docs/finetuning.md). The model's sizes come
+  # from the --init run; train.batch_size, train.seed, train.log_every, optim.* (but
+  # optim.warmup_steps, which warmup_fraction replaces), mesh.* and checkpoint.* apply as in
+  # pretraining; train.steps does not (finetune.epochs does).
+  c.finetune = config_dict.ConfigDict()
+  c.finetune.task = ""  # classification | qa (`--task` sets it); empty: not a fine-tuning run
+  c.finetune.init = ""  # the pretraining or import-hf workdir whose parameters start the run (`--init`)
+  # Where the data is: a GLUE folder (with glue_task), or hf:NAME[:CONFIG] (online only); empty:
+  # train_file and dev_file.
+  c.finetune.data = ""
+  c.finetune.glue_task = ""  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; empty: custom data
+  c.finetune.train_file = ""  # .jsonl / .csv / .tsv (classification) or a SQuAD .json (qa)
+  c.finetune.dev_file = ""
+  c.finetune.train_split = "train"  # the splits of an hf: dataset; dev_split may list several, a,b
+  c.finetune.dev_split = "validation"
+  # Columns of custom classification data; a file without text_pair_column holds single sentences.
+  c.finetune.text_column = "text"
+  c.finetune.text_pair_column = "text_pair"
+  c.finetune.label_column = "label"
+  c.finetune.labels = ""  # custom classes as the label column writes them, "neg,pos"; empty: a GLUE task's
+  c.finetune.regression = False  # custom data: a real-valued label, mean-squared error
+  c.finetune.metrics = ""  # custom data: accuracy,f1,matthews,pearson,spearman; empty: accuracy or pearson,spearman
+  c.finetune.epochs = 3  # BERT: 3 for GLUE, 2 for SQuAD
+  c.finetune.warmup_fraction = 0.1  # of all fine-tuning steps, warming the learning rate up linearly
+  c.finetune.head_dropout = 0.1  # on the pooled output, before the classifier (BERT's)
+  c.finetune.max_seq_len = 128  # every sequence is padded or truncated (longest first) to this
+  # Extractive QA (SQuAD): question + context windows and span decoding, as google-research/bert.
+  c.finetune.squad_v2 = False  # unanswerable questions exist (SQuAD 2.0)
+  c.finetune.doc_stride = 128  # tokens between the starts of consecutive context windows
+  c.finetune.max_query_len = 64  # questions are truncated to this many tokens
+  c.finetune.n_best = 20  # start and end candidates considered per window
+  c.finetune.max_answer_len = 30  # tokens
+  c.finetune.null_score_threshold = 0.0  # SQuAD 2.0: predict no answer when null - best span > this
+
   c.lock()
   return c

@@ -13,6 +13,7 @@ from ml_collections import config_dict
 
 from bertjax.data import corpus
 from bertjax.errors import BertjaxError
+from bertjax.finetune import tasks
 from bertjax.model import config as model_config
 from bertjax.parallel import layout
 
@@ -33,6 +34,8 @@ def validate(config: config_dict.ConfigDict) -> None:
       "checkpoint.keep_period", f"{config.checkpoint.keep_period} is negative", "set it to 0 (off) or a step interval"
     )
   layout.check_mesh_config(config.mesh)
+  if config.finetune.task:
+    _check_finetune(config)
 
 
 def validate_for_devices(config: config_dict.ConfigDict, device_count: int) -> tuple[int, int, int]:
@@ -172,6 +175,91 @@ def _check_optim(config) -> None:
       _fail(key, f"{_get(config, key)} is negative", f"set --config.{key} to 0 or more")
   _fraction(config, "optim.b1")
   _fraction(config, "optim.b2")
+
+
+def _check_finetune(config) -> None:
+  f = config.finetune
+  _choice(config, "finetune.task", tasks.KINDS)
+  if not f.init:
+    _fail("finetune.init", "'' names no pretrained run", "pass --init DIR (a pretraining or import-hf workdir)")
+  _positive(config, "finetune.epochs", "finetune.max_seq_len")
+  _fraction(config, "finetune.warmup_fraction")
+  _fraction(config, "finetune.head_dropout")
+  if f.max_seq_len > config.model.max_position_embeddings:
+    _fail(
+      "finetune.max_seq_len",
+      f"{f.max_seq_len} exceeds model.max_position_embeddings={config.model.max_position_embeddings}",
+      "lower finetune.max_seq_len (BERT: 128 for GLUE, 384 for SQuAD)",
+    )
+  if f.data and not f.data.startswith("hf:") and not (f.task == "classification" and f.glue_task):
+    _fail(
+      "finetune.data",
+      f"{f.data!r} is neither hf:NAME[:CONFIG] nor, with finetune.glue_task, a GLUE folder",
+      "set finetune.glue_task for a GLUE folder, or leave finetune.data empty and set finetune.train_file/dev_file",
+    )
+  if not f.data and not (f.train_file and f.dev_file):
+    _fail(
+      "finetune.train_file" if not f.train_file else "finetune.dev_file",
+      "'' leaves the run without data",
+      "set finetune.train_file and finetune.dev_file, or finetune.data (a GLUE folder or hf:NAME)",
+    )
+  if f.data.startswith("hf:") and not (tasks.split_list(f.train_split) and tasks.split_list(f.dev_split)):
+    _fail("finetune.dev_split", "names no split", "name the hf: dataset's splits, e.g. train and validation")
+  if f.task == "qa":
+    _check_qa(config)
+  else:
+    _check_classification(config)
+
+
+def _check_classification(config) -> None:
+  f = config.finetune
+  if f.glue_task:
+    if f.glue_task not in tasks.GLUE:
+      _fail("finetune.glue_task", f"{f.glue_task!r} is not a GLUE task", f"choose one of {', '.join(tasks.GLUE)}")
+    if not f.data:
+      _fail(
+        "finetune.data", "'' names no GLUE data", "set it to the GLUE folder (holding SST-2/, MRPC/, ...) or hf:NAME"
+      )
+    return
+  if not f.text_column or not f.label_column:
+    _fail("finetune.text_column" if not f.text_column else "finetune.label_column", "'' names no column", "name one")
+  labels = tasks.split_list(f.labels)
+  if f.regression and labels:
+    _fail("finetune.labels", f"{f.labels!r} declares classes for a regression", "leave it empty or regression=false")
+  if not f.regression and len(labels) < 2 and not (f.data.startswith("hf:") and not labels):
+    _fail(
+      "finetune.labels",
+      f"{f.labels!r} declares {len(labels)} class(es)",
+      "list the classes as the label column writes them, e.g. --config.finetune.labels=neg,pos "
+      "(an hf: dataset's ClassLabel names them itself), or set finetune.regression=true",
+    )
+  if len(set(labels)) != len(labels):
+    _fail("finetune.labels", f"{f.labels!r} lists a class twice", "list each class once")
+  allowed = tasks.REGRESSION_METRICS if f.regression else tasks.CLASSIFICATION_METRICS
+  for metric in tasks.split_list(f.metrics):
+    if metric not in allowed:
+      _fail("finetune.metrics", f"{metric!r} does not apply here", f"choose among {', '.join(allowed)}")
+  if "f1" in tasks.split_list(f.metrics) and labels and len(labels) != 2:
+    _fail("finetune.metrics", "f1 needs exactly two classes (it is the F1 of the second)", "drop f1")
+
+
+def _check_qa(config) -> None:
+  f = config.finetune
+  if f.glue_task:
+    _fail("finetune.glue_task", f"{f.glue_task!r} is a classification task", "run it with --task classification")
+  _positive(config, "finetune.doc_stride", "finetune.max_query_len", "finetune.n_best", "finetune.max_answer_len")
+  if f.max_query_len + 4 > f.max_seq_len:  # [CLS] question [SEP] >= 1 context token [SEP]
+    _fail(
+      "finetune.max_query_len",
+      f"{f.max_query_len} leaves no context in finetune.max_seq_len={f.max_seq_len}",
+      "lower it (BERT: 64 of 384)",
+    )
+  if f.doc_stride > f.max_seq_len - f.max_query_len - 3:
+    _fail(
+      "finetune.doc_stride",
+      f"{f.doc_stride} is longer than a context window, so windows would skip context",
+      "lower it (BERT: 128 with max_seq_len 384 and max_query_len 64)",
+    )
 
 
 def _fail(key: str, problem: str, fix: str):

@@ -94,6 +94,48 @@ class Tokenizer:
       texts = [t.lower() for t in texts]
     return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
 
+  def encode_with_offsets(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Token ids of each text, as `encode_batch` gives them, with each token's (start, end)
+    character span in the original text, leading whitespace excluded (extractive QA maps a
+    predicted span of tokens back to the characters of its context with them).
+
+    A token that covers no character (a lone word-start marker) gets the empty span at the
+    position of the next character.
+    """
+    if self.kind == "sentencepiece":
+      return [self._spm_offsets(text) for text in texts]
+    lowered = [self._lowered_with_map(t) for t in texts] if self._lowercase else [(t, None) for t in texts]
+    encodings = self._tk.encode_batch([t for t, _ in lowered], add_special_tokens=False)
+    out = []
+    for text, (_, to_original), e in zip(texts, lowered, encodings):
+      spans = [(s, t) if to_original is None else (int(to_original[s]), int(to_original[t])) for s, t in e.offsets]
+      out.append((list(e.ids), [_strip_leading_space(text, s, t) for s, t in spans]))
+    return out
+
+  def _spm_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    try:
+      proto = self._sp.encode(text, return_type="proto")
+    except TypeError:  # sentencepiece before 0.2.1 names it out_type
+      proto = self._sp.encode(text, out_type="immutable_proto")
+    # sentencepiece reports UTF-8 byte offsets into the original (unnormalised) text.
+    char_at_byte = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
+    position = 0
+    for i, ch in enumerate(text):
+      width = len(ch.encode("utf-8"))
+      char_at_byte[position : position + width] = i
+      position += width
+    char_at_byte[position] = len(text)
+    ids = [p.id for p in proto.pieces]
+    spans = [_strip_leading_space(text, int(char_at_byte[p.begin]), int(char_at_byte[p.end])) for p in proto.pieces]
+    return ids, spans
+
+  @staticmethod
+  def _lowered_with_map(text: str) -> tuple[str, np.ndarray]:
+    # str.lower() may lengthen a character ('İ' -> 'i̇'): keep where each lowered one came from.
+    pieces = [ch.lower() for ch in text]
+    to_original = np.repeat(np.arange(len(text)), [len(p) for p in pieces]) if pieces else np.zeros(0, np.int64)
+    return "".join(pieces), np.append(to_original, len(text))
+
   def decode(self, ids) -> str:
     ids = [int(i) for i in ids]
     if self.kind == "sentencepiece":
@@ -312,3 +354,10 @@ def tokenizer_for_run(config, workdir) -> Tokenizer:
       train_tokenizer(config, staging)
   log.info("the run's tokenizer is in %s", target)
   return load_tokenizer(target)
+
+
+def _strip_leading_space(text: str, start: int, end: int) -> tuple[int, int]:
+  """(start, end) without the whitespace a word-start piece carries in front of it."""
+  while start < end and text[start].isspace():
+    start += 1
+  return start, end

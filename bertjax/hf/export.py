@@ -1,7 +1,10 @@
 """`bertjax export`: a run's parameters as a transformers folder, or under bertjax's own names.
 
-    export_hf(workdir, out, step)       a transformers BertForPreTraining folder: config.json,
-                                        model.safetensors (float32, padding rows stripped), tokenizer
+    export_hf(workdir, out, step)       a transformers folder: config.json, model.safetensors
+                                        (float32, padding rows stripped), tokenizer; a
+                                        BertForPreTraining, or for a fine-tuning run a
+                                        BertForSequenceClassification (with its classes) or
+                                        BertForQuestionAnswering
     export_params(workdir, out, step)   bertjax's own flat names in params.safetensors + config.json
     read_run(workdir, step)             a run's parameters with the configs and tokenizer that
                                         describe them (also what `load.from_pretrained` reads)
@@ -24,6 +27,7 @@ from bertjax import atomic
 from bertjax.config import loading as config_loading
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
+from bertjax.finetune import tasks
 from bertjax.hf import names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.model.config import BertConfig, resolve_config
@@ -93,13 +97,26 @@ def default_out(workdir, fmt: str) -> epath.Path:
   return epath.Path(workdir) / "export" / fmt
 
 
+def _hf_model(run: RunSnapshot) -> tuple[dict, dict[str, np.ndarray]]:
+  """(config.json, tensors) of the run's model in transformers' terms: the pretraining model, or
+  a fine-tuning run's head (its task from the run's config)."""
+  cfg, pad_id = run.model_config, run.tokenizer.pad_id
+  if not run.config.finetune.task:
+    return names.hf_config_from_bert(cfg, pad_token_id=pad_id), names.to_hf_state_dict(run.params, cfg)
+  spec = tasks.resolve(run.config)
+  head_dropout = run.config.finetune.head_dropout
+  hf_config = names.hf_finetune_config(cfg, spec.kind, spec.labels, spec.regression, head_dropout, pad_token_id=pad_id)
+  return hf_config, names.to_hf_finetune_state_dict(run.params, cfg, spec.kind)
+
+
 def export_hf(workdir, out=None, step: int | None = None) -> epath.Path:
-  """Write the run's parameters at `step` as a transformers BertForPreTraining folder."""
+  """Write the run's parameters at `step` as a transformers folder (BertForPreTraining, or a
+  fine-tuning run's BertForSequenceClassification / BertForQuestionAnswering)."""
   run = read_run(workdir, step)
   out = epath.Path(out) if out else default_out(workdir, "hf")
   cfg = run.model_config
-  hf_config = {**names.hf_config_from_bert(cfg, pad_token_id=run.tokenizer.pad_id), "dtype": "float32"}
-  tensors = names.to_hf_state_dict(run.params, cfg)  # float32, padding rows stripped
+  hf_config, tensors = _hf_model(run)  # float32, padding rows stripped
+  hf_config["dtype"] = "float32"
 
   _check_out(out)
   with atomic.staged_folder(out, replace=True) as folder:

@@ -1,6 +1,7 @@
 """Loading a BERT into Python: from a transformers folder, a bertjax export, or a bertjax run.
 
 from_pretrained(folder)          -> (model, tokenizer) from any of the three
+load_finetuned(workdir)          -> (model, tokenizer, task) of a fine-tuning run
 model_from_hf_folder(folder)     -> (model, parameters the checkpoint lacked)
 load_params_export(folder)       -> (params, BertConfig) of `bertjax export --format params`
 params_of(model), load_params_into(model, params)   an NNX model <-> a parameter pure dict
@@ -18,6 +19,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
+from bertjax.finetune import heads, tasks
 from bertjax.hf import folders, names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.hf.export import PARAMS_FILE, PARAMS_FORMAT, read_run
@@ -104,6 +106,8 @@ def from_pretrained(
     return model, tokenizer
   elif (directory / checkpoint.CHECKPOINT_DIR).exists():
     run = read_run(directory, step)
+    if run.config.finetune.task:
+      raise BertjaxError(f"{directory} is a fine-tuning run: load it with bertjax.hf.load.load_finetuned")
     params, cfg, tokenizer = run.params, run.model_config, run.tokenizer
   else:
     raise BertjaxError(
@@ -113,3 +117,18 @@ def from_pretrained(
   model = init_model(dataclasses.replace(cfg, dtype=dtype, attention_impl="xla"))
   load_params_into(model, params)
   return model, tokenizer
+
+
+def load_finetuned(
+  workdir, *, dtype: str = "float32", step: int | None = None
+) -> tuple[nnx.Module, tokenizer_lib.Tokenizer, tasks.TaskSpec]:
+  """(model, tokenizer, task) of a fine-tuning run's checkpoint (default: the newest good one):
+  a bertjax.finetune.heads.SequenceClassifier or SpanPredictor computing in `dtype`."""
+  run = read_run(workdir, step)
+  if not run.config.finetune.task:
+    raise BertjaxError(f"{workdir} is not a fine-tuning run: load it with bertjax.hf.load.from_pretrained")
+  spec = tasks.resolve(run.config)
+  cfg = dataclasses.replace(run.model_config, dtype=dtype, attention_impl="xla")
+  model = heads.init(cfg, spec, run.config.finetune.head_dropout)
+  load_params_into(model, run.params)
+  return model, run.tokenizer, spec

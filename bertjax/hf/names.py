@@ -92,15 +92,49 @@ def name_map(cfg: BertConfig) -> list[tuple[str, str, tuple, str]]:
   ]
 
 
+# Fine-tuned models (bertjax.finetune.heads) keep BertForPreTraining's embeddings, encoder and
+# (classification) pooler under the same paths, and add one output layer. transformers'
+# BertForQuestionAnswering has no pooler.
+_FINETUNE_BODY = {"classification": ("embeddings", "encoder", "pooler"), "qa": ("embeddings", "encoder")}
+_FINETUNE_HEADS = {
+  "classification": [
+    ("classifier.weight", "classifier/kernel", (), "kernel"),
+    ("classifier.bias", "classifier/bias", (), "same"),
+  ],
+  "qa": [
+    ("qa_outputs.weight", "qa_outputs/kernel", (), "kernel"),
+    ("qa_outputs.bias", "qa_outputs/bias", (), "same"),
+  ],
+}
+FINETUNE_ARCHITECTURES = {"classification": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
+
+
+def finetune_name_map(cfg: BertConfig, kind: str) -> list[tuple[str, str, tuple, str]]:
+  """name_map's rows for a fine-tuned model of `kind` (classification | qa): transformers'
+  BertForSequenceClassification or BertForQuestionAnswering."""
+  body = [row for row in name_map(cfg) if row[1].split("/")[0] in _FINETUNE_BODY[kind]]
+  return body + _FINETUNE_HEADS[kind]
+
+
+def _tensors(params: dict, rows) -> dict[str, np.ndarray]:
+  flat = {path: np.asarray(value, np.float32) for path, value in flatten_dict(params, sep="/").items()}
+  if uncovered := set(flat) - {path for _, path, _, _ in rows}:
+    raise RuntimeError(f"bertjax.hf.names has no transformers name for {sorted(uncovered)}")
+  # Copies: the tensors own their memory, so they neither alias nor pin the parameters.
+  return {name: np.array(_to_hf(kind, flat[path][index]), np.float32, order="C") for name, path, index, kind in rows}
+
+
 def to_hf_state_dict(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
   """bertjax parameters -> transformers `BertForPreTraining` tensors (float32, contiguous).
 
   The decoder weight is left out: transformers ties it to the word embeddings on load."""
-  flat = {path: np.asarray(value, np.float32) for path, value in flatten_dict(params, sep="/").items()}
-  # Copies: the tensors own their memory, so they neither alias nor pin the parameters.
-  return {
-    name: np.array(_to_hf(kind, flat[path][index]), np.float32, order="C") for name, path, index, kind in name_map(cfg)
-  }
+  return _tensors(params, name_map(cfg))
+
+
+def to_hf_finetune_state_dict(params: dict, cfg: BertConfig, kind: str) -> dict[str, np.ndarray]:
+  """A fine-tuned model's parameters -> transformers BertForSequenceClassification (kind
+  classification) or BertForQuestionAnswering (qa) tensors."""
+  return _tensors(params, finetune_name_map(cfg, kind))
 
 
 # Buffers that older transformers versions saved with the weights; they are not parameters.
@@ -236,6 +270,28 @@ def bert_config_from_hf(hf_config: Mapping) -> BertConfig:
     layer_norm_eps=float(hf_config.get("layer_norm_eps", 1e-12)),
     initializer_range=float(hf_config.get("initializer_range", 0.02)),
   )
+
+
+def hf_finetune_config(
+  cfg: BertConfig,
+  kind: str,
+  labels: tuple[str, ...],
+  regression: bool,
+  classifier_dropout: float,
+  pad_token_id: int = 0,
+) -> dict:
+  """A transformers config.json dict for a fine-tuned model: the head's architecture; for
+  classification its classes (id2label, label2id) and problem_type (regression: one output)."""
+  config = {**hf_config_from_bert(cfg, pad_token_id), "architectures": [FINETUNE_ARCHITECTURES[kind]]}
+  if kind == "classification":
+    names = ["LABEL_0"] if regression else list(labels)
+    config.update(
+      id2label={str(i): name for i, name in enumerate(names)},
+      label2id={name: i for i, name in enumerate(names)},
+      problem_type="regression" if regression else "single_label_classification",
+      classifier_dropout=classifier_dropout,
+    )
+  return config
 
 
 def hf_config_from_bert(cfg: BertConfig, pad_token_id: int = 0) -> dict:

@@ -1,0 +1,1 @@
+"""Fine-tuning: GLUE-style classification and regression, SQuAD extractive QA, the GLUE suite."""

@@ -1,0 +1,110 @@
+"""BERT with a fine-tuning head, in Flax NNX: sequence classification (or regression) and extractive QA.
+
+    SequenceClassifier   a dense layer on the pooled [CLS] output, after dropout (0.1): one logit
+                         per class, or one value for a regression
+    SpanPredictor        a dense layer on every final hidden state: start and end logits
+
+Both hold BertForPreTraining's embeddings, encoder and (the classifier) pooler under the same
+names, and compute them with its own `encode`, so a pretraining checkpoint's parameters load by
+path, and transformers' BertForSequenceClassification / BertForQuestionAnswering (which has no
+pooler) take them through the one name map (bertjax.hf.names). The MLM and NSP heads are not
+part of a fine-tuned model. Parameters carry logical axis names from bertjax.parallel.rules.RULES
+(`classes` for the outputs); dropout draws from a key passed at call time, never module state.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bertjax.finetune.tasks import TaskSpec
+from bertjax.model.bert import BertForPreTraining
+from bertjax.model.config import BertConfig
+from bertjax.model.layers import Embeddings, Encoder, Pooler
+from bertjax.parallel.rules import constrain
+
+# The parts of BertForPreTraining a fine-tuned model keeps, by parameter path.
+BODY = ("embeddings", "encoder", "pooler")
+
+
+def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+  # Placement comes from a jitted init with out-shardings derived from the names (as the model's).
+  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class OutputLayer(nnx.Module):
+  """A dense layer from the hidden size to the task's outputs, computed in float32."""
+
+  def __init__(self, cfg: BertConfig, outputs: int, input_axis: str, *, rngs: nnx.Rngs):
+    init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
+    self.kernel = _param(init(rngs.params(), (cfg.hidden_size, outputs)), (input_axis, "classes"))
+    self.bias = _param(jnp.zeros((outputs,), jnp.float32), ("classes",))
+
+  def __call__(self, x):
+    return jnp.einsum("...e,ec->...c", x.astype(jnp.float32), self.kernel[...]) + self.bias[...]
+
+
+class SequenceClassifier(nnx.Module):
+  """[B, L] tokens -> [B, C] logits (C classes, or 1 for a regression), float32."""
+
+  # BertForPreTraining's forward to the final hidden states, on the same parameters.
+  encode = BertForPreTraining.encode
+
+  def __init__(self, cfg: BertConfig, num_outputs: int, head_dropout: float, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.pooler = Pooler(cfg, rngs=rngs)
+    # The pooled output is on the `embed_out` side of the pooler's square kernel.
+    self.classifier = OutputLayer(cfg, num_outputs, "embed_out", rngs=rngs)
+    self.rate = head_dropout
+
+  def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    encode_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    h = self.encode(input_ids, segment_ids, attention_mask, dropout_key=encode_key)
+    pooled = self.pooler(h[:, 0]).astype(jnp.float32)
+    if head_key is not None and self.rate > 0:
+      keep = jax.random.bernoulli(head_key, 1.0 - self.rate, pooled.shape)
+      pooled = jnp.where(keep, pooled / (1.0 - self.rate), 0.0)
+    return self.classifier(pooled)
+
+
+class SpanPredictor(nnx.Module):
+  """[B, L] tokens -> ([B, L] start logits, [B, L] end logits), float32."""
+
+  encode = BertForPreTraining.encode
+
+  def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.qa_outputs = OutputLayer(cfg, 2, "embed", rngs=rngs)
+
+  def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    h = self.encode(input_ids, segment_ids, attention_mask, dropout_key=dropout_key)
+    logits_BxLx2 = constrain(self.qa_outputs(h), ("act_batch", "act_length", None))
+    return logits_BxLx2[..., 0], logits_BxLx2[..., 1]
+
+
+def build(cfg: BertConfig, spec: TaskSpec, head_dropout: float, rngs: nnx.Rngs) -> nnx.Module:
+  """The fine-tuning model of a task."""
+  if spec.kind == "qa":
+    return SpanPredictor(cfg, rngs=rngs)
+  return SequenceClassifier(cfg, spec.num_outputs, head_dropout, rngs=rngs)
+
+
+def abstract(cfg: BertConfig, spec: TaskSpec, head_dropout: float) -> nnx.Module:
+  """Shapes, dtypes and logical axes of the task's model, allocating nothing."""
+  return nnx.eval_shape(lambda: build(cfg, spec, head_dropout, nnx.Rngs(params=0)))
+
+
+@functools.cache
+def _jitted_init(cfg: BertConfig, spec: TaskSpec, head_dropout: float):
+  return jax.jit(lambda seed: nnx.split(build(cfg, spec, head_dropout, nnx.Rngs(params=jax.random.key(seed))))[1])
+
+
+def init(cfg: BertConfig, spec: TaskSpec, head_dropout: float = 0.1, seed: int = 0) -> nnx.Module:
+  """A freshly initialised fine-tuning model (one compiled initializer per config)."""
+  graphdef, _ = nnx.split(abstract(cfg, spec, head_dropout))
+  return nnx.merge(graphdef, _jitted_init(cfg, spec, head_dropout)(seed))

@@ -1,0 +1,246 @@
+"""A fine-tuning run, assembled: its config, data, mesh and compiled steps; its start; its evaluation.
+
+    load_config(spec, overrides, task, init)   a fine-tuning config on the --init run's model
+    prepare(config)                            the task's data read and tokenised: before anything
+                                               is written and before JAX touches a device
+    setup(config, workdir, data)               mesh, compiled steps, this process's rows
+    write_run_files(run)                       WORKDIR/config.json and tokenizer/
+    warm_start(run, init)                      step 0: the --init run's encoder, a fresh head
+    evaluate(run, params)                      dev metrics (and QA answers)
+
+`config` is validated (load_config); nothing here checks it again, except what needs the devices.
+"""
+
+import copy
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from bertjax.config import loading as config_loading
+from bertjax.config import validation
+from bertjax.data import tokenizer as tokenizer_lib
+from bertjax.errors import BertjaxError
+from bertjax.finetune import answers, features, heads, metrics, sources, squad, tasks
+from bertjax.finetune import steps as steps_lib
+from bertjax.model.bert import abstract_model
+from bertjax.model.config import BertConfig, resolve_config
+from bertjax.parallel import mesh as mesh_lib
+from bertjax.parallel import rules
+from bertjax.train import checkpoint
+from bertjax.train.steps import CompiledSteps
+
+log = logging.getLogger(__name__)
+
+# The keys a fine-tuning run takes from its --init run: what shapes the parameters and what the
+# network computes with them (dtype, remat, attention kernel and dropout stay the fine-tuning
+# config's), and the pretraining sequence shape, which the config checks against the model.
+INHERITED_KEYS = (
+  "model.variant",
+  "model.hidden_size",
+  "model.num_layers",
+  "model.num_heads",
+  "model.intermediate_size",
+  "model.max_position_embeddings",
+  "model.type_vocab_size",
+  "model.layer_norm_eps",
+  "model.initializer_range",
+  "data.seq_len",
+  "data.max_predictions",
+)
+
+
+def _local_absolute(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def load_config(spec: str, overrides, *, task: str, init: str):
+  """The validated config of `--config spec` for a run that starts from `init`: the model's sizes
+  and the tokenizer are the init run's, then the overrides, then --task and --init."""
+  init = _local_absolute(init)
+  init_dir = epath.Path(init)
+  if not (init_dir / config_loading.CONFIG_FILENAME).exists() or not (init_dir / "tokenizer").exists():
+    raise BertjaxError(
+      f"--init {init}: holds no config.json and tokenizer/; give a pretraining workdir (bertjax train) "
+      "or one made by bertjax import-hf"
+    )
+  source = config_loading.read_config(init_dir)
+  if source.finetune.task:
+    raise BertjaxError(f"--init {init} is a fine-tuning run; start from a pretraining or import-hf workdir")
+  values = {key: source[key.split(".")[0]][key.split(".")[1]] for key in INHERITED_KEYS}
+  inherited = [f"{key}={value}" for key, value in values.items() if value is not None]
+  inherited.append(f"data.tokenizer={init_dir / 'tokenizer'}")
+  return config_loading.load_config(spec, [*inherited, *overrides, f"finetune.task={task}", f"finetune.init={init}"])
+
+
+@dataclasses.dataclass
+class Data:
+  """A task's data, tokenised: train and dev features, and what the dev metrics need."""
+
+  spec: tasks.TaskSpec
+  tokenizer: Any
+  train: dict[str, np.ndarray]
+  dev: dict[str, dict[str, np.ndarray]]  # dev split -> features
+  questions: dict[str, list[squad.Question]]  # QA: dev split -> its questions
+
+
+def prepare(config, tokenizer=None, *, with_train: bool = True) -> Data:
+  """Read and tokenise the task's data (the dev splits only, without `with_train`). A bad input
+  stops here, before anything is written."""
+  tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer)
+  f = config.finetune
+  no_train = {"input_ids": np.zeros((0, f.max_seq_len), np.int32)}
+  if f.task == "qa":
+    window = dict(max_seq_len=f.max_seq_len, doc_stride=f.doc_stride, max_query_len=f.max_query_len)
+    train = no_train
+    if with_train:
+      source, train_questions = squad.read_questions(config, "train")
+      train_questions = squad.answerable_in_context(train_questions, source)
+      train = squad.windows(train_questions, tokenizer, **window, with_labels=True)
+    _, dev_questions = squad.read_questions(config, "dev")
+    dev = squad.windows(dev_questions, tokenizer, **window, with_labels=False)
+    return Data(tasks.resolve(config), tokenizer, train, {"dev": dev}, {"dev": dev_questions})
+  data = sources.read_classification(config, with_train)
+  encode = lambda examples: features.encode_classification(examples, tokenizer, f.max_seq_len)
+  train = encode(data.train) if data.train is not None else no_train
+  return Data(data.spec, tokenizer, train, {k: encode(v) for k, v in data.dev.items()}, {})
+
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  workdir: epath.Path
+  data: Data
+  model_config: BertConfig
+  steps: CompiledSteps
+  order: features.TrainOrder
+  total_steps: int
+  rows: np.ndarray  # the global batch rows this process materialises
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+  def global_batch(self, rows: np.ndarray, source: dict[str, np.ndarray], keys) -> dict[str, jax.Array]:
+    """Step rows of `source` (-1: padding) as global arrays; this process builds only its own."""
+    local = features.take(source, rows[self.rows])
+    size = len(rows)
+    return {
+      k: jax.make_array_from_process_local_data(self.steps.batch_sharding, local[k], (size, *local[k].shape[1:]))
+      for k in keys
+    }
+
+  def train_batch(self, step: int) -> dict[str, jax.Array]:
+    return self.global_batch(self.order.rows(step), self.data.train, steps_lib.device_keys(self.data.spec, True))
+
+
+def _optim_config(config, total_steps: int):
+  """The optimizer section with BERT's fine-tuning warmup: a fraction of all steps."""
+  optim_cfg = copy.deepcopy(config.optim)
+  optim_cfg.warmup_steps = int(config.finetune.warmup_fraction * total_steps)
+  optim_cfg.schedule_steps = 0
+  return optim_cfg
+
+
+def setup(config, workdir, data: Data) -> Run:
+  """The mesh, the compiled steps and this process's rows (nothing is written)."""
+  validation.validate_for_devices(config, jax.device_count())
+  workdir = epath.Path(workdir)
+  if data.spec.kind == "classification" and not config.finetune.glue_task and not config.finetune.regression:
+    config.finetune.labels = ",".join(data.spec.labels)  # resolved: export and eval read them here
+  model_config = resolve_config(config.model, data.tokenizer.vocab_size)
+  t = config.train
+  order = features.TrainOrder(len(data.train["input_ids"]), t.batch_size, t.seed)
+  total = order.steps_per_epoch * config.finetune.epochs
+  mesh = mesh_lib.make_mesh(config.mesh)
+  steps = steps_lib.compile_steps(
+    model_config, data.spec, config.finetune.head_dropout, _optim_config(config, total), total, t.grad_accum, mesh
+  )
+  rows = mesh_lib.rows_for_sharding(steps.batch_sharding, t.batch_size)
+  return Run(config, workdir, data, model_config, steps, order, total, rows)
+
+
+def write_run_files(run: Run) -> None:
+  """WORKDIR/config.json (with the classes an hf: dataset named) from process 0, and
+  WORKDIR/tokenizer/, a copy of the init run's (checked against it on resume)."""
+  if run.is_primary:
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    config_loading.write_config(run.config, run.workdir)
+  tokenizer_lib.tokenizer_for_run(run.config, run.workdir)
+
+
+def warm_start(run: Run, init: str):
+  """The step-0 state: parameters of the encoder (and pooler) from the --init run's newest good
+  checkpoint, the head and optimizer fresh from train.seed."""
+  abstract = nnx.state(abstract_model(run.model_config), nnx.Param)
+  shardings = rules.named(run.steps.mesh, rules.param_specs(abstract))
+  target = jax.tree.map(
+    lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract.to_pure_dict(), shardings
+  )
+  with checkpoint.Checkpoints(init, read_only=True) as source:
+    if not source.steps():
+      raise BertjaxError(f"--init {init}: no checkpoints there; pretrain first, or import one with bertjax import-hf")
+    params, meta = source.restore_params(
+      target,
+      check=lambda meta: checkpoint.check_compatible(
+        meta, run.model_config, run.data.tokenizer.fingerprint, f"--init {init}"
+      ),
+    )
+  state = run.steps.init(run.config.train.seed)
+  body = {name: params[name] for name in heads.BODY if name in state.params}
+  log.info("started from step %d of %s (%s)", meta["step"], init, ", ".join(body))
+  return state.replace(params={**state.params, **body})
+
+
+def _predict(run: Run, params, source: dict[str, np.ndarray], keys) -> dict[str, np.ndarray]:
+  """The eval step's outputs over every row of `source` on the host: per-row arrays with the
+  padding rows dropped, and the sums (losses) added up."""
+  count = len(source["input_ids"])
+  arrays: dict[str, list] = {}
+  sums: dict[str, float] = {}
+  for rows in features.eval_rows(count, run.config.train.batch_size):
+    for k, v in jax.device_get(run.steps.eval(params, run.global_batch(rows, source, keys))).items():
+      if np.ndim(v):
+        arrays.setdefault(k, []).append(np.asarray(v))
+      else:
+        sums[k] = sums.get(k, 0.0) + float(v)
+  return {**{k: np.concatenate(v)[:count] for k, v in arrays.items()}, **sums}
+
+
+def evaluate(run: Run, params) -> tuple[dict[str, float], dict[str, dict]]:
+  """(metrics over every dev split, {split: QA answers and null odds}) of `params`."""
+  spec, f = run.data.spec, run.config.finetune
+  single = len(spec.dev_splits) == 1
+  results, answered = {}, {}
+  for split in spec.dev_splits:
+    dev = run.data.dev[split]
+    suffix = "" if single else f"_{split}"
+    out = _predict(run, params, dev, steps_lib.device_keys(spec, spec.kind != "qa"))
+    if spec.kind == "qa":
+      questions = run.data.questions[split]
+      found, null_odds = answers.decode(
+        questions,
+        dev,
+        out["start_logits"],
+        out["end_logits"],
+        n_best=f.n_best,
+        max_answer_len=f.max_answer_len,
+        squad_v2=f.squad_v2,
+        null_score_threshold=f.null_score_threshold,
+      )
+      gold = [{"id": q.id, "answers": q.answers} for q in questions]
+      scores = metrics.squad_v2(gold, found) if f.squad_v2 else metrics.squad_v1(gold, found)
+      answered[split] = {"predictions": found, "null_odds": null_odds}
+    elif spec.regression:
+      scores = metrics.regression(spec.metrics, out["logits"][:, 0], dev["labels"])
+      scores["loss"] = out["loss_sum"] / max(out["weight_sum"], 1.0)
+    else:
+      scores = metrics.classification(spec.metrics, out["logits"].argmax(-1), dev["labels"])
+      scores["loss"] = out["loss_sum"] / max(out["weight_sum"], 1.0)
+    results.update({f"{name}{suffix}": float(value) for name, value in scores.items()})
+  return results, answered

@@ -1,0 +1,1 @@
+"""Fine-tuning configs: BERT's recipe for GLUE, custom classification and SQuAD."""
