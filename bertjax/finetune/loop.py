@@ -33,7 +33,7 @@ from bertjax.finetune import run as run_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, lock, optim, processes
+from bertjax.train import checkpoint, lock, optim, saving
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.steps import TrainState
 
@@ -108,33 +108,8 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
       _write_results(run, start, final, answered)
       return Result(final, state)
     guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption, start=start))
-    return _loop(run, state, start, _Saver(run, checkpoints, workdir_lock), guard, stack)
-
-
-@dataclasses.dataclass
-class _Saver:
-  """Checkpoints of the loop, with pretraining's rules: never after another run took the workdir
-  over, never while steps are skipped for a non-finite gradient."""
-
-  run: run_lib.Run
-  checkpoints: checkpoint.Checkpoints
-  workdir_lock: lock.WorkdirLock | None  # process 0's; None on the others
-
-  def save(self, state, *, wait: bool = False) -> None:
-    lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
-    if processes.from_primary(lost):  # every process stops, none waits in the save's collective
-      if self.workdir_lock is not None:
-        self.workdir_lock.check()
-      raise lock.WorkdirInUse(f"--workdir {self.run.workdir}: another run took it over (process 0 says which)")
-    self.checkpoints.save(state, _checkpoint_meta(self.run), wait=wait)
-
-  def periodic(self, state, step_metrics) -> None:
-    if int(jax.device_get(step_metrics["nonfinite_consecutive"])) == 0:
-      self.save(state)
-
-  def newest(self) -> int | None:
-    steps = self.checkpoints.steps()
-    return steps[-1] if steps else None
+    saver = saving.Saver(checkpoints, workdir_lock, run.workdir, lambda step: _checkpoint_meta(run))
+    return _loop(run, state, start, saver, guard, stack)
 
 
 @dataclasses.dataclass
@@ -147,7 +122,7 @@ class _Window:
   steps: int = 0
 
 
-def _loop(run: run_lib.Run, state, start: int, saver: _Saver, guard, stack) -> Result:
+def _loop(run: run_lib.Run, state, start: int, saver: saving.Saver, guard, stack) -> Result:
   config, total, per_epoch = run.config, run.total_steps, run.order.steps_per_epoch
   writer = stack.enter_context(MetricsWriter(run.workdir, enabled=run.is_primary))
   progress = ProgressBar(total, start, enabled=run.is_primary)
@@ -169,13 +144,13 @@ def _loop(run: run_lib.Run, state, start: int, saver: _Saver, guard, stack) -> R
     if guard.should_stop(done):
       if pending is not None:
         _after_step(run, *pending, writer, progress, window, saver)
-      saver.save(state, wait=True)
+      saver.save(state, done, wait=True)
       return Result({}, state, stopped_by=guard.received)
     if done < total and done % config.checkpoint.every_steps == 0:
-      saver.periodic(state, step_metrics)
+      saver.periodic(state, done, step_metrics)
   if pending is not None:
     _after_step(run, *pending, writer, progress, window, saver)
-  saver.save(state, wait=True)
+  saver.save(state, run.total_steps, wait=True)
   _write_results(run, total, final, answered)
   return Result(final, state)
 
@@ -199,7 +174,9 @@ def _write_results(run: run_lib.Run, step: int, final: dict, answered: dict) -> 
       atomic.write_text(run.workdir / NULL_ODDS_FILE.replace(".json", f"{suffix}.json"), json.dumps(found["null_odds"]))
 
 
-def _after_step(run: run_lib.Run, step: int, step_metrics, writer, progress, window: _Window, saver: _Saver) -> None:
+def _after_step(
+  run: run_lib.Run, step: int, step_metrics, writer, progress, window: _Window, saver: saving.Saver
+) -> None:
   consecutive, tokens, examples = jax.device_get(
     (step_metrics["nonfinite_consecutive"], step_metrics["tokens"], step_metrics["examples"])
   )

@@ -15,6 +15,7 @@ the newest checkpoint is from before the first skipped step.
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 
@@ -26,7 +27,7 @@ from bertjax.metrics import flops as flops_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, lock, optim, processes
+from bertjax.train import checkpoint, lock, optim, saving
 from bertjax.train import steps as steps_lib
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.run import Data, Run, evaluate, setup
@@ -137,44 +138,12 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
       final = evaluate(run, state.params, eval_batches)
       return TrainResult({**final, **reference} if final else {}, state)
     guard = stack.enter_context(PreemptionGuard(sync_point=checkpoints.reached_preemption, start=start))
-    saver = _Saver(run, checkpoints, workdir_lock)
+    saver = saving.Saver(checkpoints, workdir_lock, run.workdir, functools.partial(_checkpoint_meta, run))
     result = _loop(run, state, start, data_position, saver, guard, stack)
   return result
 
 
-@dataclasses.dataclass
-class _Saver:
-  """Checkpoints of the loop: never after the workdir was taken over, never during a non-finite streak."""
-
-  run: Run
-  checkpoints: checkpoint.Checkpoints
-  workdir_lock: lock.WorkdirLock | None  # process 0's; None on the others
-
-  def save(self, state, step: int, *, wait: bool = False) -> None:
-    lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
-    if processes.from_primary(lost):  # every process stops, none waits in the save's collective
-      if self.workdir_lock is not None:
-        self.workdir_lock.check()
-      raise lock.WorkdirInUse(f"--workdir {self.run.workdir}: another run took it over (process 0 says which)")
-    self.checkpoints.save(state, _checkpoint_meta(self.run, step), wait=wait)
-
-  def periodic(self, state, step: int, step_metrics) -> None:
-    skipping = int(jax.device_get(step_metrics["nonfinite_consecutive"]))  # the save waits on this step anyway
-    if skipping:
-      log.warning(
-        "step %d: no checkpoint while steps are skipped for a non-finite gradient (%d in a row so far)",
-        step,
-        skipping,
-      )
-      return
-    self.save(state, step)
-
-  def newest(self) -> int | None:
-    steps = self.checkpoints.steps()
-    return steps[-1] if steps else None
-
-
-def _loop(run: Run, state, start: int, data_position, saver: _Saver, guard, stack) -> TrainResult:
+def _loop(run: Run, state, start: int, data_position, saver: saving.Saver, guard, stack) -> TrainResult:
   config, t = run.config, run.config.train
   eval_batches, reference = run.held_out()
   flops = flops_lib.flops_per_sequence(run.model_config, config.data.seq_len, config.data.max_predictions)
@@ -235,7 +204,7 @@ class _Outputs:
   progress: ProgressBar
   throughput: flops_lib.Throughput
   window: _Window
-  saver: _Saver
+  saver: saving.Saver
 
 
 def _after_step(run: Run, step: int, step_metrics, out: _Outputs) -> None:
