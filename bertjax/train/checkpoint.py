@@ -82,7 +82,13 @@ class Checkpoints:
       cleanup_tmp_directories=not read_only,
       enable_async_checkpointing=bool(cfg["async"]) if cfg is not None else False,
     )
-    self.manager = ocp.CheckpointManager(self.dir, options=options, item_names=ITEMS)
+    # Handlers named up front, so that a step's metadata (shapes, dtypes) reads before a restore.
+    handlers = {
+      "params": ocp.StandardCheckpointHandler(),
+      "opt_state": ocp.StandardCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.dir, options=options, item_handlers=handlers)
     self.is_primary = jax.process_index() == 0
     self._resources = contextlib.ExitStack()  # closed by close()
     self._resources.enter_context(save_failures.quiet_orbax())
@@ -324,13 +330,18 @@ class Checkpoints:
     return state, meta
 
   def restore_params(self, abstract_params=None, step: int | None = None, check=None):
-    """(params, meta) of a step; without `abstract_params`, host arrays shaped as saved."""
+    """(params, meta) of a step; without `abstract_params`, host arrays shaped as saved.
+
+    Without a target the arrays are read onto this host's CPU, whatever mesh or device count
+    saved them (an export on a laptop of a run trained on a pod).
+    """
 
     def make_args(candidate):
       target = abstract_params
       if target is None:
         shapes = self.manager.item_metadata(candidate)["params"]
-        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), shapes)
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host), shapes)
       return dict(params=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
 
     _, items = self._first_restorable(step, ("params", "meta"), make_args, check)

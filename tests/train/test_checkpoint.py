@@ -80,6 +80,22 @@ def test_params_restore_to_the_host_without_a_mesh(tmp_path):
   assert isinstance(params["embeddings"]["word"], np.ndarray) and meta["step"] == 1
   _leaves_equal(params, state.params)
 
+  # A process with another device count (an export on a laptop of a pod's run) reads them too.
+  code = (
+    "import sys, numpy as np; from bertjax.train import checkpoint\n"
+    "with checkpoint.Checkpoints(sys.argv[1], read_only=True) as c: params, _ = c.restore_params()\n"
+    "np.save(sys.argv[2], params['encoder']['layers']['attention']['qkv_kernel'])"
+  )
+  env = dict(
+    os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code, tmp_path, tmp_path / "qkv.npy"], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  saved = jax.device_get(state.params["encoder"]["layers"]["attention"]["qkv_kernel"])
+  np.testing.assert_array_equal(np.load(tmp_path / "qkv.npy"), saved)
+
 
 def test_a_relative_workdir_works(tmp_path, monkeypatch):
   """`make train` passes runs/tiny: orbax itself wants absolute paths."""
