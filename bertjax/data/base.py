@@ -55,7 +55,19 @@ def check_rows(rows, batch_size: int) -> np.ndarray:
 def make_examples(
   tokens, pair_index: pairs_lib.PairIndex, keys: np.ndarray, seq_len: int, tokenizer, spec: masking.MaskingSpec
 ) -> dict[str, np.ndarray]:
-  """Laid-out, masked examples of `pair_index` (spans into `tokens`), masked with `keys`."""
+  """Laid-out, masked examples of `pair_index` (spans into `tokens`), masked with `keys`.
+
+  Args:
+    tokens: the flat token array that `pair_index`'s spans point into.
+    pair_index: N pairs, already truncated to fit `seq_len`.
+    keys: uint64 [N], one masking key per pair (`keyed_random.row_keys` or `window_keys`).
+    seq_len: L, the row length.
+    tokenizer: the run's tokenizer (its [CLS], [SEP] and [PAD] ids).
+    spec: the masking settings.
+  Returns:
+    `masking.mask_batch`'s arrays plus int32 `segment_ids` and `attention_mask` [N, L] and
+    `nsp_labels` [N].
+  """
   t = tokenizer
   ids, segment_ids, attention_mask = pairs_lib.assemble(tokens, pair_index, seq_len, t.cls_id, t.sep_id, t.pad_id)
   out = masking.mask_batch(ids, attention_mask, keys, spec)
@@ -136,6 +148,7 @@ class BatchIterator:
     return item
 
   def state(self) -> dict:
+    """The pipeline's `state_for` the next step to consume: what a checkpoint records."""
     return self._pipeline.state_for(self._next)
 
   def close(self):

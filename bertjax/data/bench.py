@@ -68,7 +68,15 @@ def _pipeline_rate(pipeline, seconds: float, start_step: int = 0) -> dict:
 
 
 def run(config, workdir, seconds: float = 10.0) -> dict:
-  """Measures both throughputs for `config`; returns one flat dict of figures."""
+  """Measures both throughputs for `config`; returns one flat dict of figures.
+
+  Args:
+    config: a validated run config.
+    workdir: the folder whose tokenizer is used, or trained there on first use.
+    seconds: how long the prefetching iterator is timed.
+  Returns:
+    The figures the module docstring names, with the config's data settings.
+  """
   workdir = epath.Path(workdir)
   tokenizer = tokenizer_for_run(config, workdir)
   start = time.perf_counter()

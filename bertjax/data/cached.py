@@ -141,7 +141,17 @@ class CachedPipeline:
     return check_rows(rows, self.batch_size)
 
   def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
-    """The global batch of training step `step`, or just its rows `rows` (global indices)."""
+    """The global batch of training step `step`, or just its rows `rows` (global indices).
+
+    Args:
+      step: the training step; its examples are stream positions [step B, (step + 1) B).
+      rows: global row indices in [0, B), in the order wanted; None is all B rows.
+    Returns:
+      numpy arrays with a leading axis of len(rows): `base.make_examples`' names, and with
+      packing `packing.pack_examples`'.
+    Raises:
+      ValueError: a row outside [0, B).
+    """
     rows = self._rows(rows)
     epochs, index = self._locate(int(step) * self.batch_size + rows)
     made = []
@@ -155,7 +165,14 @@ class CachedPipeline:
     return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer, self.masking)
 
   def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
-    """train.eval_batches batches of held-out documents; pairs and masks fixed once."""
+    """train.eval_batches batches of held-out documents; pairs and masks fixed once.
+
+    Args:
+      rows: as in `batch`.
+    Returns:
+      The batches, the same on every call; they wrap around when the held-out pairs are fewer
+      than the batches need. [] when no documents are held out.
+    """
     if len(self.eval_docs) == 0:
       return []
     if self._eval is None:  # pairs drawn once; masks are keyed, so they repeat exactly
@@ -171,13 +188,28 @@ class CachedPipeline:
 
   # -- iteration and state ------------------------------------------------------------------
   def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
-    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
+    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead.
+
+    Args:
+      start_step: the first step yielded.
+      rows: as in `batch`.
+    Returns:
+      A BatchIterator (a context manager: closing stops its thread); its `state()` is the position
+      after the last batch consumed. An error building a batch is raised by `next`.
+    """
     return BatchIterator(
       self, int(start_step), None if rows is None else self._rows(rows), int(self.config.data.prefetch)
     )
 
   def state_for(self, step: int) -> dict:
-    """The iterator state to checkpoint with the train state at `step`: the next step to consume."""
+    """The iterator state to checkpoint with the train state at `step`: the next step to consume.
+
+    Args:
+      step: the number of steps done.
+    Returns:
+      A JSON-serialisable dict: the step and what fixes the data order (seed, batch size, corpus and
+      tokenizer fingerprints, packing).
+    """
     return {
       "version": STATE_VERSION,
       "kind": "cached",
@@ -190,7 +222,16 @@ class CachedPipeline:
     }
 
   def restore(self, state: dict) -> int:
-    """Checks a saved state against this pipeline; returns the step to start from."""
+    """Checks a saved state against this pipeline; returns the step to start from.
+
+    A changed corpus fingerprint is only warned about: the run resumes in a different data order.
+
+    Args:
+      state: a `state_for` dict from a checkpoint.
+    Raises:
+      BertjaxError: the state is a streaming pipeline's, or its tokenizer, batch size, seed or
+        packing differ from this run's.
+    """
     if state.get("kind", "cached") != "cached":
       raise BertjaxError(
         "the checkpoint's data position is a stream's (data.streaming=True): resume with --config.data.streaming=true"
@@ -215,6 +256,7 @@ class CachedPipeline:
     return int(state["step"])
 
   def iterator_from_state(self, state: dict, rows=None) -> BatchIterator:
+    """`iterator` from a checkpointed `state`, after `restore` checked it."""
     return self.iterator(self.restore(state), rows)
 
 

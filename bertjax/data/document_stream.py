@@ -137,7 +137,16 @@ def _worker_tokenise(docs):
 
 def tokenise_documents(corpus, tokenizer, docs):
   """Records -> (tokens int32, sentence lengths, sentences per document, repair counts to add),
-  without empty sentences and documents. Text records are split into sentences here."""
+  without empty sentences and documents. Text records are split into sentences here.
+
+  Args:
+    corpus: the corpus the records came from (its `split_document`).
+    tokenizer: the run's tokenizer.
+    docs: records, each a list of sentences or a document's text.
+  Returns:
+    (tokens [T], lengths int64 [S], per_doc [D], an empty Counter): the repairs are counted in
+    `corpus.warnings` instead.
+  """
   docs = [d if isinstance(d, list) else corpus.split_document(d) for d in docs]
   sentences = [s for doc in docs for s in doc]
   encoded = tokenizer.encode_batch(sentences) if sentences else []

@@ -24,19 +24,42 @@ def mix(x) -> np.ndarray:
 
 
 def row_keys(seed: int, epoch, index) -> np.ndarray:
-  """One uint64 key per example, from the run's seed, the epoch and the example's index."""
+  """One uint64 key per example, from the run's seed, the epoch and the example's index.
+
+  Args:
+    seed: the run's seed (any int; taken modulo 2**64).
+    epoch: an int or an integer array.
+    index: an int or an integer array, broadcast against `epoch`.
+  Returns:
+    uint64 keys, shaped as `epoch` and `index` broadcast.
+  """
   k = mix(np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
   k = mix(k ^ np.asarray(epoch, dtype=np.uint64))
   return mix(k ^ np.asarray(index, dtype=np.uint64))
 
 
 def window_keys(seed: int, epoch: int, window: int, index) -> np.ndarray:
-  """One uint64 key per example of a stream window: (seed, epoch, window) then the index in it."""
+  """One uint64 key per example of a stream window: (seed, epoch, window) then the index in it.
+
+  Args:
+    seed: the run's seed.
+    epoch: the pass over the corpus.
+    window: the window's number within the epoch.
+    index: the examples' indices within the window (an int or an integer array).
+  Returns:
+    uint64 keys shaped as `index`.
+  """
   return mix(row_keys(seed, epoch, window) ^ np.asarray(index, dtype=np.uint64))
 
 
 def uniform(keys_N: np.ndarray, stream: int, width: int) -> np.ndarray:
-  """Float64 uniforms in [0, 1) of shape [N, width]: column j is draw j of `stream` for each key."""
+  """Float64 uniforms in [0, 1) of shape [N, width]: column j is draw j of `stream` for each key.
+
+  Args:
+    keys_N: uint64 keys, one per row.
+    stream: what the draws are for; different streams give independent draws from the same keys.
+    width: draws per key.
+  """
   salt = mix(mix(np.uint64(stream)) + np.arange(width, dtype=np.uint64))
   bits = mix(keys_N[:, None] ^ salt[None, :])
   return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

@@ -65,7 +65,18 @@ def prediction_budget(lengths_N: np.ndarray, spec: MaskingSpec) -> np.ndarray:
 def mask_batch(
   ids_NxL: np.ndarray, attention_NxL: np.ndarray, keys_N: np.ndarray, spec: MaskingSpec
 ) -> dict[str, np.ndarray]:
-  """Masks a batch; returns input_ids (masked), masked_positions, masked_ids, masked_weights."""
+  """Masks a batch; returns input_ids (masked), masked_positions, masked_ids, masked_weights.
+
+  Args:
+    ids_NxL: token ids of laid-out rows.
+    attention_NxL: 1 on real tokens, 0 on padding.
+    keys_N: uint64, one key per row: the same key gives the same masking.
+    spec: the masking settings.
+  Returns:
+    int32 `input_ids` [N, L] with the chosen tokens replaced; and [N, P], P = `spec.max_predictions`:
+    int32 `masked_positions` (ascending), int32 `masked_ids` (the original tokens) and float32
+    `masked_weights` (1 for a prediction, 0 for a padding slot, whose position and id are 0).
+  """
   n, length = ids_NxL.shape
   p = spec.max_predictions
   cols = np.arange(length)

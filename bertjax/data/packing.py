@@ -108,7 +108,17 @@ def pair_lengths(pair_index: pairs_lib.PairIndex) -> np.ndarray:
 def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int, max_predictions: int) -> Packing:
   """First-fit of pairs (in order) into rows of `seq_len` tokens, `max_pairs` pairs and
   `max_predictions` prediction slots, over the `OPEN_ROWS` most recently opened rows that can
-  still take a pair."""
+  still take a pair.
+
+  Args:
+    lengths: each pair's tokens laid out (`pair_lengths`), in stream order.
+    budgets: each pair's prediction count (`masking.prediction_budget`).
+    seq_len: tokens a row holds.
+    max_pairs: pairs a row holds (`data.max_pairs_per_row`).
+    max_predictions: prediction slots a row holds.
+  Returns:
+    The rows, numbered in the order they open; a row's pairs in stream order.
+  """
   row_of = np.empty(len(lengths), np.int64)
   open_rows: list[list[int]] = []  # [row, free tokens, free predictions, pairs], oldest first
   rows = 0
@@ -138,7 +148,13 @@ def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int,
 
 
 def padding_fraction(pair_index: pairs_lib.PairIndex, seq_len: int, packing: Packing | None) -> float:
-  """The share of padding positions when the pairs are laid out one per row or as `packing` packs them."""
+  """The share of padding positions when the pairs are laid out one per row or as `packing` packs them.
+
+  Args:
+    pair_index: the pairs.
+    seq_len: tokens a row holds.
+    packing: `pack`'s result for these pairs, or None for one pair a row.
+  """
   rows = len(pair_index) if packing is None else packing.num_rows
   return 1.0 - float(pair_lengths(pair_index).sum()) / max(rows * seq_len, 1)
 
@@ -151,6 +167,19 @@ def pack_examples(
   `row_of_pair` must be non-decreasing (a row's pairs together, in slot order); every row gets at
   least one pair. Returns the unpacked arrays plus position_ids, pair_ids [N, L] and
   nsp_positions, nsp_labels, nsp_weights [N, K].
+
+  Args:
+    alone: `make_examples`' arrays for M pairs, [M, L] and [M, P].
+    row_of_pair: int [M], the packed row of each pair.
+    slot: int [M], each pair's slot within its row (0 first).
+    n_rows: N.
+    max_pairs: K, the NSP slots of a row.
+    pad_id: the tokenizer's [PAD] id.
+  Returns:
+    int32 arrays except float32 `masked_weights` and `nsp_weights`; a pair's `pair_ids` are its
+    slot + 1 (0 = padding); empty NSP slots have weight 0.
+  Raises:
+    ValueError: a row would hold more than L tokens or P predictions.
   """
   real_MxL = alone["attention_mask"] > 0
   m, length = real_MxL.shape

@@ -42,6 +42,13 @@ def truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int):
   Closed form of the token-by-token loop: if trimming only the longer side reaches the budget
   before it becomes the shorter, only it shrinks; otherwise both end at half the budget (A gets
   the odd token).
+
+  Args:
+    len_a: segment A's lengths in tokens (an integer array).
+    len_b: segment B's, shaped as `len_a`.
+    max_tokens: the budget for A + B (`seq_len - 3`: [CLS] and two [SEP]).
+  Returns:
+    (new_a, new_b): int64 arrays shaped as the inputs; pairs within the budget are unchanged.
   """
   len_a = np.asarray(len_a, np.int64)
   len_b = np.asarray(len_b, np.int64)
@@ -68,6 +75,17 @@ def build_pair_index(
 
   `sent_start` [S+1] gives each sentence's first token, `doc_start` [D+1] each document's first
   sentence. One Python step per pair (not per token); spans, truncation and layout are arrays.
+
+  Args:
+    sent_start: int [S+1] token offsets (the last is the token count).
+    doc_start: int [D+1] sentence offsets (the last is S).
+    doc_ids: the documents to pair; segment A comes from each in this order.
+    seq_len: the row length L; A + B get at most L - 3 tokens.
+    short_seq_prob: the probability that a document's target length is drawn short.
+    random_next_prob: the probability that B is a random segment (label 1).
+    rng: the generator all choices draw from; the same state gives the same pairs.
+  Returns:
+    The truncated pairs.
   """
   max_tokens = seq_len - 3
   doc_ids = np.asarray(doc_ids, np.int64)
@@ -124,7 +142,17 @@ def build_pair_index(
 
 
 def assemble(tokens: np.ndarray, pairs: PairIndex, seq_len: int, cls_id: int, sep_id: int, pad_id: int):
-  """`[CLS] A [SEP] B [SEP]` then padding: input_ids, segment_ids, attention_mask, int32 [N, L]."""
+  """`[CLS] A [SEP] B [SEP]` then padding: input_ids, segment_ids, attention_mask, int32 [N, L].
+
+  Args:
+    tokens: the flat token array the spans of `pairs` point into.
+    pairs: N truncated pairs (A + B at most `seq_len` - 3 tokens).
+    seq_len: L.
+    cls_id, sep_id, pad_id: the tokenizer's special ids.
+  Returns:
+    (input_ids, segment_ids, attention_mask): segment 1 covers B and its [SEP]; the mask is 1 up to
+    the last [SEP].
+  """
   j = np.arange(seq_len, dtype=np.int64)[None, :]
   la = pairs.a_len.astype(np.int64)[:, None]
   lb = pairs.b_len.astype(np.int64)[:, None]

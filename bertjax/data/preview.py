@@ -8,7 +8,15 @@ from bertjax.data.tokenizer import tokenizer_for_run
 
 
 def preview(config, workdir, num_batches: int, out_path, show: int = 3) -> None:
-  """Writes `num_batches` training batches to `out_path` (.npz) and prints a few examples."""
+  """Writes `num_batches` training batches to `out_path` (.npz) and prints a few examples.
+
+  Args:
+    config: a validated run config.
+    workdir: the run folder; its tokenizer is trained there on first use (`tokenizer_for_run`).
+    num_batches: the steps 0..num_batches-1 whose global batches are written, concatenated.
+    out_path: the .npz file (its folder is created).
+    show: how many of the first examples to print as text.
+  """
   pipeline = make_pipeline(config, tokenizer_for_run(config, workdir), workdir)
   batches = [pipeline.batch(s) for s in range(int(num_batches))]
   arrays = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

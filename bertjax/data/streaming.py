@@ -262,7 +262,17 @@ class StreamingPipeline:
     return float(win.epoch + (win.index + within) / self._windows_per_epoch)
 
   def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
-    """The global batch of step `step`, or its rows `rows`; cheap for steps near the reader."""
+    """The global batch of step `step`, or its rows `rows`; cheap for steps near the reader.
+
+    Args:
+      step, rows: as in `cached.CachedPipeline.batch`.
+    Returns:
+      As `cached.CachedPipeline.batch`.
+    Raises:
+      ValueError: a row outside [0, B).
+      BertjaxError: the stream has fewer than two documents after the held-out ones, gives no pairs,
+        or changed while being read.
+    """
     rows = check_rows(rows, self.batch_size)
     positions = int(step) * self.batch_size + rows
     which = self._find(positions)
@@ -279,7 +289,15 @@ class StreamingPipeline:
     return merge_parts(made, len(rows))
 
   def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
-    """train.eval_batches batches of the held-out first documents; pairs and masks fixed."""
+    """train.eval_batches batches of the held-out first documents; pairs and masks fixed.
+
+    Args:
+      rows: as in `batch`.
+    Returns:
+      As `cached.CachedPipeline.eval_batches`; [] when `data.streaming_eval_documents` is 0.
+    Raises:
+      BertjaxError: fewer than two held-out documents hold text.
+    """
     if self.eval_documents == 0:
       return []
     if self._eval is None:
@@ -310,13 +328,26 @@ class StreamingPipeline:
     return out
 
   def iterator(self, start_step: int = 0, rows=None) -> BatchIterator:
-    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead."""
+    """Yields (step, batch) from `start_step` on, prepared `data.prefetch` steps ahead.
+
+    Args:
+      start_step, rows: as in `cached.CachedPipeline.iterator`.
+    Returns:
+      A BatchIterator, as `cached.CachedPipeline.iterator`.
+    """
     return BatchIterator(
       self, int(start_step), None if rows is None else check_rows(rows, self.batch_size), int(self.config.data.prefetch)
     )
 
   def state_for(self, step: int) -> dict:
-    """The state to checkpoint at `step` (the next step to consume) and where its window starts."""
+    """The state to checkpoint at `step` (the next step to consume) and where its window starts.
+
+    Args:
+      step: the number of steps done.
+    Returns:
+      A JSON-serialisable dict: the step, what fixes the data order, and the window (pass, index,
+      first example, stream locator) that holds the step's first example.
+    """
     pos = np.array([int(step) * self.batch_size])
     win = self._windows[int(self._find(pos)[0])]  # the prefetcher has read it: no wait
     return {
@@ -338,7 +369,16 @@ class StreamingPipeline:
     }
 
   def restore(self, state: dict) -> int:
-    """Checks a saved state and moves the reader to its window; returns the step to start from."""
+    """Checks a saved state and moves the reader to its window; returns the step to start from.
+
+    A changed corpus fingerprint is only warned about: the run resumes in a different data order.
+
+    Args:
+      state: a `state_for` dict from a checkpoint.
+    Raises:
+      BertjaxError: the state is the cached pipeline's, or its tokenizer, batch size, seed, window or
+        held-out document counts, or packing differ from this run's.
+    """
     if state.get("kind") != STATE_KIND:
       raise BertjaxError(
         "the checkpoint's data position is the cached pipeline's "
@@ -376,6 +416,7 @@ class StreamingPipeline:
     return int(state["step"])
 
   def iterator_from_state(self, state: dict, rows=None) -> BatchIterator:
+    """`iterator` from a checkpointed `state`, after `restore` checked it."""
     return self.iterator(self.restore(state), rows)
 
 

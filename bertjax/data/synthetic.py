@@ -61,6 +61,11 @@ def synthetic_packed_batch(
 
   Returns the arrays of `synthetic_batch` plus position_ids, pair_ids [B, L] and nsp_positions,
   nsp_labels, nsp_weights [B, max_pairs].
+
+  Args:
+    batch_size, seq_len, max_predictions, vocab_size: as in `synthetic_batch`.
+    max_pairs: K, the pair slots of a row.
+    seed: the only source of randomness.
   """
   rng = np.random.default_rng(seed)
   ids = rng.integers(FIRST_ORDINARY_ID, vocab_size, (batch_size, seq_len)).astype(np.int32)

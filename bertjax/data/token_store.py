@@ -58,7 +58,16 @@ def cache_root(data_config) -> epath.Path:
 
 
 def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
-  """The cached tokenisation of `corpus` by `tokenizer`, built on first use."""
+  """The cached tokenisation of `corpus` by `tokenizer`, built on first use.
+
+  Args:
+    corpus: the corpus; its fingerprint and the tokenizer's name the cache folder.
+    tokenizer: the run's tokenizer.
+    root: the cache root (`cache_root`); the store is ROOT/tokenized/<fingerprints>.
+    num_proc: tokenising processes; 0 is one per CPU.
+  Raises:
+    BertjaxError: `root` is remote (memory-mapping needs local disk).
+  """
   root = epath.Path(root)
   if "://" in str(root):
     raise BertjaxError(

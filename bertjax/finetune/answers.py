@@ -47,7 +47,17 @@ def decode(
   null_score_threshold: float,
 ) -> tuple[dict[str, str], dict[str, float]]:
   """({question id: answer text}, {question id: null score - best span score}) for every
-  question; "" is no answer (SQuAD 2.0, or no valid span at all)."""
+  question; "" is no answer (SQuAD 2.0, or no valid span at all).
+
+  Args:
+    questions: the questions `features` were made from (`squad.windows`; `example_index` indexes them).
+    features: `squad.windows`' arrays; `example_index`, `offsets` and `max_context` are read.
+    start_logits_FxL, end_logits_FxL: the model's logits for each window.
+    n_best: the top start and end logits a window pairs into candidates.
+    max_answer_len: the longest answer in tokens.
+    squad_v2: score "no answer"; without it null_odds are 0 and every answer is the best span.
+    null_score_threshold: answer "" when null score - best span score exceeds it (SQuAD 2.0).
+  """
   answers, null_odds = {}, {}
   windows_of: dict[int, list[int]] = {}
   for f, example in enumerate(features["example_index"]):

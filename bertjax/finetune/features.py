@@ -19,7 +19,14 @@ _CHUNK = 2048
 
 def truncate_pair(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
   """The lengths google-research/bert's `_truncate_seq_pair` leaves: one token at a time off the
-  end of the longer text (the second on a tie) until both fit in `budget`."""
+  end of the longer text (the second on a tie) until both fit in `budget`.
+
+  Args:
+    len_a, len_b: the two texts' lengths in tokens.
+    budget: the tokens both may take together.
+  Returns:
+    (len_a, len_b) after truncation; unchanged when they fit.
+  """
   excess = len_a + len_b - budget
   if excess <= 0:
     return len_a, len_b
@@ -41,7 +48,16 @@ def _encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
 
 def encode_classification(examples, tokenizer, max_seq_len: int) -> dict[str, np.ndarray]:
   """`[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]` per example (segments 0 then 1), truncated
-  longest-first to `max_seq_len` and right-padded; labels as given (class ids or floats)."""
+  longest-first to `max_seq_len` and right-padded; labels as given (class ids or floats).
+
+  Args:
+    examples: `texts`, `pairs` (second texts, or None for single-text tasks) and `labels`, one per
+      example (`sources.Examples`).
+    tokenizer: the run's tokenizer.
+    max_seq_len: L.
+  Returns:
+    int32 `input_ids`, `segment_ids`, `attention_mask` [N, L] and `labels` [N].
+  """
   n = len(examples.texts)
   ids_NxL = np.full((n, max_seq_len), tokenizer.pad_id, np.int32)
   segments_NxL = np.zeros((n, max_seq_len), np.int32)

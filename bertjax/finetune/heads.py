@@ -61,6 +61,7 @@ class SequenceClassifier(nnx.Module):
     self.rate = head_dropout
 
   def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    """[B, C] float32 logits; the arguments are `encode`'s, and `dropout_key` also drops the pooled output."""
     encode_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     h = self.encode(input_ids, segment_ids, attention_mask, dropout_key=encode_key)
     pooled = self.pooler(h[:, 0]).astype(jnp.float32)
@@ -82,20 +83,28 @@ class SpanPredictor(nnx.Module):
     self.qa_outputs = OutputLayer(cfg, 2, "embed", rngs=rngs)
 
   def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    """(start logits, end logits), each [B, L] float32; the arguments are `encode`'s."""
     h = self.encode(input_ids, segment_ids, attention_mask, dropout_key=dropout_key)
     logits_BxLx2 = constrain(self.qa_outputs(h), ("act_batch", "act_length", None))
     return logits_BxLx2[..., 0], logits_BxLx2[..., 1]
 
 
 def build(cfg: BertConfig, spec: TaskSpec, head_dropout: float, rngs: nnx.Rngs) -> nnx.Module:
-  """The fine-tuning model of a task."""
+  """The fine-tuning model of a task.
+
+  Args:
+    cfg: the body's BertConfig.
+    spec: the task; `qa` gives a SpanPredictor, else a SequenceClassifier of `spec.num_outputs`.
+    head_dropout: the dropout rate on the pooled output (classification only).
+    rngs: the parameters' random streams.
+  """
   if spec.kind == "qa":
     return SpanPredictor(cfg, rngs=rngs)
   return SequenceClassifier(cfg, spec.num_outputs, head_dropout, rngs=rngs)
 
 
 def abstract(cfg: BertConfig, spec: TaskSpec, head_dropout: float) -> nnx.Module:
-  """Shapes, dtypes and logical axes of the task's model, allocating nothing."""
+  """Shapes, dtypes and logical axes of the task's model, allocating nothing (`build`'s arguments but `rngs`)."""
   return nnx.eval_shape(lambda: build(cfg, spec, head_dropout, nnx.Rngs(params=0)))
 
 
@@ -105,6 +114,11 @@ def _jitted_init(cfg: BertConfig, spec: TaskSpec, head_dropout: float):
 
 
 def init(cfg: BertConfig, spec: TaskSpec, head_dropout: float = 0.1, seed: int = 0) -> nnx.Module:
-  """A freshly initialised fine-tuning model (one compiled initializer per config)."""
+  """A freshly initialised fine-tuning model (one compiled initializer per config).
+
+  Args:
+    cfg, spec, head_dropout: as in `build`.
+    seed: the parameters' seed; the same seed gives the same parameters.
+  """
   graphdef, _ = nnx.split(abstract(cfg, spec, head_dropout))
   return nnx.merge(graphdef, _jitted_init(cfg, spec, head_dropout)(seed))

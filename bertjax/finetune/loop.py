@@ -45,6 +45,8 @@ NULL_ODDS_FILE = "null_odds.json"
 
 @dataclasses.dataclass
 class Result:
+  """What `finetune` returns: the final dev metrics and train state."""
+
   final: dict[str, float]  # the dev metrics at the end ({} when stopped early)
   state: TrainState
   stopped_by: str | None = None  # the signal that stopped the run, after saving
@@ -86,7 +88,18 @@ def _check_resumable(run: run_lib.Run, source: str):
 
 def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | None = None) -> Result:
   """Fine-tune to finetune.epochs: resume WORKDIR's newest good checkpoint (or `step`), or start
-  from finetune.init. `data` is run.prepare's (read before anything is written)."""
+  from finetune.init. `data` is run.prepare's (read before anything is written).
+
+  Args:
+    config: a validated fine-tuning config (`run.load_config`).
+    workdir: the run folder.
+    data: `run.prepare(config)`'s result; None prepares it here.
+    step: the checkpoint step to resume from; None takes the newest restorable one.
+  Raises:
+    BertjaxError: the task's data is unusable (when `data` is None), the workdir is in use or
+      unwritable, its checkpoint is of another model, tokenizer or task, or the --init run has no
+      usable checkpoint.
+  """
   data = run_lib.prepare(config) if data is None else data
   with contextlib.ExitStack() as stack:
     workdir_lock = stack.enter_context(lock.hold(workdir))  # one run per workdir, as pretraining

@@ -92,18 +92,22 @@ def _f1_of_tokens(pred: list[str], gold: list[str]) -> float:
 
 
 def v1_exact(prediction: str, gold: str) -> float:
+  """1.0 when the normalised texts are equal, else 0.0 (evaluate-v1.1.py's exact_match_score)."""
   return float(normalize_answer(prediction) == normalize_answer(gold))
 
 
 def v1_f1(prediction: str, gold: str) -> float:
+  """The F1 of the normalised texts' tokens; 0.0 without a common token (evaluate-v1.1.py's f1_score)."""
   return _f1_of_tokens(normalize_answer(prediction).split(), normalize_answer(gold).split())
 
 
 def v2_exact(gold: str, prediction: str) -> float:
+  """1.0 when the normalised texts are equal, else 0.0 (evaluate-v2.0.py's compute_exact, gold first)."""
   return float(normalize_answer(gold) == normalize_answer(prediction))
 
 
 def v2_f1(gold: str, prediction: str) -> float:
+  """Token F1 as `v1_f1`; when a side has no tokens (no answer), 1.0 if both have none, else 0.0 (compute_f1)."""
   gold_tokens, pred_tokens = _tokens(gold), _tokens(prediction)
   if not gold_tokens or not pred_tokens:  # a no-answer on either side: 1 if both are, else 0
     return float(gold_tokens == pred_tokens)

@@ -113,6 +113,8 @@ def prepare(config, tokenizer=None, *, with_train: bool = True) -> Data:
 
 @dataclasses.dataclass
 class Run:
+  """A fine-tuning run, assembled: `setup`'s result."""
+
   config: Any
   workdir: epath.Path
   data: Data
@@ -136,6 +138,7 @@ class Run:
     }
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
+    """The global batch of training step `step` (`TrainOrder.rows`), with its labels."""
     return self.global_batch(self.order.rows(step), self.data.train, steps_lib.device_keys(self.data.spec, True))
 
 
@@ -148,7 +151,16 @@ def _optim_config(config, total_steps: int):
 
 
 def setup(config, workdir, data: Data) -> Run:
-  """The mesh, the compiled steps and this process's rows (nothing is written)."""
+  """The mesh, the compiled steps and this process's rows (nothing is written).
+
+  Args:
+    config: a validated fine-tuning config; for custom classification data, `finetune.labels` is
+      set here to the classes `data` resolved.
+    workdir: the run folder.
+    data: `prepare(config)`'s result.
+  Raises:
+    BertjaxError: the config does not fit this job's devices.
+  """
   validation.validate_for_devices(config, jax.device_count())
   workdir = epath.Path(workdir)
   if data.spec.kind == "classification" and not config.finetune.glue_task and not config.finetune.regression:
@@ -176,7 +188,11 @@ def write_run_files(run: Run) -> None:
 
 def warm_start(run: Run, init: str):
   """The step-0 state: parameters of the encoder (and pooler) from the --init run's newest good
-  checkpoint, the head and optimizer fresh from train.seed."""
+  checkpoint, the head and optimizer fresh from train.seed.
+
+  Raises:
+    BertjaxError: `init` has no checkpoints, none restores, or its model or tokenizer differs.
+  """
   abstract = nnx.state(abstract_model(run.model_config), nnx.Param)
   shardings = rules.named(run.steps.mesh, rules.param_specs(abstract))
   target = jax.tree.map(

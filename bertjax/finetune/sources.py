@@ -46,6 +46,8 @@ class Examples:
 
 @dataclasses.dataclass
 class ClassificationData:
+  """`read_classification`'s result: the resolved task and its splits."""
+
   spec: tasks.TaskSpec  # with the classes resolved (an hf: ClassLabel may name them)
   train: Examples | None  # None when only the dev splits were asked for
   dev: dict[str, Examples]  # split name -> examples, in spec.dev_splits order

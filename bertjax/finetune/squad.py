@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+  """One SQuAD question with its context and gold answers."""
+
   id: str
   question: str
   context: str
@@ -165,7 +167,19 @@ def windows(
 ) -> dict[str, np.ndarray]:
   """Every question's windows as features: input_ids, segment_ids, attention_mask [F, L];
   example_index [F]; offsets [F, L, 2] (character span in the context, -1 outside it);
-  max_context [F, L]; with labels, start_positions and end_positions [F]."""
+  max_context [F, L]; with labels, start_positions and end_positions [F].
+
+  Args:
+    questions: the questions; `example_index` gives each window's position in this list.
+    tokenizer: the run's tokenizer (`encode_with_offsets` for the contexts).
+    max_seq_len: L, the window length in tokens.
+    doc_stride: tokens between the starts of consecutive windows of one context.
+    max_query_len: questions are cut to this many tokens.
+    with_labels: add the first answer's token positions, or 0 ([CLS]) where a window does not hold it
+      whole or the question has none.
+  Returns:
+    int32 arrays, except bool `max_context`.
+  """
   queries = tokenizer.encode_batch([q.question for q in questions])
   contexts = sorted({q.context for q in questions})
   encoded = dict(zip(contexts, tokenizer.encode_with_offsets(contexts)))

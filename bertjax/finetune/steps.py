@@ -41,7 +41,17 @@ def _outputs(graphdef, params, batch: Batch, dropout_key):
 
 
 def loss_sums(spec: TaskSpec, outputs, batch: Batch) -> dict[str, jax.Array]:
-  """Loss (and for classification, correct-prediction) sums over the batch's real rows."""
+  """Loss (and for classification, correct-prediction) sums over the batch's real rows.
+
+  Args:
+    spec: the task.
+    outputs: the model's: logits [B, C] (classification and regression), or (start, end) logits
+      [B, L] (QA).
+    batch: `weights` [B] (1 real row, 0 padding) and the labels: `labels` [B] (class ids, or floats
+      for regression), or `start_positions` and `end_positions` [B].
+  Returns:
+    float32 scalars `loss_sum` and `weight_sum`, and for classification `correct_sum`.
+  """
   w_B = batch["weights"].astype(jnp.float32)
   if spec.kind == "qa":
     start_BxL, end_BxL = outputs
@@ -130,6 +140,17 @@ def compile_steps(
   decays to `end_lr` at `total_steps`. Nothing is compiled until first called. Runs that differ
   only in their seed (the GLUE suite's), or a run and its resumption in one process, get the same
   jitted functions, so they compile once.
+
+  Args:
+    cfg: the body's resolved BertConfig.
+    spec: the task (the head and the loss).
+    head_dropout: `finetune.head_dropout`.
+    optim_cfg: the optimizer section, warmup included.
+    total_steps: the schedule's length.
+    grad_accum: microbatches accumulated into one step.
+    mesh: the device mesh.
+  Returns:
+    CompiledSteps, as pretraining's `compile_steps`.
   """
   optim_values = tuple(sorted(optim_cfg.items()))
   return _compile_steps(cfg, spec, head_dropout, optim_values, total_steps, grad_accum, mesh)

@@ -23,6 +23,8 @@ KINDS = ("classification", "qa")
 
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
+  """One GLUE task: its TSV folder and columns, its nyu-mll/glue columns, its classes and metrics."""
+
   name: str
   folder: str  # the task's folder in the GLUE download
   header: bool  # whether train.tsv and dev.tsv start with a header line (CoLA's do not)

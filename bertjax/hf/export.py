@@ -53,7 +53,14 @@ class RunSnapshot:
 
 
 def read_run(workdir, step: int | None = None) -> RunSnapshot:
-  """A run's parameters at `step` (default: the newest restorable), with what describes them."""
+  """A run's parameters at `step` (default: the newest restorable), with what describes them.
+
+  The parameters are numpy arrays on this host, whatever mesh saved them.
+
+  Raises:
+    BertjaxError: `workdir` has no config.json, tokenizer/ or checkpoints, or the step cannot be
+      restored or does not fit the run's config.
+  """
   workdir = epath.Path(workdir)
   config = config_loading.read_config(workdir)
   tokenizer_dir = workdir / "tokenizer"
@@ -111,7 +118,17 @@ def _hf_model(run: RunSnapshot) -> tuple[dict, dict[str, np.ndarray]]:
 
 def export_hf(workdir, out=None, step: int | None = None) -> epath.Path:
   """Write the run's parameters at `step` as a transformers folder (BertForPreTraining, or a
-  fine-tuning run's BertForSequenceClassification / BertForQuestionAnswering)."""
+  fine-tuning run's BertForSequenceClassification / BertForQuestionAnswering).
+
+  Args:
+    workdir: the bertjax run folder.
+    out: the folder to write; None is WORKDIR/export/hf. An earlier export there is replaced.
+    step: the checkpoint step; None takes the newest restorable one.
+  Returns:
+    `out`.
+  Raises:
+    BertjaxError: `read_run`'s, or `out` is a file or a non-empty folder that is not a bertjax export.
+  """
   run = read_run(workdir, step)
   out = epath.Path(out) if out else default_out(workdir, "hf")
   cfg = run.model_config
@@ -130,7 +147,16 @@ def export_hf(workdir, out=None, step: int | None = None) -> epath.Path:
 
 def export_params(workdir, out=None, step: int | None = None) -> epath.Path:
   """Write the run's parameters at `step` under bertjax's own names (layout as trained, vocabulary
-  padding included), with the model config and the tokenizer: see load_params_export."""
+  padding included), with the model config and the tokenizer: see load_params_export.
+
+  Args:
+    workdir, step: as in `export_hf`.
+    out: the folder to write; None is WORKDIR/export/params.
+  Returns:
+    `out`.
+  Raises:
+    BertjaxError: as in `export_hf`.
+  """
   run = read_run(workdir, step)
   out = epath.Path(out) if out else default_out(workdir, "params")
   tensors = {path: np.ascontiguousarray(value, np.float32) for path, value in flatten_dict(run.params, sep="/").items()}
@@ -152,7 +178,14 @@ def export_params(workdir, out=None, step: int | None = None) -> epath.Path:
 
 
 def export(workdir, format: str, out=None, step: int | None = None) -> epath.Path:
-  """`bertjax export`: the folder written."""
+  """`bertjax export`: the folder written.
+
+  Args:
+    workdir, out, step: as in `export_hf`.
+    format: `hf` (`export_hf`) or `params` (`export_params`).
+  Raises:
+    BertjaxError: an unknown `format`, or the chosen export's.
+  """
   if format not in FORMATS:
     raise BertjaxError(f"--format {format}: unknown; use hf or params")
   return (export_hf if format == "hf" else export_params)(workdir, out, step)

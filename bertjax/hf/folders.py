@@ -22,6 +22,11 @@ from bertjax.hf import names
 
 
 def read_safetensors(path: epath.Path) -> dict[str, np.ndarray]:
+  """{tensor name: numpy array} of a safetensors file; bfloat16 tensors (read through torch) widen to float32.
+
+  Raises:
+    BertjaxError: the file is not readable safetensors.
+  """
   data = path.read_bytes()
   try:
     return safetensors.numpy.load(data)
@@ -103,7 +108,12 @@ def _read_weights(directory: epath.Path) -> dict[str, np.ndarray]:
 
 
 def read_hf_checkpoint(directory) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json dict, {tensor name: numpy array}) of a transformers BERT folder."""
+  """(config.json dict, {tensor name: numpy array}) of a transformers BERT folder.
+
+  Raises:
+    BertjaxError: no such folder, no or invalid config.json, a config that is not BERT's, or weights
+      that are missing, unreadable, or (an index's shards) outside the folder.
+  """
   directory = epath.Path(directory)
   if not directory.is_dir():
     raise BertjaxError(f"transformers folder {directory}: no such folder; give a transformers BERT folder")
@@ -122,6 +132,7 @@ _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 
 
 def is_hf_folder(directory: epath.Path) -> bool:
+  """Whether `directory` holds transformers weights or a config.json with `model_type` (or a broken one)."""
   if any((directory / name).exists() for name in _HF_WEIGHTS):
     return True
   config_file = directory / "config.json"

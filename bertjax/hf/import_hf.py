@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class ImportResult:
+  """What `import_hf` made: the new run folder and the model it holds."""
+
   workdir: epath.Path
   config: model_config.BertConfig
   vocab_size: int
@@ -62,7 +64,16 @@ def _variant_name(cfg: model_config.BertConfig) -> str:
 
 
 def run_config_for(cfg: model_config.BertConfig, tokenizer_dir: str, seed: int = 0):
-  """The run config of an imported model: bertjax's defaults with the checkpoint's sizes."""
+  """The run config of an imported model: bertjax's defaults with the checkpoint's sizes.
+
+  Args:
+    cfg: the BertConfig read from the transformers config.json.
+    tokenizer_dir: the tokenizer folder the run config names (`data.tokenizer`).
+    seed: `train.seed`.
+  Returns:
+    The validated run config; `data.seq_len` and `data.max_predictions` are capped at the model's
+    `max_position_embeddings`.
+  """
   config = defaults.get_config()
   config.model.variant = _variant_name(cfg)
   config.model.update(
@@ -92,7 +103,14 @@ def _check_new_workdir(workdir: epath.Path) -> None:
 
 
 def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
-  """Make `workdir` a bertjax run at step 0 holding the transformers BERT in `hf_dir`."""
+  """Make `workdir` a bertjax run at step 0 holding the transformers BERT in `hf_dir`.
+
+  Parameters the checkpoint lacks (a head) are initialised from `seed`.
+
+  Raises:
+    BertjaxError: `workdir` exists and is not empty, `hf_dir` is not a readable transformers BERT
+      folder or holds no tokenizer, or its tokenizer's vocabulary differs from config.json's.
+  """
   hf_dir, workdir = epath.Path(hf_dir), epath.Path(workdir)
   _check_new_workdir(workdir)
   hf_config, tensors = folders.read_hf_checkpoint(hf_dir)

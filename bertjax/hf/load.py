@@ -36,7 +36,11 @@ def params_of(model: nnx.Module) -> dict:
 
 
 def load_params_into(model: nnx.Module, params: dict) -> None:
-  """Write a parameter pure dict into `model`, keeping each parameter's dtype and placement."""
+  """Write a parameter pure dict into `model`, keeping each parameter's dtype and placement.
+
+  Raises:
+    BertjaxError: the dict's paths or shapes differ from the model's.
+  """
   state = nnx.state(model, nnx.Param)
   current = flatten_dict(nnx.to_pure_dict(state), sep="/")
   given = flatten_dict(params, sep="/")
@@ -71,7 +75,11 @@ def model_from_hf_folder(directory, *, dtype: str = "float32", seed: int = 0) ->
 def load_params_export(directory) -> tuple[dict, BertConfig]:
   """(params pure dict of numpy arrays, BertConfig) of an `export --format params` folder.
 
-  model = bertjax.model.init_model(cfg); bertjax.load_params_into(model, params)."""
+  model = bertjax.model.init_model(cfg); bertjax.load_params_into(model, params).
+
+  Raises:
+    BertjaxError: `directory` is not a params export.
+  """
   directory = epath.Path(directory)
   config_file = directory / "config.json"
   if not (directory / PARAMS_FILE).exists() or not config_file.exists():
@@ -91,6 +99,9 @@ def from_pretrained(
   The model computes in `dtype` (float32 by default; parameters are float32 always). The
   tokenizer is None for a transformers folder without tokenizer files. Heads a plain BertModel
   lacks are initialised fresh (seed 0) and logged. `step` picks a workdir's checkpoint.
+
+  Raises:
+    BertjaxError: `directory` is none of the three, is a fine-tuning run, or cannot be read.
   """
   directory = epath.Path(directory)
   if not directory.is_dir():
@@ -123,7 +134,11 @@ def load_finetuned(
   workdir, *, dtype: str = "float32", step: int | None = None
 ) -> tuple[nnx.Module, tokenizer_lib.Tokenizer, tasks.TaskSpec]:
   """(model, tokenizer, task) of a fine-tuning run's checkpoint (default: the newest good one):
-  a bertjax.finetune.heads.SequenceClassifier or SpanPredictor computing in `dtype`."""
+  a bertjax.finetune.heads.SequenceClassifier or SpanPredictor computing in `dtype`.
+
+  Raises:
+    BertjaxError: `workdir` is not a fine-tuning run, or `read_run`'s.
+  """
   run = read_run(workdir, step)
   if not run.config.finetune.task:
     raise BertjaxError(f"{workdir} is not a fine-tuning run: load it with bertjax.hf.load.from_pretrained")

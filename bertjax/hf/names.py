@@ -133,7 +133,15 @@ def to_hf_state_dict(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
 
 def to_hf_finetune_state_dict(params: dict, cfg: BertConfig, kind: str) -> dict[str, np.ndarray]:
   """A fine-tuned model's parameters -> transformers BertForSequenceClassification (kind
-  classification) or BertForQuestionAnswering (qa) tensors."""
+  classification) or BertForQuestionAnswering (qa) tensors.
+
+  Args:
+    params: the fine-tuned model's parameter pure dict (`bertjax.finetune.heads` layout).
+    cfg: its body's BertConfig.
+    kind: `classification` or `qa`.
+  Returns:
+    {transformers name: float32 contiguous numpy array}, vocabulary padding rows stripped.
+  """
   return _tensors(params, finetune_name_map(cfg, kind))
 
 
@@ -281,7 +289,16 @@ def hf_finetune_config(
   pad_token_id: int = 0,
 ) -> dict:
   """A transformers config.json dict for a fine-tuned model: the head's architecture; for
-  classification its classes (id2label, label2id) and problem_type (regression: one output)."""
+  classification its classes (id2label, label2id) and problem_type (regression: one output).
+
+  Args:
+    cfg: the body's BertConfig.
+    kind: `classification` or `qa`; `labels`, `regression` and `classifier_dropout` apply to classification.
+    labels: the class names, in output order; ignored with `regression` (one output, LABEL_0).
+    regression: whether the head has one real-valued output.
+    classifier_dropout: written as `classifier_dropout`.
+    pad_token_id: the tokenizer's [PAD] id.
+  """
   config = {**hf_config_from_bert(cfg, pad_token_id), "architectures": [FINETUNE_ARCHITECTURES[kind]]}
   if kind == "classification":
     names = ["LABEL_0"] if regression else list(labels)

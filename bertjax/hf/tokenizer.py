@@ -104,7 +104,16 @@ def _lowercases(fast: tokenizers.Tokenizer) -> bool:
 
 
 def save_for_transformers(tokenizer: Tokenizer, directory, model_max_length: int) -> list[str]:
-  """Write `tokenizer` for transformers into `directory`; returns the file names written."""
+  """Write `tokenizer` for transformers into `directory`; returns the file names written.
+
+  Args:
+    tokenizer: a bertjax Tokenizer (WordPiece or SentencePiece).
+    directory: the folder to write into (created if absent); existing files of the same names
+      are overwritten.
+    model_max_length: the longest input in tokens (the model's `max_position_embeddings`).
+  Returns:
+    The file names written, sorted.
+  """
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   fast = fast_tokenizer(tokenizer)
@@ -134,6 +143,7 @@ def save_for_transformers(tokenizer: Tokenizer, directory, model_max_length: int
 
 
 def has_tokenizer(directory) -> bool:
+  """Whether `directory` holds a tokenizer `load_from_transformers` reads (spm.model, tokenizer.json, vocab.txt)."""
   directory = epath.Path(directory)
   return any((directory / name).exists() for name in (tokenizer_lib.SPM_FILE, "tokenizer.json", "vocab.txt"))
 

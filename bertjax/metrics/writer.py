@@ -87,6 +87,18 @@ class MetricsWriter:
     self._events: SummaryWriter | None = None
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+    """Append one record {step, split, time, **metrics} and its TensorBoard scalars, then flush.
+
+    Does nothing on a disabled writer.
+
+    Args:
+      step: the global step the metrics belong to.
+      metrics: name -> scalar (Python, NumPy or JAX; one element).
+      split: `train`, `eval`, ...: the record's `split` and the TensorBoard tag prefix.
+    Raises:
+      ValueError: a metric is not a scalar or is named step, split or time.
+      BertjaxError: the files cannot be written (the OS's reason in one line).
+    """
     if not self.enabled:
       return
     clashes = [name for name in metrics if name in _RESERVED_FIELDS]

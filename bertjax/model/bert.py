@@ -45,8 +45,18 @@ class BertForPreTraining(nnx.Module):
   def encode(
     self, input_ids, segment_ids=None, attention_mask=None, *, position_ids=None, pair_ids=None, dropout_key=None
   ):
-    """Final hidden states [B, L, H]. Sequences are right-padded; `pair_ids` (packing) keeps
-    tokens attending only within their pair, 0 marking padding."""
+    """Final hidden states [B, L, H] in the compute dtype (`config.dtype`).
+
+    Args:
+      input_ids: [B, L] token ids, right-padded.
+      segment_ids: [B, L] token types (0 = sentence A, 1 = B); None is all 0.
+      attention_mask: [B, L], 1 on real tokens and 0 on padding; None is all 1.
+      position_ids: [B, L] position-embedding rows; None is 0..L-1 in every row (packed rows
+        restart at each pair).
+      pair_ids: [B, L] with packing: tokens attend only within their pair, 0 marking padding;
+        None is one sequence a row, masked by `attention_mask`.
+      dropout_key: a PRNG key for dropout, or None for a deterministic pass.
+    """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, L = input_ids.shape
     segment_ids = jnp.zeros_like(input_ids) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
@@ -77,6 +87,13 @@ class BertForPreTraining(nnx.Module):
     MLM logits are float32 with the padded vocabulary rows at the most negative float.
     `nsp_positions` [B] (default: every row's [CLS] at 0) gives NSP logits [B, 2]; [B, K]
     (K packed pairs a row) gives [B, K, 2].
+
+    Args:
+      input_ids, segment_ids, attention_mask, position_ids, pair_ids, dropout_key: as in `encode`.
+      masked_positions: [B, P] positions in the row whose tokens the MLM head predicts.
+      nsp_positions: [B] or [B, K] positions of the [CLS] tokens the NSP head classifies.
+    Returns:
+      (mlm_logits [B, P, V_padded], nsp_logits [B, 2] or [B, K, 2]), both float32.
     """
     h = self.encode(
       input_ids, segment_ids, attention_mask, position_ids=position_ids, pair_ids=pair_ids, dropout_key=dropout_key

@@ -16,6 +16,8 @@ VOCAB_MULTIPLE = 128
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
+  """A BERT size: depth, width, attention heads and feed-forward width."""
+
   num_layers: int
   hidden_size: int
   num_heads: int
@@ -101,6 +103,11 @@ def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) 
 
   `auto` dtype is bfloat16 on accelerators and float32 on CPU; `auto` attention is cuDNN flash
   attention on NVIDIA GPUs when it applies (16-bit compute, no attention dropout), else XLA.
+
+  Args:
+    model_cfg: the run config's `model` section.
+    vocab_size: the tokenizer's vocabulary size (the embedding table is padded past it).
+    backend: `cpu`, `gpu` or `tpu`; None asks JAX for this process's default backend.
   """
   if backend is None:
     import jax  # only to ask which platform runs this process

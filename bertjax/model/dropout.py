@@ -49,7 +49,14 @@ def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float, impl: str = "threefry") -> jax.Array:
-  """bool mask of `shape`, True with probability 1 - `rate`."""
+  """bool mask of `shape`, True with probability 1 - `rate`.
+
+  Args:
+    key: a PRNG key; the mask is a function of it and the element coordinates only.
+    shape: the mask's shape.
+    rate: the probability of False (dropped).
+    impl: `threefry` (jax.random.bernoulli) or `hash` (`hash_bits`); the two give different masks.
+  """
   if impl == "threefry":
     return jax.random.bernoulli(key, 1.0 - rate, shape)
   # P(bits >= t) = 1 - t / 2^32 = 1 - rate, to within 2^-32.
@@ -58,7 +65,14 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float, impl: str = "
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, impl: str = "threefry") -> jax.Array:
-  """Inverted dropout of `x` at `rate`; identity without a key or at rate 0 (evaluation)."""
+  """Inverted dropout of `x` at `rate`; identity without a key or at rate 0 (evaluation).
+
+  Args:
+    x: any array; the result has its shape and dtype.
+    rate: the probability of zeroing an element; kept elements are scaled by 1 / (1 - rate).
+    key: a PRNG key, or None for no dropout.
+    impl: `keep_mask`'s `impl`.
+  """
   if key is None or rate == 0.0:
     return x
   keep = keep_mask(key, x.shape, rate, impl)

@@ -83,6 +83,15 @@ class SelfAttention(nnx.Module):
     self.impl = cfg.attention_impl
 
   def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None):
+    """[B, L, E] attention output in the compute dtype.
+
+    Args:
+      x_BxLxE: the block's input.
+      mask_Bx1xLxL: True where a query token may attend to a key token.
+      kv_lengths_B: real tokens per row (right padding), which the cuDNN path takes instead of the
+        mask; None for packed rows, where only the mask describes padding.
+      dropout_key: a PRNG key for attention-probability dropout, or None for none.
+    """
     dt = self.dtype
     qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
@@ -174,6 +183,7 @@ class Encoder(nnx.Module):
     self.scan = cfg.scan_layers
 
   def __call__(self, x, mask, kv_lengths, dropout_key=None):
+    """All layers over `x` [B, L, E]; the arguments are `SelfAttention`'s, one key split per layer."""
     graphdef, stacked = nnx.split(self.layers)
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
 

@@ -116,6 +116,7 @@ class Checkpoints:
     return sorted(self.manager.all_steps())
 
   def good_steps(self) -> list[int]:
+    """The steps whose files and sizes match their manifest, oldest first (`is_good`)."""
     return [s for s in self.steps() if is_good(self.dir / str(s))]
 
   def damaged(self) -> list[str]:
@@ -132,7 +133,17 @@ class Checkpoints:
 
   # -- saving --------------------------------------------------------------------------------
   def save(self, state, meta: dict, *, wait: bool = False) -> None:
-    """Save `state` (a TrainState) at its step with `meta`; asynchronous unless `wait`."""
+    """Save `state` (a TrainState) at its step with `meta`; asynchronous unless `wait`.
+
+    Args:
+      state: the TrainState; its `step` names the checkpoint and its `rng` goes into the meta.
+      meta: JSON-serialisable run facts (model sizes, tokenizer fingerprint, data position, ...);
+        `step`, `rng` and `code_version` are added.
+      wait: block until this save and its manifest are written, then prune.
+    Raises:
+      CheckpointError: this save, a previous one in flight, or a manifest could not be written
+        (one line with the operating system's reason and the steps still intact).
+    """
     step = int(jax.device_get(state.step))
     meta = {
       **meta,
@@ -229,6 +240,7 @@ class Checkpoints:
     return self.steps()[::-1]
 
   def read_meta(self, step: int) -> dict:
+    """The JSON meta of `step`, read without its arrays."""
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def _first_restorable(self, step: int | None, items: tuple[str, ...], make_args, check=None) -> tuple[int, dict]:
@@ -309,6 +321,18 @@ class Checkpoints:
     """(state, meta) of `step` or the newest restorable step, placed as `abstract_state` says.
 
     `check(meta)` runs on a step's meta before its arrays are read (model sizes, tokenizer).
+
+    Args:
+      abstract_state: the TrainState of ShapeDtypeStructs with shardings
+        (`CompiledSteps.abstract_state()`).
+      step: the step to restore; None takes the newest that restores, skipping damaged ones (a
+        writable Checkpoints moves those aside).
+      check: called with a step's meta; raises a BertjaxError to refuse it.
+    Returns:
+      (state, meta): the TrainState with its step and rng from the meta, and the step's meta dict.
+    Raises:
+      CheckpointError: `step` is absent or cannot be restored, or no step can.
+      BertjaxError: whatever `check` raises.
     """
 
     def make_args(candidate):
@@ -334,6 +358,16 @@ class Checkpoints:
 
     Without a target the arrays are read onto this host's CPU, whatever mesh or device count
     saved them (an export on a laptop of a run trained on a pod).
+
+    Args:
+      abstract_params: ShapeDtypeStructs with shardings for the parameters, or None for numpy
+        arrays on this host.
+      step, check: as in `restore`.
+    Returns:
+      (params, meta): the parameter pure dict (jax.Arrays placed as `abstract_params` says, or
+      numpy arrays) and the step's meta dict.
+    Raises:
+      CheckpointError, BertjaxError: as in `restore`.
     """
 
     def make_args(candidate):
@@ -368,12 +402,22 @@ def check_room(workdir, abstract_state) -> None:
 
 
 def model_sizes(model_config) -> dict:
+  """The BertConfig's STRUCTURAL_KEYS, the sizes a checkpoint's meta records under `model`."""
   sizes = dataclasses.asdict(model_config)
   return {k: sizes[k] for k in STRUCTURAL_KEYS}
 
 
 def check_compatible(meta: dict, model_config, tokenizer_fingerprint: str | None, source: str) -> None:
-  """Refuse a checkpoint whose parameters or tokenizer do not fit this run."""
+  """Refuse a checkpoint whose parameters or tokenizer do not fit this run.
+
+  Args:
+    meta: the checkpoint's meta (`model` sizes, `tokenizer_fingerprint`).
+    model_config: this run's resolved BertConfig.
+    tokenizer_fingerprint: this run's tokenizer's; None (or a meta without one) skips that check.
+    source: the input the message names (`--workdir ...`, `train.init_from=...`).
+  Raises:
+    BertjaxError: a structural size or the tokenizer differs.
+  """
   saved, current = meta.get("model", {}), model_sizes(model_config)
   differing = [f"{k} {saved.get(k)} -> {current[k]}" for k in STRUCTURAL_KEYS if saved.get(k) != current[k]]
   if differing:
@@ -396,6 +440,17 @@ def warm_start(init_from, steps, model_config, *, params_only: bool, seed: int, 
   phase 1's learning-rate schedule); with `params_only`, only the parameters do, and the
   optimizer starts afresh at step 0 (fine-tuning, a new optimizer). `steps` is the new run's
   CompiledSteps: the state lands on its mesh.
+
+  Args:
+    init_from: the source run folder (`train.init_from`).
+    steps: the new run's CompiledSteps.
+    model_config: the new run's BertConfig; its structural sizes must match the checkpoint's.
+    params_only: carry over the parameters alone, with a fresh optimizer state and rng from `seed`.
+    seed: `train.seed`, used only with `params_only`.
+    tokenizer_fingerprint: the new run's tokenizer's, checked against the checkpoint's if given.
+  Raises:
+    BertjaxError: `init_from` has no checkpoints, or its model or tokenizer does not fit.
+    CheckpointError: no step there can be restored.
   """
   with Checkpoints(init_from, read_only=True) as source:
     if not source.steps():

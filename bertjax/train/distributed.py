@@ -19,6 +19,8 @@ _RUNTIME_GRACE_S = 30
 
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
+  """The `--coordinator`, `--num_processes` and `--process_id` flags: all three, or none to detect the job."""
+
   coordinator: str | None = None  # HOST:PORT of process 0
   num_processes: int | None = None
   process_id: int | None = None

@@ -69,6 +69,7 @@ def _alive_here(holder: dict) -> bool:
 
 
 def describe(holder: dict) -> str:
+  """`host H, pid P, started TIME` for a lock file's holder record, for messages."""
   started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
   return f"host {holder.get('host')}, pid {holder.get('pid')}, started {started}"
 
@@ -120,6 +121,12 @@ class WorkdirLock:
     )
 
   def acquire(self) -> None:
+    """Take the lease (over a stale one, with a warning) and start its heartbeat thread.
+
+    Raises:
+      WorkdirInUse: a live run holds the lease, or another run took it in the same moment.
+      BertjaxError: the lock file cannot be written.
+    """
     holder = self.read()
     if holder is not None:
       why = self.stale_because(holder)
@@ -165,6 +172,7 @@ class WorkdirLock:
       )
 
   def release(self) -> None:
+    """Stop the heartbeat and delete the lock file if it still names this run."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join()

@@ -66,6 +66,8 @@ class _Profiler:
 
 @dataclasses.dataclass
 class TrainResult:
+  """What `train` returns: the final held-out metrics and train state."""
+
   final: dict[str, float]  # held-out metrics at the end, with the baselines ({} if stopped early)
   state: steps_lib.TrainState
   stopped_by: str | None = None  # the signal that stopped the run early, after saving
@@ -83,7 +85,18 @@ def _checkpoint_meta(run: Run, step: int) -> dict:
 
 
 def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | None = None):
-  """(state, data position or None): resume this workdir, warm-start from another, or init."""
+  """(state, data position or None): resume this workdir, warm-start from another, or init.
+
+  Args:
+    run: the run's `setup` result.
+    checkpoints: this workdir's checkpoints; any step there (or a damaged one) means resume.
+    step: the step to resume from; None takes the newest restorable one.
+  Returns:
+    (state, data position): the TrainState on the run's mesh, and the checkpoint meta's `data`
+    (`pipeline.state_for`'s dict) when resumed, else None.
+  Raises:
+    BertjaxError: a checkpoint (or `train.init_from`) that cannot be restored or does not fit this run.
+  """
   t = run.config.train
   if checkpoints.steps() or checkpoints.damaged() or step is not None:
     state, meta = checkpoints.restore(

@@ -44,6 +44,7 @@ def step_files(step_dir: epath.Path) -> dict[str, int]:
 
 
 def sha256(path: epath.Path) -> str:
+  """The hex SHA-256 of a file's bytes, read in chunks."""
   digest = hashlib.sha256()
   with path.open("rb") as f:
     while chunk := f.read(_CHUNK):

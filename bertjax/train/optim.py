@@ -80,6 +80,8 @@ def weight_decay_mask(params):
 
 
 class BertAdamState(NamedTuple):
+  """Adam's first (`mu`) and second (`nu`) moments, shaped as the parameters."""
+
   mu: optax.Updates
   nu: optax.Updates
 
@@ -153,7 +155,16 @@ def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
 
 def check_nonfinite(consecutive: int, max_nonfinite: int, step: int, newest_checkpoint: int | None = None) -> None:
   """Stops the run (BertjaxError) once `max_nonfinite` steps in a row had a non-finite gradient,
-  saying which step went non-finite first and where to resume from with what changed."""
+  saying which step went non-finite first and where to resume from with what changed.
+
+  Args:
+    consecutive: the step's `nonfinite_consecutive` metric (steps skipped in a row).
+    max_nonfinite: `optim.max_nonfinite`.
+    step: the number of steps taken, counting this one.
+    newest_checkpoint: the newest saved step, which the message offers to resume from; None if none.
+  Raises:
+    BertjaxError: `consecutive` >= `max_nonfinite`.
+  """
   consecutive = int(consecutive)
   if consecutive >= max_nonfinite:
     first = step - consecutive + 1

@@ -13,6 +13,7 @@ import numpy as np
 
 
 def from_primary(flag: bool) -> bool:
+  """Process 0's `flag`, on every process."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
@@ -21,6 +22,7 @@ def from_primary(flag: bool) -> bool:
 
 
 def any_raised(flag: bool) -> bool:
+  """True on every process when `flag` is True on any of them."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils
@@ -29,6 +31,7 @@ def any_raised(flag: bool) -> bool:
 
 
 def barrier(name: str) -> None:
+  """Wait until every process has called `barrier` with this `name`."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 

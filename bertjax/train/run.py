@@ -79,6 +79,8 @@ def check_workdir(workdir: epath.Path) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
+  """The run's tokenizer and input pipeline: `prepare_data`'s result."""
+
   tokenizer: Any
   pipeline: Any
 
@@ -142,7 +144,15 @@ def baselines(eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
 
 
 def evaluate(run: Run, params, eval_batches: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Held-out MLM and NSP losses and accuracies (sums over all batches, then ratios)."""
+  """Held-out MLM and NSP losses and accuracies (sums over all batches, then ratios).
+
+  Args:
+    run: the run's `setup` result.
+    params: the parameter pure dict, sharded as `run.steps` places it.
+    eval_batches: global batches on the mesh (`Run.held_out`).
+  Returns:
+    `losses.from_sums`'s metrics as floats; {} without batches.
+  """
   if not eval_batches:
     return {}
   sums = None

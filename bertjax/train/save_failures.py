@@ -56,11 +56,18 @@ def probe(folder: epath.Path, needed_bytes: int) -> OSError | None:
 
 
 def one_line(exc: BaseException) -> str:
+  """The exception message's first line, or its type's name when the message is empty."""
   return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def describe(what: str, exc: BaseException, intact: list[int]) -> str:
-  """One line: what failed, the OS's reason, which steps are intact, and what to do."""
+  """One line: what failed, the OS's reason, which steps are intact, and what to do.
+
+  Args:
+    what: the failed operation and its target (`saving checkpoint step 10 to DIR`).
+    exc: the exception; its errno (`bertjax.atomic.os_errno`: its chain or its text) picks the reason and fix.
+    intact: the complete steps left, oldest first; the last is where the run resumes.
+  """
   code = os_errno(exc, FIXES)
   if code is None:
     reason = f"{type(exc).__name__}: {one_line(exc)}"

@@ -27,6 +27,12 @@ class Saver:
   meta: Callable[[int], dict]
 
   def save(self, state, step: int, *, wait: bool = False) -> None:
+    """`Checkpoints.save` of `state` with `meta(step)`, on every process.
+
+    Raises:
+      WorkdirInUse: another run took the workdir over; no process saves.
+      CheckpointError: the save failed.
+    """
     lost = self.workdir_lock is not None and self.workdir_lock.lost is not None
     if processes.from_primary(lost):  # every process stops, none waits in the save's collective
       if self.workdir_lock is not None:
@@ -45,5 +51,6 @@ class Saver:
     self.save(state, step)
 
   def newest(self) -> int | None:
+    """The newest checkpoint step in the workdir, or None."""
     steps = self.checkpoints.steps()
     return steps[-1] if steps else None

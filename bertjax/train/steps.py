@@ -32,6 +32,8 @@ Batch = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
+  """What a train step carries and a checkpoint holds: step, parameters, optimizer state, dropout key."""
+
   step: jax.Array  # int32 scalar: the global step, which the learning-rate schedule follows
   params: Any  # plain nested dict of float32 arrays (nnx.State.to_pure_dict layout)
   opt_state: Any
