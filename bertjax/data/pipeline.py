@@ -12,7 +12,7 @@ def make_pipeline(config, tokenizer, workdir=None) -> Pipeline:
   Args:
     config: a validated run config (its `data` and `train` sections are read).
     tokenizer: the run's tokenizer (`tokenizer.tokenizer_for_run`).
-    workdir: the run folder; unused by both pipelines today (the cache is shared between runs).
+    workdir: the run folder; neither pipeline writes there (the cache is shared between runs).
   """
   if config.data.streaming:
     return StreamingPipeline(config, tokenizer, workdir)
