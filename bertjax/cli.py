@@ -7,6 +7,7 @@ else is printed, no traceback.
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -398,6 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return COMMANDS[name](args, overrides) or 0
   except BertjaxError as e:
     print(f"bertjax: error: {e}", file=sys.stderr)
+    # Work a failed step left in flight (a checkpoint write's coroutines) is dropped on purpose; at
+    # exit Python would warn about it after the error line, which must stay the last thing printed.
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
     return EXIT_USER_ERROR
   except KeyboardInterrupt:
     print("bertjax: interrupted", file=sys.stderr)

@@ -10,11 +10,10 @@ import socket
 import subprocess
 import threading
 import time
-import types
 
 import pytest
 
-from bertjax.train import lock, loop
+from bertjax.train import lock, saving
 from tests.support.runs import launch_job, train_args
 
 HOST = socket.gethostname()
@@ -128,7 +127,7 @@ def test_the_heartbeat_keeps_the_lease_fresh_and_notices_a_takeover(tmp_path):
 def test_a_run_whose_lease_was_taken_over_saves_nothing_more(tmp_path):
   held = lock.WorkdirLock(tmp_path, settle_s=0)
   held.lost = "host node-7, pid 99, started 2024-01-01 00:00:00"
-  saver = loop._Saver(run=types.SimpleNamespace(workdir=tmp_path), checkpoints=None, workdir_lock=held)
+  saver = saving.Saver(checkpoints=None, workdir_lock=held, workdir=tmp_path, meta=lambda step: {})
   with pytest.raises(lock.WorkdirInUse, match=r"another run took the workdir over \(host node-7, pid 99"):
     saver.save(state=None, step=5)
 

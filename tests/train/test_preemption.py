@@ -37,6 +37,8 @@ def test_with_several_processes_sigterm_stays_with_jax_and_sigint_is_handed_to_i
 
   previous = signal.signal(signal.SIGTERM, jax_handler)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
+  service = jax.config.jax_enable_preemption_service  # an in-process CLI call elsewhere may have turned it off
+  jax.config.update("jax_enable_preemption_service", True)
   exits = []
 
   def fake_exit(code):
@@ -57,3 +59,4 @@ def test_with_several_processes_sigterm_stays_with_jax_and_sigint_is_handed_to_i
       assert exits == [130]
   finally:
     signal.signal(signal.SIGTERM, previous)
+    jax.config.update("jax_enable_preemption_service", service)
