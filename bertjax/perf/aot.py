@@ -318,12 +318,25 @@ def _compile_optimizer(steps: steps_lib.CompiledSteps):
 def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one dict per program
+  text = compiled.as_text()
   return {
-    "step_s": float(cost.get("optimal_seconds", float("nan"))),
+    "step_s": float(cost.get("optimal_seconds", float("nan"))) + _unpriced_seconds(text),
     "flops": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-    "collectives": collectives(compiled.as_text()),
+    "collectives": collectives(text),
   }
+
+
+def _unpriced_seconds(hlo_text: str) -> float:
+  """What to add back for the ops libtpu's cost model cannot price and counts at -1 s each.
+
+  On v5e and v6e (libtpu 0.0.42) that is every ConcatBitcast in the entry computation:
+  memory-space assignment's join of adjacent prefetched slices, a bitcast that moves nothing (v5p
+  programs have none). Compiled with sliced prefetch off (`xla_tpu_sliced_prefetch_max_slices=1`)
+  a program has none, and its estimate agrees with the corrected one within 1%.
+  """
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  return float(entry.group(0).count('custom_call_target="ConcatBitcast"')) if entry else 0.0
 
 
 def _combine(terms: list[tuple[int, dict]]) -> dict:

@@ -16,6 +16,7 @@ import pytest
 from bertjax import cli
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
+from bertjax.parallel import mesh as mesh_lib
 from bertjax.perf import aot, dryrun
 from tests.support.runs import MICRO_OVERRIDES, launch
 
@@ -139,9 +140,14 @@ def test_a_step_that_does_not_fit_says_so_with_what_it_needs():
 
 
 def test_the_json_line_carries_the_compiled_figures(tmp_path):
-  """The CLI end to end, on the smallest slice (v5e-1), layers unrolled: one compile."""
+  """The CLI end to end, on the smallest slice (v5e-1), layers unrolled: one compile.
+
+  With BERT's vocabulary, v5e's program joins the embedding gradient's prefetched slices with
+  ConcatBitcasts, which libtpu's cost model prices at -1 s each (its raw figure here is -2.9993 s):
+  the estimate must not count them.
+  """
   _require_libtpu()
-  overrides = [f"--config.{o}" for o in [*MICRO_OVERRIDES, "model.scan_layers=false"]]
+  overrides = [f"--config.{o}" for o in [*MICRO_OVERRIDES, "model.scan_layers=false", "data.vocab_size=30522"]]
   args = ["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--dry-run", "--compile"]
   proc = launch([*args, "--topology", "v5e-1", "--json", *overrides], devices=1)
   out, _ = proc.communicate(timeout=300)
@@ -149,9 +155,21 @@ def test_the_json_line_carries_the_compiled_figures(tmp_path):
   figures = json.loads(out.strip().splitlines()[-1])
   for key in ("estimated_step_s", "estimated_mfu", "memory_per_device_gib", "hbm_gib", "fits", "collectives"):
     assert key in figures
-  assert figures["fits"] is True and figures["hbm_gib"] == 15.75 and figures["estimated_step_s"] > 0
+  assert figures["fits"] is True and figures["hbm_gib"] == 15.75 and 0 < figures["estimated_step_s"] < 0.1
   assert figures["collectives"] == {}  # one chip talks to no one
   assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_slices_of_a_multislice_target_are_the_data_axis():
+  """2 x v5e-4 with FSDP: each slice holds one FSDP group; only data parallelism crosses slices."""
+  _require_libtpu()
+  config = loading.load_config("configs/tiny.py", [*MICRO_OVERRIDES, "mesh.parallelism=fsdp", "mesh.dcn_data=2"])
+  assert dryrun.describe(config, topology="v5e-4")["device_count"] == 8
+  target = aot.target(8, "TPU v5e", aot.parse_topology("v5e-4"), slices=2)
+  assert "v5e-4 (v5e:2x2, 4 chips) x 2 slices" in target.label and target.hbm_bytes == int(15.75 * 2**30)
+  mesh = mesh_lib.make_mesh(config.mesh, target.devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
 
 
 def _one_line_error(argv, capsys) -> str:
