@@ -281,11 +281,13 @@ def _estimate(config, model_cfg: BertConfig, mesh, steps, run) -> dict:
   if not model_cfg.scan_layers and k == 1:
     return {**_cost(run), "method": "the run's program (layers unrolled, one batch: no loops)"}
   micro = config.train.batch_size // k
-  one, two = (
-    _cost(_compile(_unrolled(config, model_cfg, mesh, n), config.data, model_cfg.vocab_size, micro)[0]) for n in (1, 2)
-  )
-  terms = [(k * (2 - layers), one), (k * (layers - 1), two)]  # k * (one + (layers - 1) * (two - one))
   method = f"per-layer cost of unrolled 1- and 2-layer programs, scaled to {layers} layers"
+  vocab = model_cfg.vocab_size
+  programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in (1, 2)]
+  if None in programs:
+    return {"method": f"none: the {method} do not fit", "collectives": {}}
+  one, two = (_cost(program) for program in programs)
+  terms = [(k * (2 - layers), one), (k * (layers - 1), two)]  # k * (one + (layers - 1) * (two - one))
   if k > 1:
     terms.append((1 - k, _cost(_compile_optimizer(steps))))
     method += f", times {k} microbatches with one optimizer update"

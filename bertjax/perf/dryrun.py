@@ -52,7 +52,7 @@ def describe(
   `device_count` and `device_kind` name the hardware (default: what this process sees), or
   `topology` names one TPU slice (v5p-128; `mesh.dcn_data` of them); `vocab_size` the
   tokenizer's size (default: `data.tokenizer`'s if given, else data.vocab_size). `compile_step`
-  adds the compiled step's figures (`compiled_figures`).
+  adds the compiled step's figures (`_compiled_figures`).
   """
   slices = config.mesh.dcn_data
   if topology and device_kind:
@@ -93,12 +93,12 @@ def describe(
     if tpu is None and kind_given:  # a TPU named by --devices and --device-kind: its slices' shape
       tpu = aot.tpu_slice(device_kind, device_count // slices)
     report = aot.compile_report(config, model_cfg, aot.target(device_count, device_kind, tpu, slices))
-    figures.update(compiled_figures(report, flops_per_step, device_count, peak, t.batch_size * d.seq_len))
+    figures.update(_compiled_figures(report, flops_per_step, device_count, peak, t.batch_size * d.seq_len))
     figures["compile_s"] = time.perf_counter() - start
   return figures
 
 
-def compiled_figures(
+def _compiled_figures(
   report: dict, flops_per_step: float, device_count: int, peak: float | None, tokens_per_step: int
 ) -> dict[str, Any]:
   """`aot.compile_report`'s figures for the report and the JSON line; the estimate only where XLA gave one."""
@@ -284,7 +284,7 @@ def format_report(d: dict[str, Any]) -> str:
 
 
 def _compiled_lines(d: dict[str, Any]) -> list[str]:
-  """The compiled step's figures (`compiled_figures`), per chip."""
+  """The compiled step's figures (`_compiled_figures`), per chip."""
   m, hbm = d["memory_bytes"], d["hbm_gib"]
   of_hbm = f" of {hbm:,.2f} GiB HBM" if hbm else " (HBM unknown)"
   verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[d["fits"]]
@@ -306,7 +306,7 @@ def _compiled_lines(d: dict[str, Any]) -> list[str]:
       f"{mfu}; from {d['estimate_method']}",
     ]
   elif d["fits"] is not False:
-    lines.append(f"estimate    none: XLA's cost model gave {d['xla_step_s']} s ({d['estimate_method']})")
+    lines.append(f"estimate    none ({d['estimate_method']}; XLA's cost model gave {d['xla_step_s']} s)")
   if d["collectives"]:
     listed = ", ".join(f"{k} {v['count']} x ({_mib(v['bytes'])} in all)" for k, v in d["collectives"].items())
     lines.append(f"collectives per step and chip: {listed}")

@@ -129,6 +129,26 @@ def test_compiled_for_the_smallest_v5p_slice_the_report_has_memory_collectives_a
   assert scanned["estimated_flops_per_device"] == pytest.approx(unrolled["estimated_flops_per_device"], rel=0.02)
 
 
+@pytest.mark.slow
+def test_gradient_accumulation_is_estimated_per_microbatch_with_one_optimizer_update():
+  """16 rows as 2 microbatches of 8 against 16 rows at once: the same FLOPs (within the second
+  microbatch's small extras), and each microbatch all-reduces its gradients, as XLA compiles it."""
+  _require_libtpu()
+  rows = [o for o in MICRO_OVERRIDES if not o.startswith("train.batch_size")] + ["train.batch_size=16"]
+  once, twice = (
+    dryrun.describe(
+      loading.load_config("configs/tiny.py", [*rows, "model.scan_layers=false", f"train.grad_accum={k}"]),
+      topology="v5p-8",
+      compile_step=True,
+    )
+    for k in (1, 2)
+  )
+  assert twice["estimate_method"].endswith("scaled to 2 layers, times 2 microbatches with one optimizer update")
+  assert twice["estimated_flops_per_device"] == pytest.approx(once["estimated_flops_per_device"], rel=0.02)
+  assert twice["estimated_step_s"] > once["estimated_step_s"] > 0  # each microbatch reads the weights again
+  assert twice["collectives"]["all-reduce"]["count"] == 2 * once["collectives"]["all-reduce"]["count"]
+
+
 def test_a_step_that_does_not_fit_says_so_with_what_it_needs():
   _require_libtpu()
   huge = ["train.batch_size=65536", "data.seq_len=512", "model.max_position_embeddings=512"]
