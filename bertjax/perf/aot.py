@@ -321,8 +321,9 @@ def _cost(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one dict per program
   text = compiled.as_text()
+  seconds = cost.get("optimal_seconds")  # absent where the backend has no cost model of time
   return {
-    "step_s": float(cost.get("optimal_seconds", float("nan"))) + _unpriced_seconds(text),
+    "step_s": None if seconds is None else float(seconds) + _unpriced_seconds(text),
     "flops": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "collectives": collectives(text),
@@ -342,8 +343,11 @@ def _unpriced_seconds(hlo_text: str) -> float:
 
 
 def _combine(terms: list[tuple[int, dict]]) -> dict:
-  """sum(coefficient * cost) over the terms, collectives included."""
-  out = {key: sum(c * cost[key] for c, cost in terms) for key in ("step_s", "flops", "bytes_accessed")}
+  """sum(coefficient * cost) over the terms, collectives included (None where a term has none)."""
+  out = {
+    key: None if any(cost[key] is None for _, cost in terms) else sum(c * cost[key] for c, cost in terms)
+    for key in ("step_s", "flops", "bytes_accessed")
+  }
   kinds = sorted({kind for _, cost in terms for kind in cost["collectives"]})
   out["collectives"] = {
     kind: {
