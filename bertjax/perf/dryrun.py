@@ -159,7 +159,7 @@ def _hardware(
       raise BertjaxError(
         f"--devices {device_count}: {slices} x {tpu.name} has {chips} chips; leave --devices out with --topology"
       )
-    return chips, device_kind or tpu.generation.device_kind
+    return chips, tpu.generation.device_kind
   if device_count is None:
     device_count = jax.device_count()
   if device_kind is None:
