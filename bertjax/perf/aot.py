@@ -200,17 +200,26 @@ def _tpu_devices(tpu: TpuSlice, slices: int) -> list:
 
   # The devices are compile-only: nothing runs on them. So libtpu takes no lock on this host's
   # chips (a training here keeps its own), and the settings it would read from a TPU VM's
-  # metadata are given (without them it logs errors about the missing metadata server).
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu.name.replace("v5e-", "v5litepod-"))
-  return topologies.get_topology_desc(
-    platform="tpu",
-    topology_name=tpu.topology,
-    chip_config_name=tpu.generation.chip_config,
-    chips_per_host_bounds=tpu.host_bounds,
-    num_slices=slices,
-  ).devices
+  # metadata are given (without them it logs errors about the missing metadata server). libtpu
+  # reads them once, when it starts; they are unset again after.
+  settings = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": tpu.name.replace("v5e-", "v5litepod-"),
+  }
+  added = [key for key in settings if key not in os.environ]
+  os.environ.update({key: settings[key] for key in added})
+  try:
+    return topologies.get_topology_desc(
+      platform="tpu",
+      topology_name=tpu.topology,
+      chip_config_name=tpu.generation.chip_config,
+      chips_per_host_bounds=tpu.host_bounds,
+      num_slices=slices,
+    ).devices
+  finally:
+    for key in added:
+      del os.environ[key]
 
 
 def compile_report(config, model_cfg: BertConfig, tgt: Target) -> dict:
