@@ -60,6 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="KIND",
     help='with --dry-run: the chip, for its peak FLOP/s, e.g. "TPU v5p", "H100" (default: this machine\'s)',
   )
+  p.add_argument(
+    "--topology",
+    metavar="NAME",
+    help="with --dry-run: one TPU slice, e.g. v5p-128 (64 chips), v5e-256, v6e-256, v4-64, or v5p:4x4x12; "
+    "--config.mesh.dcn_data=N for N such slices",
+  )
+  p.add_argument(
+    "--compile",
+    action="store_true",
+    help="with --dry-run: compile the train step for the target (a TPU through libtpu, from any machine; "
+    "or this machine's GPUs) and add XLA's memory per chip, collectives and step time",
+  )
+  p.add_argument("--json", action="store_true", help="with --dry-run: print the figures as one JSON line")
   _add_distributed(p)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
@@ -229,12 +242,22 @@ def _run_config(args, overrides):
 def _train(args, overrides) -> int:
   config = _run_config(args, overrides)
   if args.dry_run:
-    from bertjax.perf import dryrun
+    import json
 
-    print(dryrun.format_report(dryrun.describe(config, args.devices, args.device_kind)), flush=True)
+    from bertjax.perf import aot, dryrun
+
+    if args.compile and (args.topology or aot.is_tpu(args.device_kind)):
+      import jax
+
+      # The TPU is libtpu's compile-only devices; this process runs nothing, on no accelerator.
+      jax.config.update("jax_platforms", "cpu")
+    figures = dryrun.describe(config, args.devices, args.device_kind, topology=args.topology, compile_step=args.compile)
+    print(json.dumps(figures) if args.json else dryrun.format_report(figures), flush=True)
     return 0
-  if args.devices is not None or args.device_kind is not None:
-    raise BertjaxError("train: --devices and --device-kind only describe hardware for --dry-run; add --dry-run")
+  if args.devices is not None or args.device_kind is not None or args.topology or args.compile or args.json:
+    raise BertjaxError(
+      "train: --devices, --device-kind, --topology, --compile and --json describe a --dry-run; add --dry-run"
+    )
   from bertjax.train import loop, run
 
   data = run.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks

@@ -3,13 +3,18 @@
 `configs/base.py:phase=1` (default) trains steps 0-900k at seq 128 with 20 predictions;
 `phase=2` continues to 1M at seq 512 with 80, started from phase 1 with
 `--config.train.init_from=PHASE1_WORKDIR`; both phases share one learning-rate schedule.
-The optimizer and batch defaults in configs/common.py are BERT's already.
+The optimizer and batch defaults in configs/common.py are BERT's already. The vocabulary is
+BERT's 30,522 WordPiece pieces, so that dry runs and `bertjax bench` size the MLM head as a real
+run does; a run with `data.tokenizer` takes the tokenizer's own size, and a tokenizer bertjax
+trains gets 30,522 pieces. The compact BERTs (mini, small, medium) and large inherit it, as
+Google's released models share bert-base's vocabulary.
 """
 
 from configs import common
 
 TOTAL_STEPS = 1_000_000
 PHASE1_STEPS = 900_000  # 90% of the steps at seq 128
+BERT_VOCAB_SIZE = 30_522  # bert-base-uncased's WordPiece vocabulary
 
 
 def get_config(arg: str | None = None):
@@ -21,6 +26,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"phase={phase} is not a phase; use phase=1 (seq 128) or phase=2 (seq 512)")
   c = common.get_config()
   c.model.variant = "base"
+  c.data.vocab_size = BERT_VOCAB_SIZE
   c.optim.schedule_steps = TOTAL_STEPS
   if phase == "1":
     c.train.steps = PHASE1_STEPS

@@ -1,4 +1,4 @@
-"""BERT-large (L24/H1024/A16): BERT-base's recipe and phases with the larger encoder."""
+"""BERT-large (L24/H1024/A16): BERT-base's recipe, phases and 30,522-piece vocabulary with the larger encoder."""
 
 from configs import base
 

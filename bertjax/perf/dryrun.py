@@ -1,16 +1,22 @@
 """`bertjax train --dry-run`: what a run would use on a mesh, computed without any device.
 
-    describe(config, device_count=None, device_kind=None) -> dict   the figures
-    format_report(figures) -> str                                   them, for people
+    describe(config, device_count=None, device_kind=None, topology=None, compile_step=False) -> dict
+    format_report(figures) -> str          the figures, for people (`--json` prints the dict)
 
 The mesh may be larger than this machine (64 devices for a v5p-128, from a laptop): the train
 state's shardings come from `bertjax.train.steps.compile_steps` over an *abstract* mesh of the resolved shape,
 and each leaf's bytes on one device are computed from its PartitionSpec and that shape. The
 expected step time is the FLOP model (`bertjax.metrics.flops`) over the chips' datasheet
 peak at an assumed MFU, not a measurement.
+
+With `compile_step` (`--compile`), the train step itself is compiled for the target
+(`bertjax.perf.aot`: a TPU slice through libtpu, from any machine, or this machine's GPUs), and
+the report adds what XLA says: memory per chip against its HBM, the collectives of a step, and the
+cost model's step time, with the tokens/s and MFU it implies.
 """
 
 import math
+import time
 from typing import Any
 
 import jax
@@ -22,6 +28,7 @@ from bertjax.metrics import flops as flops_lib
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel.layout import MESH_AXES
+from bertjax.perf import aot
 from bertjax.train import steps as steps_lib
 
 # Model FLOP utilisation the expected step time assumes. Well-tuned BERT pretraining in JAX and
@@ -32,14 +39,27 @@ _GPU_KINDS = ("a100", "h100", "h200", "nvidia", "gpu")
 
 
 def describe(
-  config, device_count: int | None = None, device_kind: str | None = None, vocab_size: int | None = None
+  config,
+  device_count: int | None = None,
+  device_kind: str | None = None,
+  vocab_size: int | None = None,
+  *,
+  topology: str | None = None,
+  compile_step: bool = False,
 ) -> dict[str, Any]:
   """The resolved mesh, per-device batch and memory, and expected step time of `config`.
 
-  `device_count` and `device_kind` name the hardware (default: what this process sees);
-  `vocab_size` the tokenizer's size (default: `data.tokenizer`'s if given, else data.vocab_size).
+  `device_count` and `device_kind` name the hardware (default: what this process sees), or
+  `topology` names one TPU slice (v5p-128; `mesh.dcn_data` of them); `vocab_size` the
+  tokenizer's size (default: `data.tokenizer`'s if given, else data.vocab_size). `compile_step`
+  adds the compiled step's figures (`_compiled_figures`).
   """
-  device_count, device_kind = _hardware(device_count, device_kind)
+  slices = config.mesh.dcn_data
+  if topology and device_kind:
+    raise BertjaxError(f"--device-kind {device_kind!r}: --topology {topology} names the chip already; give one of them")
+  tpu = aot.parse_topology(topology) if topology else None
+  kind_given = device_kind is not None
+  device_count, device_kind = _hardware(device_count, device_kind, tpu, slices)
   peak = _peak_flops(device_kind, config.metrics.peak_tflops)
   mesh_shape = validate_for_devices(config, device_count)
   model_cfg = resolve_config(config.model, vocab_size or _vocab_size(config), backend=_backend(device_kind))
@@ -47,7 +67,7 @@ def describe(
   data, fsdp, _ = mesh_shape
   t, d = config.train, config.data
   flops_per_step = flops_lib.flops_per_sequence(model_cfg, d.seq_len, d.max_predictions) * t.batch_size
-  return {
+  figures = {
     "device_count": device_count,
     "device_kind": device_kind,
     "peak_tflops_per_device": peak / 1e12 if peak else None,
@@ -67,6 +87,39 @@ def describe(
     "flops_per_step": flops_per_step,
     "train_steps": t.steps,
     **_expected_speed(flops_per_step, device_count, peak, t.batch_size * d.seq_len, t.steps),
+  }
+  if compile_step:
+    start = time.perf_counter()
+    if tpu is None and kind_given:  # a TPU named by --devices and --device-kind: its slices' shape
+      tpu = aot.tpu_slice(device_kind, device_count // slices)
+    report = aot.compile_report(config, model_cfg, aot.target(device_count, device_kind, tpu, slices))
+    figures.update(_compiled_figures(report, flops_per_step, device_count, peak, t.batch_size * d.seq_len))
+    figures["compile_s"] = time.perf_counter() - start
+  return figures
+
+
+def _compiled_figures(
+  report: dict, flops_per_step: float, device_count: int, peak: float | None, tokens_per_step: int
+) -> dict[str, Any]:
+  """`aot.compile_report`'s figures for the report and the JSON line; the estimate only where XLA gave one."""
+  estimate = report["estimate"] or {}
+  step_s = estimate.get("step_s")
+  usable = step_s is not None and step_s > 0  # a loop's cost (or no cost model) gives none, or a negative one
+  total, hbm = report["memory_bytes"].get("total"), report["hbm_bytes"]
+  return {
+    "compiled_for": report["compiled_for"],
+    "memory_bytes": report["memory_bytes"],
+    "memory_per_device_gib": None if total is None else total / 2**30,
+    "hbm_gib": None if hbm is None else round(hbm / 2**30, 2),
+    "fits": report["fits"],
+    "out_of_memory": report["out_of_memory"],
+    "estimate_method": estimate.get("method"),
+    "xla_step_s": step_s,
+    "estimated_step_s": step_s if usable else None,
+    "estimated_flops_per_device": estimate.get("flops"),
+    "estimated_tokens_per_s": tokens_per_step / step_s if usable else None,
+    "estimated_mfu": flops_per_step / (step_s * device_count * peak) if usable and peak else None,
+    "collectives": estimate.get("collectives", {}),
   }
 
 
@@ -95,9 +148,18 @@ def _shard_count(entry, axis_sizes: dict[str, int]) -> int:
   return math.prod(axis_sizes[a] for a in axes)
 
 
-def _hardware(device_count: int | None, device_kind: str | None) -> tuple[int, str]:
+def _hardware(
+  device_count: int | None, device_kind: str | None, tpu: aot.TpuSlice | None, slices: int
+) -> tuple[int, str]:
   if device_count is not None and device_count < 1:
     raise BertjaxError(f"--devices {device_count}: give the number of devices (chips) the run will use, e.g. 64")
+  if tpu is not None:
+    chips = tpu.chips * slices
+    if device_count not in (None, chips):
+      raise BertjaxError(
+        f"--devices {device_count}: {slices} x {tpu.name} has {chips} chips; leave --devices out with --topology"
+      )
+    return chips, tpu.generation.device_kind
   if device_count is None:
     device_count = jax.device_count()
   if device_kind is None:
@@ -216,4 +278,38 @@ def format_report(d: dict[str, Any]) -> str:
       f"run         {d['step_time_s'] * 1e5 / 3600:,.1f} h per 100,000 steps; all of train.steps={d['train_steps']:,} "
       f"from step 0: {d['train_hours']:,.1f} h",
     ]
+  if "compiled_for" in d:
+    lines += _compiled_lines(d)
   return "\n".join(lines)
+
+
+def _compiled_lines(d: dict[str, Any]) -> list[str]:
+  """The compiled step's figures (`_compiled_figures`), per chip."""
+  m, hbm = d["memory_bytes"], d["hbm_gib"]
+  of_hbm = f" of {hbm:,.2f} GiB HBM" if hbm else " (HBM unknown)"
+  verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[d["fits"]]
+  lines = [f"compiled    the train step for {d['compiled_for']}: {d['compile_s']:,.0f} s"]
+  if d["out_of_memory"]:
+    needed = f"needs {_mib(m['total'])}{of_hbm}: " if m.get("total") else ""
+    lines.append(f"memory      per chip: {needed}{verdict} (XLA: {d['out_of_memory']})")
+  else:
+    lines.append(
+      f"memory      per chip: arguments {_mib(m['arguments'])} + outputs {_mib(m['outputs'] - m['aliased'])} "
+      f"(besides the donated state) + temporaries {_mib(m['temporaries'])} + code {_mib(m['code'])} "
+      f"= {_mib(m['total'])}{of_hbm}: {verdict}"
+    )
+  if d["estimated_step_s"] is not None:
+    mfu = f", {d['estimated_mfu']:.0%} MFU" if d["estimated_mfu"] is not None else ""
+    lines += [
+      f"estimate    {d['estimated_step_s'] * 1e3:,.2f} ms a step (XLA's cost model), "
+      f"{d['estimated_tokens_per_s']:,.0f} tokens/s ({d['estimated_tokens_per_s'] / d['device_count']:,.0f} per chip)"
+      f"{mfu}; from {d['estimate_method']}",
+    ]
+  elif d["fits"] is not False:
+    lines.append(f"estimate    none ({d['estimate_method']}; XLA's cost model gave {d['xla_step_s']} s)")
+  if d["collectives"]:
+    listed = ", ".join(f"{k} {v['count']} x ({_mib(v['bytes'])} in all)" for k, v in d["collectives"].items())
+    lines.append(f"collectives per step and chip: {listed}")
+  elif d["estimate_method"]:
+    lines.append("collectives none")
+  return lines

@@ -121,3 +121,12 @@ def test_without_a_known_peak_the_step_time_is_left_out():
   assert "step time   unknown" in dryrun.format_report(figures)
   assert figures["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the default: pure data parallelism
   assert figures["param_bytes_per_device"] == 4 * figures["parameter_count"]  # ... replicates every parameter
+
+
+@pytest.mark.parametrize("name", ["base", "large", "mini", "small", "medium"])
+def test_berts_configs_plan_with_berts_vocabulary(name):
+  """Dry runs and `bertjax bench` (which reads data.vocab_size) size the MLM head as a real BERT's."""
+  config = config_lib.load_config(f"configs/{name}.py:phase=2", ["mesh.parallelism=fsdp"])
+  assert config.data.vocab_size == BERT_VOCAB
+  model = dryrun.describe(config, device_count=64, device_kind="TPU v5p")["model"]
+  assert (model["variant"], model["vocab_size"], model["padded_vocab_size"]) == (name, BERT_VOCAB, PADDED_VOCAB)

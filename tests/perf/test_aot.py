@@ -1,0 +1,229 @@
+"""`train --dry-run --compile`: the real train step compiled for a TPU slice through libtpu, on this CPU.
+
+The compiling tests need libtpu (`pip install -e '.[tpu]'`). libtpu has wheels for Linux on
+x86-64 only: elsewhere they are skipped with that reason, and under `make test`
+(BERTJAX_REQUIRE_EXTRAS=1) on Linux x86-64 a missing libtpu fails them.
+"""
+
+import importlib.util
+import json
+import os
+import platform
+import sys
+
+import pytest
+
+from bertjax import cli
+from bertjax.config import loading
+from bertjax.errors import BertjaxError
+from bertjax.parallel import mesh as mesh_lib
+from bertjax.perf import aot, dryrun
+from tests.support.runs import MICRO_OVERRIDES, launch
+
+MICRO_4_LAYERS = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_layers")] + ["model.num_layers=4"]
+WHERE_LIBTPU_INSTALLS = sys.platform == "linux" and platform.machine() == "x86_64"
+
+
+def _require_libtpu():
+  if importlib.util.find_spec("libtpu") is not None:
+    return
+  reason = f"libtpu is not installed: {aot.INSTALL_HINT}"
+  if not WHERE_LIBTPU_INSTALLS:
+    pytest.skip(f"libtpu has no wheel for {sys.platform} {platform.machine()}; {reason}")
+  if os.environ.get("BERTJAX_REQUIRE_EXTRAS") == "1":
+    pytest.fail(reason, pytrace=False)
+  pytest.skip(reason)
+
+
+@pytest.mark.parametrize(
+  "name, chips, shape, host_bounds",
+  [
+    ("v5p-8", 4, (2, 2, 1), (2, 2, 1)),  # TensorCores in the name: 2 a chip
+    ("v5p-128", 64, (4, 4, 4), (2, 2, 1)),
+    ("v5p-256", 128, (4, 4, 8), (2, 2, 1)),
+    ("v4-64", 32, (2, 4, 4), (2, 2, 1)),
+    ("v5p:4x4x12", 192, (4, 4, 12), (2, 2, 1)),  # v5p-384, named by its shape
+    ("v5e-1", 1, (1, 1), (1, 1, 1)),  # chips in the name; up to 8 chips are one host
+    ("v5litepod-8", 8, (2, 4), (2, 4, 1)),
+    ("v5e-256", 256, (16, 16), (2, 2, 1)),
+    ("v6e-16", 16, (4, 4), (2, 2, 1)),
+  ],
+)
+def test_topology_names_give_the_slices_shape(name, chips, shape, host_bounds):
+  tpu = aot.parse_topology(name)
+  assert (tpu.chips, tpu.shape, tpu.host_bounds) == (chips, shape, host_bounds)
+
+
+def test_device_kinds_name_the_same_slices():
+  assert aot.tpu_slice("TPU v5p", 64) == aot.parse_topology("v5p-128")
+  assert aot.tpu_slice("TPU v5", 64) == aot.parse_topology("v5p-128")  # a v5p's own device_kind
+  assert aot.tpu_slice("TPU v5 lite", 256) == aot.parse_topology("v5e-256")
+  assert aot.tpu_slice("TPU v6e", 16).topology == "v6e:4x4"
+  assert aot.tpu_slice("H100", 8) is None and not aot.is_tpu("NVIDIA H100 80GB HBM3")
+
+
+@pytest.mark.parametrize(
+  "name, message",
+  [
+    ("v9-8", "--topology 'v9-8': not a TPU slice; name one as v5p-128"),
+    ("h100", "not a TPU slice"),
+    ("v5p-12", "v5p-N is named here for N = 8, 16, 32"),
+    ("v5p-7", "v5p-N counts TensorCores, 2 per chip"),
+    ("v5e-2", "v5e slices have 1, 4, 8, 16, 32, 64, 128, 256 chips"),
+    ("v6e:4x4x4", "a v6e slice has 2 axes of chips, e.g. v6e:16x16"),
+  ],
+)
+def test_a_bad_topology_is_refused(name, message):
+  with pytest.raises(BertjaxError, match=message):
+    aot.parse_topology(name)
+
+
+HLO = """
+ENTRY %main (p0: f32[1024,768]) -> f32[1024,768] {
+  %all-reduce.1 = (f32[64,32]{1,0:T(8,128)}, /*index=1*/bf16[2,3]{1,0}) all-reduce(%a, %b), channel_id=1, to_apply=%add
+  %all-gather-start.2 = (bf16[8,768]{1,0}, bf16[64,768]{1,0}) all-gather-start(%c), dimensions={0}
+  %all-gather-done.2 = bf16[64,768]{1,0} all-gather-done(%all-gather-start.2)
+  %fusion.3 = f32[64,32]{1,0} fusion(%all-reduce.1), kind=kLoop, calls=%fused
+  ROOT %reduce-scatter.4 = f32[128]{0} reduce-scatter(%d), dimensions={0}, metadata={op_name="all-reduce(x)"}
+}
+"""
+
+
+def test_collectives_are_counted_once_with_their_result_bytes():
+  assert aot.collectives(HLO) == {
+    "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 2 * 3 * 2},
+    "all-gather": {"count": 1, "bytes": 64 * 768 * 2},  # the -start/-done pair is one, the result's bytes
+    "reduce-scatter": {"count": 1, "bytes": 128 * 4},
+  }
+
+
+def test_compiled_for_the_smallest_v5p_slice_the_report_has_memory_collectives_and_an_estimate():
+  """The micro model (4 layers, scanned) on v5p-8: 4 chips, data-parallel."""
+  _require_libtpu()
+  config = loading.load_config("configs/tiny.py", MICRO_4_LAYERS)
+  scanned = dryrun.describe(config, topology="v5p-8", compile_step=True)
+  assert scanned["device_count"] == 4 and scanned["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert scanned["hbm_gib"] == 95.74 and scanned["fits"] is True
+  assert 0 < scanned["memory_per_device_gib"] < scanned["hbm_gib"]
+  m = scanned["memory_bytes"]
+  assert m["arguments"] > 0 and m["temporaries"] > 0
+  assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"]
+  assert scanned["estimated_step_s"] > 0 and 0 < scanned["estimated_mfu"] < 1
+  assert scanned["estimated_tokens_per_s"] == pytest.approx(8 * 32 / scanned["estimated_step_s"])
+  assert scanned["estimate_method"].startswith("per-layer cost of unrolled 1- and 2-layer programs, scaled to 4")
+  # Data parallelism all-reduces the gradients: at least the parameters' float32 bytes... in bf16 or f32.
+  assert scanned["collectives"]["all-reduce"]["count"] > 0
+  assert scanned["collectives"]["all-reduce"]["bytes"] >= 2 * scanned["parameter_count"]
+  report = dryrun.format_report(scanned)
+  assert "compiled    the train step for v5p-8 (v5p:2x2x1, 4 chips), libtpu" in report
+  assert "GiB HBM: fits" in report and "ms a step (XLA's cost model)" in report and "all-reduce" in report
+
+  # The same step with its layers unrolled is estimated from its own program: the two agree.
+  unrolled = dryrun.describe(
+    loading.load_config("configs/tiny.py", [*MICRO_4_LAYERS, "model.scan_layers=false"]),
+    topology="v5p-8",
+    compile_step=True,
+  )
+  assert unrolled["estimate_method"] == "the run's program (layers unrolled, one batch: no loops)"
+  assert scanned["estimated_step_s"] == pytest.approx(unrolled["estimated_step_s"], rel=0.05)
+  assert scanned["estimated_flops_per_device"] == pytest.approx(unrolled["estimated_flops_per_device"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_is_estimated_per_microbatch_with_one_optimizer_update():
+  """16 rows as 2 microbatches of 8 against 16 rows at once: the same FLOPs (within the second
+  microbatch's small extras), and each microbatch all-reduces its gradients, as XLA compiles it."""
+  _require_libtpu()
+  rows = [o for o in MICRO_OVERRIDES if not o.startswith("train.batch_size")] + ["train.batch_size=16"]
+  once, twice = (
+    dryrun.describe(
+      loading.load_config("configs/tiny.py", [*rows, "model.scan_layers=false", f"train.grad_accum={k}"]),
+      topology="v5p-8",
+      compile_step=True,
+    )
+    for k in (1, 2)
+  )
+  assert twice["estimate_method"].endswith("scaled to 2 layers, times 2 microbatches with one optimizer update")
+  assert twice["estimated_flops_per_device"] == pytest.approx(once["estimated_flops_per_device"], rel=0.02)
+  assert twice["estimated_step_s"] > once["estimated_step_s"] > 0  # each microbatch reads the weights again
+  assert twice["collectives"]["all-reduce"]["count"] == 2 * once["collectives"]["all-reduce"]["count"]
+
+
+def test_a_step_that_does_not_fit_says_so_with_what_it_needs():
+  _require_libtpu()
+  huge = ["train.batch_size=65536", "data.seq_len=512", "model.max_position_embeddings=512"]
+  config = loading.load_config("configs/tiny.py", [*MICRO_OVERRIDES, *huge])
+  figures = dryrun.describe(config, topology="v5e-1", compile_step=True)
+  assert figures["fits"] is False and figures["estimated_step_s"] is None and figures["collectives"] == {}
+  assert figures["memory_per_device_gib"] > figures["hbm_gib"] == 15.75
+  assert "DOES NOT FIT (XLA: RESOURCE_EXHAUSTED" in dryrun.format_report(figures)
+
+
+def test_the_json_line_carries_the_compiled_figures(tmp_path):
+  """The CLI end to end, on the smallest slice (v5e-1), layers unrolled: one compile.
+
+  With BERT's vocabulary, v5e's program joins the embedding gradient's prefetched slices with
+  ConcatBitcasts, which libtpu's cost model prices at -1 s each (its raw figure here is -2.9993 s):
+  the estimate must not count them.
+  """
+  _require_libtpu()
+  overrides = [f"--config.{o}" for o in [*MICRO_OVERRIDES, "model.scan_layers=false", "data.vocab_size=30522"]]
+  args = ["train", "--config", "configs/tiny.py", "--workdir", str(tmp_path / "run"), "--dry-run", "--compile"]
+  proc = launch([*args, "--topology", "v5e-1", "--json", *overrides], devices=1)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  figures = json.loads(out.strip().splitlines()[-1])
+  for key in ("estimated_step_s", "estimated_mfu", "memory_per_device_gib", "hbm_gib", "fits", "collectives"):
+    assert key in figures
+  assert figures["fits"] is True and figures["hbm_gib"] == 15.75 and 0 < figures["estimated_step_s"] < 0.1
+  assert figures["collectives"] == {}  # one chip talks to no one
+  assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_slices_of_a_multislice_target_are_the_data_axis():
+  """2 x v5e-4 with FSDP: each slice holds one FSDP group; only data parallelism crosses slices."""
+  _require_libtpu()
+  config = loading.load_config("configs/tiny.py", [*MICRO_OVERRIDES, "mesh.parallelism=fsdp", "mesh.dcn_data=2"])
+  assert dryrun.describe(config, topology="v5e-4")["device_count"] == 8
+  target = aot.target(8, "TPU v5e", aot.parse_topology("v5e-4"), slices=2)
+  assert "v5e-4 (v5e:2x2, 4 chips) x 2 slices" in target.label and target.hbm_bytes == int(15.75 * 2**30)
+  mesh = mesh_lib.make_mesh(config.mesh, target.devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert [{d.slice_index for d in row.flat} for row in mesh.devices] == [{0}, {1}]
+
+
+def _one_line_error(argv, capsys) -> str:
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("bertjax: error: ") and err.count("\n") == 1 and "Traceback" not in err
+  return err
+
+
+DRY_RUN = ["train", "--config", "configs/base.py", "--workdir", "w", "--dry-run"]
+
+
+@pytest.mark.parametrize(
+  "extra, message",
+  [
+    (["--topology", "v9-8"], "--topology 'v9-8': not a TPU slice"),
+    (["--topology", "v5p-8", "--devices", "8"], "--devices 8: 1 x v5p-8 has 4 chips"),
+    (["--topology", "v5p-8", "--device-kind", "TPU v4"], "--topology v5p-8 names the chip already"),
+    (["--compile", "--devices", "48", "--device-kind", "TPU v5p", "--config.train.batch_size=384"], "--devices 48"),
+    (["--compile"], "ahead-of-time compilation without the hardware works for TPUs"),
+  ],
+)
+def test_bad_targets_are_one_line_and_exit_2(extra, message, capsys):
+  assert message in _one_line_error([*DRY_RUN, *extra], capsys)
+
+
+def test_compile_flags_need_the_dry_run(capsys):
+  err = _one_line_error(["train", "--config", "configs/tiny.py", "--workdir", "w", "--compile"], capsys)
+  assert "--compile and --json describe a --dry-run; add --dry-run" in err
+
+
+def test_without_libtpu_compiling_for_a_tpu_says_how_to_get_it(monkeypatch, capsys):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+  monkeypatch.delenv("TPU_LIBRARY_PATH", raising=False)
+  err = _one_line_error([*DRY_RUN, "--compile", "--topology", "v5p-8"], capsys)
+  assert "--compile for v5p-8: compiling for a TPU needs libtpu; pip install -e '.[tpu]'" in err
