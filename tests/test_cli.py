@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from bertjax import cli
+from bertjax.cli import main as cli
 
 COMMANDS = [
   "train",

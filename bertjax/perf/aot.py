@@ -222,12 +222,13 @@ def _tpu_devices(tpu: TpuSlice, slices: int) -> list:
       del os.environ[key]
 
 
-def compile_report(config, model_cfg: BertConfig, tgt: Target) -> dict:
+def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool = True) -> dict:
   """Compile the run's train step for `tgt`; what XLA says about it, per device.
 
   Returns memory (bytes by kind and in all), whether it fits the device's HBM, and, for a step
-  that fits, XLA's estimated step time and FLOPs and the collectives one step runs, with the
-  method of the estimate (see the module's docstring).
+  that fits and with `estimate`, XLA's estimated step time and FLOPs and the collectives one step
+  runs, with the method of the estimate (see the module's docstring). Without `estimate` the step
+  is compiled once, which is what a search for the largest batch that fits needs.
   """
   mesh = mesh_lib.make_mesh(config.mesh, tgt.devices)
   t = config.train
@@ -239,7 +240,8 @@ def compile_report(config, model_cfg: BertConfig, tgt: Target) -> dict:
   memory = _memory(run)
   fits = None if tgt.hbm_bytes is None else memory["total"] <= tgt.hbm_bytes
   report.update(memory_bytes=memory, fits=fits)
-  return {**report, "estimate": _estimate(config, model_cfg, mesh, steps, run) if fits is not False else None}
+  wanted = estimate and fits is not False
+  return {**report, "estimate": _estimate(config, model_cfg, mesh, steps, run) if wanted else None}
 
 
 def _compile(steps: steps_lib.CompiledSteps, data_cfg, vocab_size: int, batch_size: int):

@@ -1,6 +1,6 @@
 """`bertjax train --dry-run`: what a run would use on a mesh, computed without any device.
 
-    describe(config, device_count=None, device_kind=None, topology=None, compile_step=False) -> dict
+    describe(config, device_count=None, device_kind=None, topology=None, compile_step=False, estimate=True) -> dict
     format_report(figures) -> str          the figures, for people (`--json` prints the dict)
 
 The mesh may be larger than this machine (64 devices for a v5p-128, from a laptop): the train
@@ -46,13 +46,14 @@ def describe(
   *,
   topology: str | None = None,
   compile_step: bool = False,
+  estimate: bool = True,
 ) -> dict[str, Any]:
   """The resolved mesh, per-device batch and memory, and expected step time of `config`.
 
   `device_count` and `device_kind` name the hardware (default: what this process sees), or
   `topology` names one TPU slice (v5p-128; `mesh.dcn_data` of them); `vocab_size` the
   tokenizer's size (default: `data.tokenizer`'s if given, else data.vocab_size). `compile_step`
-  adds the compiled step's figures (`_compiled_figures`).
+  adds the compiled step's figures (`_compiled_figures`); without `estimate`, memory and fit only.
   """
   slices = config.mesh.dcn_data
   if topology and device_kind:
@@ -92,7 +93,9 @@ def describe(
     start = time.perf_counter()
     if tpu is None and kind_given:  # a TPU named by --devices and --device-kind: its slices' shape
       tpu = aot.tpu_slice(device_kind, device_count // slices)
-    report = aot.compile_report(config, model_cfg, aot.target(device_count, device_kind, tpu, slices))
+    report = aot.compile_report(
+      config, model_cfg, aot.target(device_count, device_kind, tpu, slices), estimate=estimate
+    )
     figures.update(_compiled_figures(report, flops_per_step, device_count, peak, t.batch_size * d.seq_len))
     figures["compile_s"] = time.perf_counter() - start
   return figures

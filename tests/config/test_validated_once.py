@@ -2,7 +2,7 @@
 
 import pytest
 
-from bertjax import cli
+from bertjax.cli import main as cli
 from bertjax.config import validation
 from tests.support.runs import train_args
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from bertjax import cli
+from bertjax.cli import main as cli
 from bertjax.errors import BertjaxError
 from bertjax.hf import load
 from tests.support.extras import require

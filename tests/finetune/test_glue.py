@@ -3,7 +3,7 @@ reads complete runs back instead of training them; a missing task stops it befor
 
 import json
 
-from bertjax import cli
+from bertjax.cli import main as cli
 from bertjax.finetune import glue
 from bertjax.metrics import writer
 from tests.support.finetune import FINETUNE_OVERRIDES, write_learnable_glue

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from bertjax import cli
+from bertjax.cli import main as cli
 from bertjax.errors import BertjaxError
 from bertjax.finetune import loop
 from bertjax.finetune import run as run_lib

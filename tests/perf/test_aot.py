@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from bertjax import cli
+from bertjax.cli import main as cli
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
 from bertjax.parallel import mesh as mesh_lib
@@ -180,6 +180,18 @@ def test_the_json_line_carries_the_compiled_figures(tmp_path):
   assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
 
+def test_without_the_estimate_one_compile_gives_memory_and_fit(monkeypatch):
+  """`--no-estimate`, for a search of the largest batch that fits: the scanned step is compiled once."""
+  _require_libtpu()
+  compiled = []
+  compile_ = aot._compile
+  monkeypatch.setattr(aot, "_compile", lambda *a: compiled.append(a) or compile_(*a))
+  config = loading.load_config("configs/tiny.py", MICRO_OVERRIDES)
+  figures = dryrun.describe(config, topology="v5e-1", compile_step=True, estimate=False)
+  assert len(compiled) == 1 and figures["fits"] is True and 0 < figures["memory_per_device_gib"] < 15.75
+  assert figures["estimate_method"] is None and figures["estimated_step_s"] is None and figures["collectives"] == {}
+
+
 def test_slices_of_a_multislice_target_are_the_data_axis():
   """2 x v5e-4 with FSDP: each slice holds one FSDP group; only data parallelism crosses slices."""
   _require_libtpu()
@@ -210,6 +222,7 @@ DRY_RUN = ["train", "--config", "configs/base.py", "--workdir", "w", "--dry-run"
     (["--topology", "v5p-8", "--device-kind", "TPU v4"], "--topology v5p-8 names the chip already"),
     (["--compile", "--devices", "48", "--device-kind", "TPU v5p", "--config.train.batch_size=384"], "--devices 48"),
     (["--compile"], "ahead-of-time compilation without the hardware works for TPUs"),
+    (["--no-estimate"], "--no-estimate leaves out --compile's estimate; add --compile"),
   ],
 )
 def test_bad_targets_are_one_line_and_exit_2(extra, message, capsys):
@@ -218,7 +231,7 @@ def test_bad_targets_are_one_line_and_exit_2(extra, message, capsys):
 
 def test_compile_flags_need_the_dry_run(capsys):
   err = _one_line_error(["train", "--config", "configs/tiny.py", "--workdir", "w", "--compile"], capsys)
-  assert "--compile and --json describe a --dry-run; add --dry-run" in err
+  assert "--compile, --no-estimate and --json describe a --dry-run; add --dry-run" in err
 
 
 def test_without_libtpu_compiling_for_a_tpu_says_how_to_get_it(monkeypatch, capsys):

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     return await real_write_text(path, text)
 
   async_path.write_text = write_text
-  from bertjax.cli import main as bertjax_main
+  from bertjax.cli.main import main as bertjax_main
 
   return bertjax_main(args)
 

@@ -1,0 +1,157 @@
+"""The command line's grammar: the commands, their flags, and `--config.KEY=VALUE` overrides."""
+
+import argparse
+from collections.abc import Sequence
+
+from bertjax.errors import BertjaxError
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse, but a bad command line is one line naming the problem and where help is."""
+
+  def error(self, message):
+    raise BertjaxError(f"{self.prog.removeprefix('bertjax ')}: {message} (see {self.prog} --help)")
+
+
+def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
+  p.add_argument(
+    "--config",
+    required=required,
+    metavar="FILE[:ARG]",
+    help="config file, e.g. configs/base.py:phase=2 (or a packaged name: tiny, base, large); "
+    "then any number of --config.KEY=VALUE overrides, e.g. --config.train.steps=1000",
+  )
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-process (default: auto-detect a TPU pod or SLURM, else one process)")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+  g.add_argument("--num_processes", type=int, metavar="N", help="number of processes in the job")
+  g.add_argument("--process_id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = Parser(prog="bertjax", description="Pretrain BERT with JAX/Flax, from one CPU to a TPU pod.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+  p = sub.add_parser("train", help="pretrain (resumes from WORKDIR's newest checkpoint)")
+  _add_config(p, required=False)
+  p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
+  p.add_argument("--step", type=int, help="restore this checkpoint step instead of the newest")
+  p.add_argument("--dry-run", action="store_true", help="print mesh, memory and expected step time; do not train")
+  p.add_argument(
+    "--devices",
+    type=int,
+    metavar="N",
+    help="with --dry-run: plan for N devices in all (a v5p-128 has 64; default: this machine's)",
+  )
+  p.add_argument(
+    "--device-kind",
+    metavar="KIND",
+    help='with --dry-run: the chip, for its peak FLOP/s, e.g. "TPU v5p", "H100" (default: this machine\'s)',
+  )
+  p.add_argument(
+    "--topology",
+    metavar="NAME",
+    help="with --dry-run: one TPU slice, e.g. v5p-128 (64 chips), v5e-256, v6e-256, v4-64, or v5p:4x4x12; "
+    "--config.mesh.dcn_data=N for N such slices",
+  )
+  p.add_argument(
+    "--compile",
+    action="store_true",
+    help="with --dry-run: compile the train step for the target (a TPU through libtpu, from any machine; "
+    "or this machine's GPUs) and add XLA's memory per chip, collectives and step time",
+  )
+  p.add_argument(
+    "--no-estimate",
+    dest="estimate",
+    action="store_false",
+    help="with --compile: memory and whether it fits only (one compile, no step-time estimate), "
+    "e.g. to search for the largest batch that fits",
+  )
+  p.add_argument("--json", action="store_true", help="with --dry-run: print the figures as one JSON line")
+  _add_distributed(p)
+
+  p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
+  p.add_argument("--workdir", required=True)
+  _add_config(p, required=False)
+  p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
+  _add_distributed(p)
+
+  p = sub.add_parser("export", help="write a checkpoint as a transformers BERT folder or as plain params")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--format", required=True, choices=("hf", "params"))
+  p.add_argument("--out", help="output folder (default: WORKDIR/export/hf or WORKDIR/export/params)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+
+  p = sub.add_parser("import-hf", help="make a workdir from a transformers BERT folder")
+  p.add_argument("--hf", required=True, help="folder with config.json and model.safetensors or pytorch_model.bin")
+  p.add_argument("--workdir", required=True)
+
+  p = sub.add_parser("tokenizer", help="tokenizer tools")
+  tok = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=Parser, required=True)
+  t = tok.add_parser("train", help="train a sentencepiece tokenizer on the configured corpus")
+  _add_config(t)
+  t.add_argument("--out", required=True, help="folder to write the tokenizer into")
+
+  p = sub.add_parser("data", help="input-pipeline tools")
+  data = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser, required=True)
+  t = data.add_parser("preview", help="write N batches as .npz and print decoded examples")
+  _add_config(t)
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--batches", type=int, default=1, metavar="N")
+  t.add_argument("--out", required=True, metavar="FILE.npz")
+  t = data.add_parser("bench", help="input-pipeline and tokenizer throughput; prints one JSON line")
+  _add_config(t)
+  t.add_argument("--workdir", required=True, help="where the run's tokenizer is (trained there if missing)")
+  t.add_argument("--seconds", type=float, default=10.0, help="how long to time the pipeline")
+
+  p = sub.add_parser("bench", help="time the compiled train step on synthetic batches; one JSON line per shape")
+  _add_config(p)
+  p.add_argument("--steps", type=int, default=20, metavar="N")
+  p.add_argument("--profile", metavar="DIR", help="also trace a few steps into DIR and report the time by kernel")
+  _add_distributed(p)
+
+  p = sub.add_parser("plot", help="render loss and accuracy curves to a PNG")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
+
+  p = sub.add_parser(
+    "finetune", help="fine-tune a pretrained run on classification, regression or extractive QA (resumes)"
+  )
+  p.add_argument("--task", required=True, choices=("classification", "qa"))
+  _add_config(p)
+  p.add_argument("--workdir", required=True, help="the fine-tuning run's folder (local path or gs://...)")
+  p.add_argument("--init", required=True, help="the pretraining or import-hf workdir whose parameters it starts from")
+  _add_distributed(p)
+
+  p = sub.add_parser("glue", help="fine-tune every GLUE task with several seeds; a results table like the paper's")
+  p.add_argument("--init", required=True, help="the pretraining or import-hf workdir to fine-tune")
+  p.add_argument("--data", required=True, metavar="GLUE_DIR", help="the GLUE folder (SST-2/, MRPC/, ...)")
+  p.add_argument("--workdir", required=True, help="one run per task and seed goes into WORKDIR/TASK/seed-S")
+  p.add_argument("--tasks", default="", metavar="T1,T2", help="e.g. sst2,mrpc (default: all nine)")
+  p.add_argument("--seeds", type=int, default=3, metavar="N", help="runs per task, seeds 0..N-1 (default 3)")
+  _add_config(p, required=False)  # default: configs/finetune/glue.py
+  _add_distributed(p)
+  return parser
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separate `--config.KEY=VALUE` (or `--config.KEY VALUE`) from the other arguments."""
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config."):
+      body = arg[len("--config.") :]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise BertjaxError(f"{arg}: missing value; write {arg}=VALUE")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      overrides.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
