@@ -21,9 +21,10 @@ $(VENV)/.train-deps: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	@touch $@
 
-# The test environment pins torch to a small CPU build (constraints-test.txt).
+# The test environment pins torch to a small CPU build (constraints-test.txt); libtpu (the tpu
+# extra) lets the suite compile the train step for a TPU slice on this CPU.
 $(VENV)/.test-deps: pyproject.toml constraints-test.txt | $(PY)
-	$(PY) -m pip install -q -c constraints-test.txt -e '.[dev,hf]'
+	$(PY) -m pip install -q -c constraints-test.txt -e '.[dev,hf,tpu]'
 	@touch $@
 
 # Tokenizer (trained on first use), pretraining, held-out evaluation, curves, and an export that
