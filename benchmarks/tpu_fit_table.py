@@ -5,13 +5,11 @@
 
 Every figure comes from `bertjax train --dry-run --compile --json` (libtpu, no TPU needed), run
 as a subprocess on a 4-chip data-parallel slice of each generation; per-chip memory under data
-parallelism does not depend on the slice's size. For each model, phase and rematerialisation:
-
-1. two memory-only compiles (`--no-estimate`) on a v5p at 8 and 16 sequences a chip give XLA's
-   memory as a line in the batch;
-2. for each chip, the largest power of two the line puts under the chip's HBM is compiled with
-   the estimate, and twice that memory-only: the row is the largest batch XLA says fits, checked
-   against the next power of two that does not (moving down or up when the line was off).
+parallelism does not depend on the slice's size. For each model, phase and rematerialisation,
+memory-only compiles (`--no-estimate`) double or halve the batch per chip until it is the
+largest power of two that XLA says fits (the next one does not), starting on the chip with the
+least HBM and on each next chip from that batch times the HBM ratio; the row is then compiled
+with XLA's step-time estimate.
 
 Each command's JSON line is appended to OUT_DIR/runs.jsonl, so an interrupted table resumes
 where it stopped. The markdown table is printed at the end.
@@ -31,7 +29,7 @@ from bertjax.perf import aot
 SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # 4 chips each
 CHIPS = 4
 CONFIGS = {"base": "configs/base.py", "large": "configs/large.py"}
-PROBE_BATCHES = (8, 16)  # per chip
+FIRST_GUESS = {128: 128, 512: 32}  # per chip, by sequence length: where the search starts
 MAX_PER_CHIP = 4096
 
 
@@ -83,26 +81,22 @@ class Runs:
     return self.done[key]
 
 
-def largest_fitting(runs: Runs, model: str, phase: str, chip: str, remat: str) -> tuple[int, dict] | None:
-  """The largest power-of-two batch per chip that fits (with its estimated figures), or None if 1 does not."""
-  low, high = (runs.get(command(model, phase, "v5p", remat, b, estimate=False)) for b in PROBE_BATCHES)
-  per_seq = (high["memory_bytes"]["total"] - low["memory_bytes"]["total"]) / (PROBE_BATCHES[1] - PROBE_BATCHES[0])
-  fixed = low["memory_bytes"]["total"] - per_seq * PROBE_BATCHES[0]
-  hbm = aot.GENERATIONS[chip].hbm_gib * 2**30
-  guess = max(1, min(MAX_PER_CHIP, 2 ** math.floor(math.log2(max(1.0, (hbm - fixed) / per_seq)))))
+def largest_fitting(runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int) -> int | None:
+  """The largest power-of-two batch per chip that fits, from memory-only compiles starting at `guess`."""
+
+  def fits(per_chip: int) -> bool:
+    return runs.get(command(model, phase, chip, remat, per_chip, estimate=False))["fits"]
+
   per_chip = guess
-  while True:
-    figures = runs.get(command(model, phase, chip, remat, per_chip, estimate=True))
-    if not figures["fits"]:
-      if per_chip == 1:
-        return None
-      per_chip //= 2
-      continue
-    if per_chip >= MAX_PER_CHIP:
-      return per_chip, figures
-    if not runs.get(command(model, phase, chip, remat, 2 * per_chip, estimate=False))["fits"]:
-      return per_chip, figures
-    per_chip *= 2
+  if fits(per_chip):
+    while per_chip < MAX_PER_CHIP and fits(2 * per_chip):
+      per_chip *= 2
+    return per_chip
+  while per_chip > 1:
+    per_chip //= 2
+    if fits(per_chip):
+      return per_chip
+  return None
 
 
 def table(runs: Runs, args) -> str:
@@ -111,24 +105,29 @@ def table(runs: Runs, args) -> str:
     "| tokens/s per chip | MFU |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
+  chips = sorted(args.chips, key=lambda c: aot.GENERATIONS[c].hbm_gib)  # the smallest HBM first
   for model in args.models:
     for phase in args.phases:
-      for chip in args.chips:
-        for remat in args.remat:
-          found = largest_fitting(runs, model, phase, chip, remat)
-          seq = 128 if phase == "1" else 512
-          if found is None:
-            rows.append(f"| {model} | {phase} ({seq}) | {chip} | {remat} | none fits | | | | |")
+      seq = 128 if phase == "1" else 512
+      for remat in args.remat:
+        guess = FIRST_GUESS[seq]
+        for i, chip in enumerate(chips):
+          per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
+          cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
+          if per_chip is None:
+            rows.append(f"{cell} none fits | | | | |")
             continue
-          per_chip, f = found
+          f = runs.get(command(model, phase, chip, remat, per_chip, estimate=True))
           step = f["estimated_step_s"]
           tokens = "" if step is None else f"{f['estimated_tokens_per_s'] / CHIPS:,.0f}"
           mfu = "" if f["estimated_mfu"] is None else f"{100 * f['estimated_mfu']:.0f}%"
           rows.append(
-            f"| {model} | {phase} ({seq}) | {chip} | {remat} | {per_chip} | "
-            f"{f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
+            f"{cell} {per_chip} | {f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
             f"{'' if step is None else f'{1000 * step:.0f} ms'} | {tokens} | {mfu} |"
           )
+          if i + 1 < len(chips):  # the next chip has more HBM: start its search that much higher
+            ratio = aot.GENERATIONS[chips[i + 1]].hbm_gib / aot.GENERATIONS[chip].hbm_gib
+            guess = per_chip * 2 ** math.floor(math.log2(ratio))
   return "\n".join(rows)
 
 

@@ -23,7 +23,9 @@ def kernel_summary(trace_path, steps: int, top: int = TOP_KERNELS) -> dict:
   metadata = [e for e in events if e.get("ph") == "M"]
   processes = {e["pid"]: e["args"]["name"] for e in metadata if e.get("name") == "process_name"}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in metadata if e.get("name") == "thread_name"}
-  devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+  # "/device:CUSTOM:..." lines are a profiler plugin's (libtpu, where installed, adds "Megascale
+  # Trace" even to a CPU trace), not a device's.
+  devices = {pid for pid, name in processes.items() if name.startswith("/device:") and "CUSTOM" not in name}
   op_lines = {(pid, tid) for (pid, tid), name in threads.items() if pid in devices and name == "XLA Ops"}
   with_op_lines = {pid for pid, _ in op_lines}
 
