@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/tiny
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k model -x"`.
 PYTEST_ARGS ?=
+# pytest-xdist workers; the tests of one file (all of tests/finetune) share a worker.
+PYTEST_WORKERS ?= 2
 
 .PHONY: train test lint format clean
 
@@ -37,7 +39,7 @@ train: $(VENV)/.train-deps
 # BERTJAX_REQUIRE_EXTRAS: a missing torch or transformers fails the suite instead of skipping
 # the parity tests.
 test: $(VENV)/.test-deps
-	BERTJAX_REQUIRE_EXTRAS=1 $(PY) -m pytest $(PYTEST_ARGS)
+	BERTJAX_REQUIRE_EXTRAS=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-deps
 	$(PY) -m ruff check .

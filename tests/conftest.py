@@ -3,7 +3,10 @@
 XLA_FLAGS must be set before JAX creates its backend, so this runs before any test imports jax.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Unoptimised CPU codegen: at the micro scale the tests are compile-bound, and level 0 compiles a
 # train step about 2.5x faster; results agree with the optimised build within float32 rounding.
@@ -16,6 +19,29 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
   os.environ.setdefault(_offline, "1")
+# The runs the tests launch use `train.compilation_cache=auto`, which is under XDG_CACHE_HOME: one
+# folder for this session, so a program compiled by one test's run loads in the next ones (the
+# suite launches about a hundred runs of a few configurations), and no user cache is read or
+# filled. Hub caches (HF_HOME's default) are under it too, and the hubs are offline.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bertjax-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 # Fixtures shared across test folders live in these modules, never in another test file.
 pytest_plugins = ["tests.support.micro", "tests.support.corpora", "tests.support.runs", "tests.support.finetune"]
+
+
+def pytest_collection_modifyitems(config, items):
+  """With pytest-xdist (`make test` runs two workers): tests go to whichever worker is free, but
+  a file that builds module-scoped fixtures keeps its tests on one worker, so each is built once,
+  and tests/finetune shares one worker for its session-wide fine-tuned runs."""
+  import pytest
+
+  shares_fixtures = {}
+  for item in items:
+    path = item.path.relative_to(config.rootpath)
+    if path not in shares_fixtures:
+      shares_fixtures[path] = 'scope="module"' in item.path.read_text()
+    if path.parts[:2] == ("tests", "finetune"):
+      item.add_marker(pytest.mark.xdist_group("finetune"))
+    elif shares_fixtures[path]:
+      item.add_marker(pytest.mark.xdist_group(str(path)))

@@ -13,14 +13,17 @@ import errno
 import io
 import json
 import os
+import sys
 import time
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from bertjax.errors import BertjaxError
+
+if TYPE_CHECKING:
+  from tensorboardX import SummaryWriter
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tb"
@@ -126,7 +129,7 @@ class MetricsWriter:
     self._jsonl = _open_for_append(self.workdir / METRICS_FILENAME)
     # A resumed run starts a new events file beside the old ones, and TensorBoard reads them in
     # name order: the nanosecond suffix keeps two writers of one second apart and in order.
-    self._events = SummaryWriter(
+    self._events = _summary_writer_class()(
       str(self.workdir / TENSORBOARD_DIRNAME), flush_secs=3600, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
     )
 
@@ -166,3 +169,24 @@ def read_metrics(workdir) -> list[dict]:
     if isinstance(record, dict):
       records.append(record)
   return records
+
+
+def _summary_writer_class() -> type["SummaryWriter"]:
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch where it is installed (the `hf` extra installs it), only to accept
+  torch tensors, which bertjax never passes. Into a JAX training process that would bring
+  PyTorch's own CUDA libraries and about 1.5 s of start-up, so torch is hidden while tensorboardX
+  is imported (a process that imported torch already keeps it). Imported at the first write, so
+  commands that write no metrics do not import it at all.
+  """
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter

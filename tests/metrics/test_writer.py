@@ -135,3 +135,17 @@ def test_disabled_writer_writes_nothing(tmp_path):
     writer.write(1, {"loss": 1.0})
     writer.flush()
   assert not (tmp_path / "run").exists()
+
+
+def test_writing_events_brings_no_pytorch_into_the_process(tmp_path):
+  """tensorboardX would import torch where the hf extra installed it: CUDA libraries of its own."""
+  import subprocess
+  import sys
+
+  code = (
+    "import sys; from bertjax.metrics import writer; w = writer.MetricsWriter(sys.argv[1]); "
+    "w.write(1, {'loss': 1.0}); w.close(); print('torch' in sys.modules, len(writer.read_metrics(sys.argv[1])))"
+  )
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["False", "1"]
+  assert list((tmp_path / metrics.TENSORBOARD_DIRNAME).glob("events.out.tfevents.*"))

@@ -26,7 +26,7 @@ MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items()] + [
   "train.eval_batches=2",
   "optim.warmup_steps=0",
   "optim.lr=3e-3",
-  "train.compilation_cache=off",
+  "train.compilation_cache=off",  # in this process; launched runs share a cache (`launch`)
 ]
 
 
@@ -87,6 +87,10 @@ def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subpr
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
     **(extra_env or {}),
   )
+  # A launched run compiles into the session's cache (XDG_CACHE_HOME, set by conftest), so the
+  # same program compiled by an earlier test's run loads; an in-process run keeps it off, since
+  # JAX's cache setting would stay on for the rest of the test process.
+  args = ["--config.train.compilation_cache=auto" if a == "--config.train.compilation_cache=off" else a for a in args]
   return subprocess.Popen(
     [sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
