@@ -85,9 +85,6 @@ def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subpr
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
-    # Cache every program, not only those compiling for over a second: at the micro scale most
-    # take less (orbax's save alone compiles dozens of slices).
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     **(extra_env or {}),
   )
   # A launched run compiles into the session's cache (XDG_CACHE_HOME, set by conftest), so the
