@@ -123,11 +123,7 @@ def _train(args, overrides) -> int:
   result = loop.train(config, args.workdir, data=data, step=args.step)
   if jax.process_index() == 0:
     if result.stopped_by:
-      print(
-        f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
-        f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume",
-        flush=True,
-      )
+      _print_stopped(result, args.workdir)
     else:
       _print_summary(result.final, args.workdir)
   return 0
@@ -149,6 +145,16 @@ def _eval(args, overrides) -> int:
   _prepare_devices(args, config)
   print(json.dumps(run.evaluate_checkpoint(config, args.workdir, data=data, step=args.step)), flush=True)
   return 0
+
+
+def _print_stopped(result, workdir: str) -> None:
+  """A run a signal stopped: where it saved, and that the same command resumes it."""
+  step = int(result.state.step)
+  print(
+    f"stopped by {result.stopped_by} after step {step}: saved checkpoint {step} in {workdir}/checkpoints; "
+    "run the same command to resume",
+    flush=True,
+  )
 
 
 def _print_summary(final: dict, workdir: str) -> None:
@@ -208,11 +214,7 @@ def _finetune(args, overrides) -> int:
   result = loop.finetune(config, args.workdir, data)
   if jax.process_index() == 0:
     if result.stopped_by:
-      print(
-        f"stopped by {result.stopped_by} after step {int(result.state.step)}: saved checkpoint "
-        f"{int(result.state.step)} in {args.workdir}/checkpoints; run the same command to resume",
-        flush=True,
-      )
+      _print_stopped(result, args.workdir)
     else:
       scores = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
       print(f"{data.spec.name} dev: {scores}", flush=True)

@@ -17,7 +17,7 @@ from bertjax.cli import main as cli
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
 from bertjax.parallel import mesh as mesh_lib
-from bertjax.perf import aot, dryrun
+from bertjax.perf import aot, dryrun, hlo
 from tests.support.runs import MICRO_OVERRIDES, launch
 
 MICRO_4_LAYERS = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_layers")] + ["model.num_layers=4"]
@@ -90,7 +90,7 @@ ENTRY %main (p0: f32[1024,768]) -> f32[1024,768] {
 
 
 def test_collectives_are_counted_once_with_their_result_bytes():
-  assert aot.collectives(HLO) == {
+  assert hlo.collectives(HLO) == {
     "all-reduce": {"count": 1, "bytes": 64 * 32 * 4 + 2 * 3 * 2},
     "all-gather": {"count": 1, "bytes": 64 * 768 * 2},  # the -start/-done pair is one, the result's bytes
     "reduce-scatter": {"count": 1, "bytes": 128 * 4},
