@@ -18,7 +18,6 @@ where it stopped. The markdown table is printed at the end.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -68,9 +67,7 @@ class Runs:
     key = " ".join(argv)
     if key not in self.done:
       start = time.perf_counter()
-      proc = subprocess.run(
-        [sys.executable, "-m", "bertjax", *argv[1:]], capture_output=True, text=True, env={**os.environ}
-      )
+      proc = subprocess.run([sys.executable, "-m", "bertjax", *argv[1:]], capture_output=True, text=True)
       if proc.returncode != 0:
         raise SystemExit(f"{key} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
       figures = json.loads(proc.stdout.strip().splitlines()[-1])
