@@ -4,9 +4,11 @@
 # attention probabilities, vocabulary 30,522), in one call. Prints one JSON line per run and
 # writes them to OUT/results.jsonl; docs/performance.md explains the figures.
 #
-# Usage: launch/gpu_bench.sh [--wheels DIR] [--out DIR] [--steps N] [--shapes LIST] [--no-compile]
+# Usage: launch/gpu_bench.sh [--wheels DIR] [--out DIR] [--steps N] [--shapes LIST]
+#                            [--variant 'NAME ARGS...']... [--peers LIST] [--no-compile]
 #
 #   launch/gpu_bench.sh --wheels .whl --out /tmp/bench
+#   launch/gpu_bench.sh --variant default --variant 'fused --config.model.attention_impl=pallas'
 #
 # Options:
 #   --wheels DIR     install the wheels in DIR first (pip --no-index, into a private folder on
@@ -17,7 +19,10 @@
 #   --steps N        timed steps per run (default 20)
 #   --shapes LIST    comma-separated SIZE:SEQ:BATCH (default base:128:256,large:512:32, the
 #                    shapes of BERT-base phase 1 and BERT-large phase 2)
-#   --no-compile     skip the peer's torch.compile runs (each compiles for about a minute)
+#   --variant 'NAME ARGS'  a bertjax run per shape named NAME with these extra bench arguments
+#                    (--config.model.X=Y ...); repeatable, in order (default: one run, 'default')
+#   --peers LIST     which peer runs per shape: eager,compiled (default), eager, compiled or none
+#   --no-compile     the same as --peers eager
 #   -h, --help       print this text
 #
 # Runs from the repository root with the machine's python3 (PYTHON=... picks another) and
@@ -33,7 +38,7 @@ die() {
 # shellcheck source-path=SCRIPTDIR source=usage.sh disable=SC1091
 source "$(dirname "${BASH_SOURCE[0]}")/usage.sh"
 
-wheels="" out="" steps=20 shapes="base:128:256,large:512:32" compile_peer=1
+wheels="" out="" steps=20 shapes="base:128:256,large:512:32" peers="eager,compiled" variants=()
 while [[ $# -gt 0 ]]; do
   case $1 in
     -h | --help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -42,11 +47,17 @@ while [[ $# -gt 0 ]]; do
     --steps) [[ $# -ge 2 && $2 =~ ^[1-9][0-9]*$ ]] || die "--steps needs a positive number (see launch/gpu_bench.sh --help)"
       steps=$2; shift 2 ;;
     --shapes) [[ $# -ge 2 ]] || die "--shapes needs SIZE:SEQ:BATCH,... (see launch/gpu_bench.sh --help)"; shapes=$2; shift 2 ;;
-    --no-compile) compile_peer=0; shift ;;
+    --variant) [[ $# -ge 2 && -n $2 ]] || die "--variant needs 'NAME ARGS...' (see launch/gpu_bench.sh --help)"
+      variants+=("$2"); shift 2 ;;
+    --peers) [[ $# -ge 2 && $2 =~ ^(eager,compiled|compiled,eager|eager|compiled|none)$ ]] \
+      || die "--peers needs eager,compiled, eager, compiled or none (see launch/gpu_bench.sh --help)"
+      peers=$2; shift 2 ;;
+    --no-compile) peers=eager; shift ;;
     *) die "unknown argument $1 (see launch/gpu_bench.sh --help)" ;;
   esac
 done
 
+[[ ${#variants[@]} -gt 0 ]] || variants=(default)
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python3}
 out=${out:-$(mktemp -d "${TMPDIR:-/tmp}/bertjax-bench.XXXXXX")}
@@ -89,13 +100,21 @@ for shape in "${shape_list[@]}"; do
   [[ $size =~ ^(tiny|mini|small|medium|base|large)$ && $seq =~ ^[0-9]+$ && $batch =~ ^[0-9]+$ ]] \
     || die "--shapes: $shape is not SIZE:SEQ:BATCH with SIZE one of tiny mini small medium base large"
   predictions=$(( seq >= 512 ? 80 : (seq * 15 + 99) / 100 ))
-  record "bertjax-$size-$seq" "$python" -m bertjax bench --config "configs/$size.py" --steps "$steps" \
-    --config.data.seq_len="$seq" --config.data.max_predictions="$predictions" --config.train.batch_size="$batch" \
-    --config.data.vocab_size=30522 --config.train.compilation_cache=off
-  record "peer-$size-$seq" "$python" benchmarks/peer_transformers.py "$size" "$seq" "$batch" --steps "$steps"
-  if [[ $compile_peer == 1 ]]; then
+  for variant in "${variants[@]}"; do
+    read -r -a variant_args <<< "$variant"
+    name=${variant_args[0]}
+    [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || die "--variant: the name $name may hold letters, digits, '.', '_' and '-' only"
+    # A failed variant (say, one that does not fit) is reported; the others still run.
+    record "bertjax-$name-$size-$seq" "$python" -m bertjax bench --config "configs/$size.py" --steps "$steps" \
+      --config.data.seq_len="$seq" --config.data.max_predictions="$predictions" --config.train.batch_size="$batch" \
+      --config.data.vocab_size=30522 --config.train.compilation_cache=off "${variant_args[@]:1}" || true
+  done
+  if [[ $peers == *eager* ]]; then
+    record "peer-$size-$seq" "$python" benchmarks/peer_transformers.py "$size" "$seq" "$batch" --steps "$steps" || true
+  fi
+  if [[ $peers == *compiled* ]]; then
     record "peer-compiled-$size-$seq" "$python" benchmarks/peer_transformers.py "$size" "$seq" "$batch" \
-      --steps "$steps" --compile
+      --steps "$steps" --compile || true
   fi
 done
 echo "launch/gpu_bench.sh: results in $out/results.jsonl" >&2

@@ -38,12 +38,16 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.model.layer_norm_eps = 1e-12
   c.model.initializer_range = 0.02
   c.model.dtype = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
-  c.model.attention_impl = "auto"  # auto | xla | cudnn
+  # auto: on GPUs the fused kernel with attention dropout inside (pallas), or cuDNN without
+  # attention dropout; XLA elsewhere. auto | xla | cudnn | pallas
+  c.model.attention_impl = "auto"
   c.model.remat = "none"  # none | full | dots
+  # One traced layer under lax.scan (compile time flat in depth) or the layers unrolled (faster
+  # steps on GPU and TPU, longer compiles); configs/base.py and large.py unroll.
   c.model.scan_layers = True
   # How dropout masks are drawn: threefry (jax.random) or hash (a counter-based hash computed where
-  # the mask is applied, never written to memory); both are mesh-independent.
-  c.model.dropout_impl = "threefry"
+  # the mask is applied, never written to memory); both are mesh-independent. auto: hash on GPUs.
+  c.model.dropout_impl = "auto"
 
   c.data = config_dict.ConfigDict()
   c.data.source = "builtin"  # builtin | files:GLOB | hf:NAME[:CONFIG] | disk:DIR

@@ -165,7 +165,7 @@ def setup(config, workdir, data: Data) -> Run:
   workdir = epath.Path(workdir)
   if data.spec.kind == "classification" and not config.finetune.glue_task and not config.finetune.regression:
     config.finetune.labels = ",".join(data.spec.labels)  # resolved: export and eval read them here
-  model_config = resolve_config(config.model, data.tokenizer.vocab_size)
+  model_config = resolve_config(config.model, data.tokenizer.vocab_size, seq_len=config.finetune.max_seq_len)
   t = config.train
   order = features.TrainOrder(len(data.train["input_ids"]), t.batch_size, t.seed)
   total = order.steps_per_epoch * config.finetune.epochs

@@ -63,12 +63,13 @@ class BertForPreTraining(nnx.Module):
     attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     if position_ids is None:
       position_ids = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    mask = attention_mask_for(attention_mask, None if pair_ids is None else jnp.asarray(pair_ids, jnp.int32))
+    pairs = attention_mask if pair_ids is None else jnp.asarray(pair_ids, jnp.int32)
+    mask = attention_mask_for(attention_mask, pairs)
     # Key lengths describe one right-padded sequence a row; packed rows need the pair mask.
     kv_lengths = attention_mask.sum(-1) if pair_ids is None else None
     embed_key, encoder_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x = self.embeddings(input_ids, segment_ids, position_ids, embed_key)
-    return self.encoder(x, mask, kv_lengths, encoder_key)
+    return self.encoder(x, mask, kv_lengths, encoder_key, pair_ids=pairs)
 
   def __call__(
     self,

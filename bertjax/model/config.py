@@ -11,6 +11,8 @@ validation and the FLOP model can read sizes without building anything.
 import dataclasses
 from typing import Any
 
+from bertjax.errors import BertjaxError
+
 VOCAB_MULTIPLE = 128
 
 
@@ -42,9 +44,23 @@ VARIANTS.update(
   large=_sized(24, 1024),
 )
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+# The fused kernel (`pallas`, bertjax.model.fused_attention) tiles the sequence by 64 or by the
+# whole length; its matmuls need a power-of-two head size of at least 16.
+FUSED_TILE = 64
+
+
+def fused_attention_fits(seq_len: int, head_dim: int) -> str | None:
+  """Why the fused attention kernel cannot run these sizes, or None when it can."""
+  if not (seq_len % FUSED_TILE == 0 or (seq_len >= 16 and seq_len & (seq_len - 1) == 0)):
+    return f"sequence length {seq_len} is neither a multiple of {FUSED_TILE} nor a power of two from 16"
+  if head_dim < 16 or head_dim & (head_dim - 1):
+    return f"head size {head_dim} is not a power of two from 16"
+  return None
+
+
 REMAT_POLICIES = ("none", "full", "dots")
-DROPOUT_IMPLS = ("threefry", "hash")  # bertjax.model.dropout.IMPLS
+DROPOUT_IMPLS = ("auto", "threefry", "hash")  # bertjax.model.dropout; auto: hash on GPUs
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -64,7 +80,7 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters are always float32
-  attention_impl: str = "xla"  # xla | cudnn
+  attention_impl: str = "xla"  # xla | cudnn | pallas
   remat: str = "none"
   scan_layers: bool = True
   dropout_impl: str = "threefry"  # threefry | hash: how dropout masks are drawn (bertjax.model.dropout)
@@ -98,16 +114,22 @@ def variant_sizes(model_cfg: Any) -> Variant:
   )
 
 
-def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) -> BertConfig:
+def resolve_config(
+  model_cfg: Any, vocab_size: int, backend: str | None = None, seq_len: int | None = None
+) -> BertConfig:
   """A BertConfig from the `model` section of a run config, resolving `auto` for `backend`.
 
-  `auto` dtype is bfloat16 on accelerators and float32 on CPU; `auto` attention is cuDNN flash
-  attention on NVIDIA GPUs when it applies (16-bit compute, no attention dropout), else XLA.
+  `auto` dtype is bfloat16 on accelerators and float32 on CPU. `auto` attention on NVIDIA GPUs is
+  the fused kernel with dropout inside (`pallas`) when there is attention dropout and the kernel's
+  tiles fit `seq_len`, cuDNN flash attention when there is none (16-bit compute), else XLA.
+  `auto` dropout masks are the counter-based hash on GPUs (the fused kernel's; measured faster
+  there) and threefry elsewhere. docs/performance.md has the measurements behind each choice.
 
   Args:
     model_cfg: the run config's `model` section.
     vocab_size: the tokenizer's vocabulary size (the embedding table is padded past it).
     backend: `cpu`, `gpu` or `tpu`; None asks JAX for this process's default backend.
+    seq_len: the length of the rows the model will see; None keeps `auto` off the fused kernel.
   """
   if backend is None:
     import jax  # only to ask which platform runs this process
@@ -119,8 +141,21 @@ def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) 
     dtype = "float32" if backend == "cpu" else "bfloat16"
   impl = model_cfg.attention_impl
   if impl == "auto":
-    cudnn_ok = backend == "gpu" and dtype in ("bfloat16", "float16") and model_cfg.attention_dropout == 0
-    impl = "cudnn" if cudnn_ok else "xla"
+    fused_ok = seq_len is not None and fused_attention_fits(seq_len, sizes.hidden_size // sizes.num_heads) is None
+    if backend == "gpu" and model_cfg.attention_dropout > 0 and fused_ok:
+      impl = "pallas"
+    elif backend == "gpu" and dtype in ("bfloat16", "float16") and model_cfg.attention_dropout == 0:
+      impl = "cudnn"
+    else:
+      impl = "xla"
+  if impl == "pallas" and backend == "tpu":
+    raise BertjaxError(
+      "config model.attention_impl='pallas' is a GPU (Triton) kernel and cannot compile for a TPU; "
+      "set model.attention_impl=auto"
+    )
+  dropout_impl = model_cfg.dropout_impl
+  if dropout_impl == "auto":
+    dropout_impl = "hash" if backend == "gpu" else "threefry"
   return BertConfig(
     vocab_size=vocab_size,
     hidden_size=sizes.hidden_size,
@@ -137,5 +172,5 @@ def resolve_config(model_cfg: Any, vocab_size: int, backend: str | None = None) 
     attention_impl=impl,
     remat=model_cfg.remat,
     scan_layers=model_cfg.scan_layers,
-    dropout_impl=model_cfg.dropout_impl,
+    dropout_impl=dropout_impl,
   )

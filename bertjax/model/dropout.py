@@ -34,18 +34,46 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def key_words(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A PRNG key's first two 32-bit words, which open and close every hash chain."""
+  k0, k1 = jax.random.key_data(key).reshape(-1)[:2].astype(jnp.uint32)
+  return k0, k1
+
+
+def mix_coordinate(h: jax.Array, coordinate: jax.Array, axis: int) -> jax.Array:
+  """One link of the chain: xor in the element's coordinate on `axis` (salted per axis), mix."""
+  return _fmix32(h ^ (coordinate.astype(jnp.uint32) + jnp.uint32((_GOLDEN * (axis + 1)) & 0xFFFFFFFF)))
+
+
+def close_chain(h: jax.Array, k1: jax.Array) -> jax.Array:
+  """The chain's last link: xor in the key's second word, mix."""
+  return _fmix32(h ^ k1)
+
+
+def hash_prefix(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The chain over the leading axes of a larger array, open (not closed with the key's word).
+
+  `close_chain(mix_coordinate(prefix[..., None], j, len(shape)), k1)` is `hash_bits` of the
+  array with one more trailing axis at coordinate j: a fused kernel finishes the chain per tile.
+  """
+  h = jnp.broadcast_to(key_words(key)[0], shape)
+  for axis in range(len(shape)):
+    h = mix_coordinate(h, jax.lax.broadcasted_iota(jnp.uint32, shape, axis), axis)
+  return h
+
+
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """uint32 bits of `shape`, a hash of (key, each element's coordinates).
 
   Axis by axis the coordinate is xor-ed in and mixed, so no linear index (which could overflow 32
   bits) is formed; the key's two words open and close the chain.
   """
-  k0, k1 = jax.random.key_data(key).reshape(-1)[:2].astype(jnp.uint32)
-  h = jnp.broadcast_to(k0, shape)
-  for axis in range(len(shape)):
-    coordinate = jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    h = _fmix32(h ^ (coordinate + jnp.uint32((_GOLDEN * (axis + 1)) & 0xFFFFFFFF)))
-  return _fmix32(h ^ k1)
+  return close_chain(hash_prefix(key, shape), key_words(key)[1])
+
+
+def keep_threshold(rate: float) -> jax.Array:
+  """The uint32 t with P(bits >= t) = 1 - t / 2^32 = 1 - rate, to within 2^-32."""
+  return jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
 
 
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float, impl: str = "threefry") -> jax.Array:
@@ -59,9 +87,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float, impl: str = "
   """
   if impl == "threefry":
     return jax.random.bernoulli(key, 1.0 - rate, shape)
-  # P(bits >= t) = 1 - t / 2^32 = 1 - rate, to within 2^-32.
-  threshold = jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
-  return hash_bits(key, shape) >= threshold
+  return hash_bits(key, shape) >= keep_threshold(rate)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, impl: str = "threefry") -> jax.Array:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bertjax.model import fused_attention
 from bertjax.model.config import BertConfig
 from bertjax.model.dropout import dropout
 from bertjax.parallel.rules import constrain
@@ -82,7 +83,7 @@ class SelfAttention(nnx.Module):
     self.dropout_impl = cfg.dropout_impl
     self.impl = cfg.attention_impl
 
-  def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None):
+  def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None, *, pair_ids_BxL=None):
     """[B, L, E] attention output in the compute dtype.
 
     Args:
@@ -91,6 +92,8 @@ class SelfAttention(nnx.Module):
       kv_lengths_B: real tokens per row (right padding), which the cuDNN path takes instead of the
         mask; None for packed rows, where only the mask describes padding.
       dropout_key: a PRNG key for attention-probability dropout, or None for none.
+      pair_ids_BxL: the pair id of each token, 0 on padding (the mask's source), which the fused
+        kernel (`attention_impl=pallas`) takes instead of the mask.
     """
     dt = self.dtype
     qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
@@ -98,7 +101,12 @@ class SelfAttention(nnx.Module):
     q, k, v = (constrain(qkv[:, :, i], axes) for i in range(3))
     # Every path applies `mask_Bx1xLxL` (a token sees the real tokens of its own pair) or, with one
     # pair a row, the equivalent key lengths: a token never attends across packed pairs.
-    if dropout_key is not None and self.rate > 0.0:
+    if self.impl == "pallas":
+      # Dropout inside the kernel; its mask is the `hash` one whatever `dropout_impl` says.
+      if pair_ids_BxL is None:
+        raise ValueError("attention_impl=pallas needs pair_ids_BxL")
+      ctx = fused_attention.attention(q, k, v, pair_ids_BxL, dropout_key, self.rate)
+    elif dropout_key is not None and self.rate > 0.0:
       ctx = self._attend_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key)
     elif self.impl == "cudnn" and kv_lengths_B is not None:
       # One pair a row: padding is a length per row, which cuDNN's flash kernel takes without a
@@ -154,9 +162,9 @@ class EncoderLayer(nnx.Module):
     self.rate = cfg.dropout
     self.dropout_impl = cfg.dropout_impl
 
-  def __call__(self, x, mask, kv_lengths, dropout_key=None):
+  def __call__(self, x, mask, kv_lengths, dropout_key=None, *, pair_ids=None):
     attn_key, attn_out_key, ffn_out_key = _split(dropout_key, 3)
-    a = self.attention(x, mask, kv_lengths, attn_key)
+    a = self.attention(x, mask, kv_lengths, attn_key, pair_ids_BxL=pair_ids)
     x = self.attention_norm(x + dropout(a, self.rate, attn_out_key, self.dropout_impl))
     f = self.feed_forward(x)
     return self.output_norm(x + dropout(f, self.rate, ffn_out_key, self.dropout_impl))
@@ -182,14 +190,14 @@ class Encoder(nnx.Module):
     self.remat = cfg.remat
     self.scan = cfg.scan_layers
 
-  def __call__(self, x, mask, kv_lengths, dropout_key=None):
+  def __call__(self, x, mask, kv_lengths, dropout_key=None, *, pair_ids=None):
     """All layers over `x` [B, L, E]; the arguments are `SelfAttention`'s, one key split per layer."""
     graphdef, stacked = nnx.split(self.layers)
     keys = None if dropout_key is None else jax.random.split(dropout_key, self.num_layers)
 
     def apply_layer(h, layer_state_and_key):
       layer_state, key = layer_state_and_key
-      return nnx.merge(graphdef, layer_state)(h, mask, kv_lengths, key), None
+      return nnx.merge(graphdef, layer_state)(h, mask, kv_lengths, key, pair_ids=pair_ids), None
 
     if self.remat != "none":
       apply_layer = jax.checkpoint(apply_layer, prevent_cse=not self.scan, **_REMAT[self.remat])

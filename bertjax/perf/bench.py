@@ -52,7 +52,7 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) 
   """
   d, t = config.data, config.train
   validate_for_devices(config, jax.device_count())
-  model_config = resolve_config(config.model, d.vocab_size)
+  model_config = resolve_config(config.model, d.vocab_size, seq_len=d.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh)
   compiled = steps_lib.compile_steps(model_config, config.optim, t.steps, t.grad_accum, mesh)
   state = compiled.init(t.seed)
@@ -93,6 +93,8 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) 
     "dtype": model_config.dtype,
     "attention_impl": model_config.attention_impl,
     "remat": model_config.remat,
+    "scan_layers": model_config.scan_layers,
+    "dropout_impl": model_config.dropout_impl,
     "dropout": model_config.dropout,
     "attention_dropout": model_config.attention_dropout,
     "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),

@@ -63,7 +63,9 @@ def describe(
   device_count, device_kind = _hardware(device_count, device_kind, tpu, slices)
   peak = _peak_flops(device_kind, config.metrics.peak_tflops)
   mesh_shape = validate_for_devices(config, device_count)
-  model_cfg = resolve_config(config.model, vocab_size or _vocab_size(config), backend=_backend(device_kind))
+  model_cfg = resolve_config(
+    config.model, vocab_size or _vocab_size(config), backend=_backend(device_kind), seq_len=config.data.seq_len
+  )
   state = abstract_train_state(model_cfg, config, mesh_shape)
   data, fsdp, _ = mesh_shape
   t, d = config.train, config.data

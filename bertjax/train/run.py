@@ -118,7 +118,7 @@ def setup(config, workdir, data: Data | None = None, *, write_config: bool = Tru
   elif write_config:
     config_loading.write_config(config, workdir)
   tokenizer, pipeline = data.tokenizer, data.pipeline
-  model_config = resolve_config(config.model, tokenizer.vocab_size)
+  model_config = resolve_config(config.model, tokenizer.vocab_size, seq_len=config.data.seq_len)
   mesh = mesh_lib.make_mesh(config.mesh)
   steps = steps_lib.compile_steps(model_config, config.optim, config.train.steps, config.train.grad_accum, mesh)
   rows = mesh_lib.rows_for_sharding(steps.batch_sharding, config.train.batch_size)

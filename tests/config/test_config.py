@@ -114,6 +114,8 @@ VALIDATION_ERRORS = [
   ({"model.dtype": "float64"}, "model.dtype='float64' is not supported"),
   ({"model.remat": "some"}, "model.remat='some' is not supported; choose one of none, full, dots"),
   ({"model.attention_impl": "cudnn"}, "needs model.attention_dropout=0"),
+  ({"model.attention_impl": "pallas", "data.seq_len": 24}, "'pallas' cannot run here: sequence length 24"),
+  ({"model.attention_impl": "pallas", "model.num_heads": 4}, "'pallas' cannot run here: head size 8"),
   ({"optim.name": "sgd"}, "optim.name='sgd' is not supported"),
   ({"data.source": "web:x"}, "data.source='web:x' is not understood"),
   ({"data.source": "files:"}, "data.source='files:' is not understood"),

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from bertjax.config import defaults
+from bertjax.errors import BertjaxError
 from bertjax.model import bert as model_lib
 from bertjax.model import config as model_config
 from bertjax.model import layers
@@ -74,6 +75,20 @@ def test_auto_resolution_picks_cudnn_only_where_it_applies():
   assert (cpu.dtype, cpu.attention_impl) == ("float32", "xla")
   fp32_gpu = model_config.resolve_config(_model_cfg("tiny", attention_dropout=0.0, dtype="float32"), **gpu)
   assert fp32_gpu.attention_impl == "xla"  # cuDNN flash attention is 16-bit only
+
+
+def test_auto_resolution_on_gpus_is_the_fused_kernel_with_hash_masks_where_its_tiles_fit():
+  gpu = dict(backend="gpu", vocab_size=100)
+  fused = model_config.resolve_config(_model_cfg("tiny"), **gpu, seq_len=128)
+  assert (fused.attention_impl, fused.dropout_impl) == ("pallas", "hash")
+  assert model_config.resolve_config(_model_cfg("tiny"), **gpu, seq_len=100).attention_impl == "xla"
+  no_attention_dropout = _model_cfg("tiny", attention_dropout=0.0)
+  assert model_config.resolve_config(no_attention_dropout, **gpu, seq_len=128).attention_impl == "cudnn"
+  for backend in ("cpu", "tpu"):
+    other = model_config.resolve_config(_model_cfg("tiny"), backend=backend, vocab_size=100, seq_len=128)
+    assert (other.attention_impl, other.dropout_impl) == ("xla", "threefry")
+  with pytest.raises(BertjaxError, match="'pallas' is a GPU"):
+    model_config.resolve_config(_model_cfg("tiny", attention_impl="pallas"), backend="tpu", vocab_size=100)
 
 
 def test_size_overrides_rederive_heads_and_intermediate():
