@@ -21,7 +21,7 @@ ALLOWED = {
   "bertjax.errors": (),
   "bertjax.atomic": (),
   "bertjax.data": ("bertjax.errors", "bertjax.atomic"),
-  "bertjax.model.config": (),
+  "bertjax.model.config": ("bertjax.errors",),
   "bertjax.parallel.layout": ("bertjax.errors",),
   "bertjax.config": (
     "bertjax.errors",
