@@ -19,14 +19,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from bertjax.finetune import heads
 from bertjax.finetune.tasks import TaskSpec
 from bertjax.model.config import BertConfig
-from bertjax.parallel import rules
 from bertjax.train import optim
-from bertjax.train.steps import CompiledSteps, TrainState, fresh_state
+from bertjax.train.steps import CompiledSteps, TrainState, fresh_state, jit_steps
 
 Batch = dict[str, jax.Array]
 # What the device sees of a batch (features hold more: offsets for decoding, example indices).
@@ -161,38 +160,16 @@ def _compile_steps(cfg, spec, head_dropout, optim_values, total_steps, grad_accu
   optim_cfg = ml_collections.ConfigDict(dict(optim_values))
   tx = optim.build_optimizer(optim_cfg, total_steps)
   schedule = optim.learning_rate_schedule(optim_cfg, total_steps)
-  abstract = heads.abstract(cfg, spec, head_dropout)
-  graphdef = nnx.graphdef(abstract)
-  param_shardings = rules.named(mesh, rules.param_specs(nnx.state(abstract, nnx.Param)))
-  init = functools.partial(_init_state, cfg, spec, head_dropout, tx)
-  abstract_state = jax.eval_shape(init, 0)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state_shardings = TrainState(
-    step=replicated,
-    params=param_shardings,
-    rng=replicated,
-    opt_state=rules.optimizer_shardings(tx, abstract_state.opt_state, param_shardings, mesh),
-  )
-  batch_sharding = rules.batch_sharding(mesh)
-  train = jax.jit(
-    functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, spec=spec, grad_accum=grad_accum),
-    in_shardings=(state_shardings, batch_sharding),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=0,
-  )
-  evaluate = jax.jit(
-    functools.partial(eval_step, graphdef=graphdef, spec=spec),
-    in_shardings=(param_shardings, batch_sharding),
-    out_shardings=replicated,
-  )
-  return CompiledSteps(
-    mesh=mesh,
-    graphdef=graphdef,
-    tx=tx,
-    schedule=schedule,
-    state_shardings=state_shardings,
-    batch_sharding=batch_sharding,
-    jitted={"init": jax.jit(init, out_shardings=state_shardings), "train": train, "eval": evaluate},
+  return jit_steps(
+    heads.abstract(cfg, spec, head_dropout),
+    functools.partial(_init_state, cfg, spec, head_dropout, tx),
+    lambda graphdef: functools.partial(
+      train_step, graphdef=graphdef, tx=tx, schedule=schedule, spec=spec, grad_accum=grad_accum
+    ),
+    lambda graphdef: functools.partial(eval_step, graphdef=graphdef, spec=spec),
+    tx,
+    schedule,
+    mesh,
   )
 
 

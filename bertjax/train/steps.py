@@ -211,10 +211,33 @@ def compile_steps(
   """
   tx = optim.build_optimizer(optim_cfg, train_steps)
   schedule = optim.learning_rate_schedule(optim_cfg, train_steps)
-  abstract = abstract_model(cfg)
+  return jit_steps(
+    abstract_model(cfg),
+    functools.partial(_init_state, cfg, tx),
+    lambda graphdef: functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum),
+    lambda graphdef: functools.partial(eval_step, graphdef=graphdef),
+    tx,
+    schedule,
+    mesh,
+  )
+
+
+def jit_steps(abstract, init, make_train, make_eval, tx, schedule, mesh: Mesh | AbstractMesh) -> CompiledSteps:
+  """The state's shardings from the model's logical axes, and init / train / eval jitted with them.
+
+  Shared by pretraining and fine-tuning, whose steps differ only in their functions.
+
+  Args:
+    abstract: the abstract model (`nnx.eval_shape`); its parameters' names give the shardings.
+    init: seed -> TrainState.
+    make_train, make_eval: graphdef -> the train step (state, batch) -> (state, metrics), and the
+      eval step (params, batch) -> metrics.
+    tx, schedule: the optimizer and its learning-rate schedule.
+    mesh: the device mesh, or an abstract one.
+  """
   graphdef = nnx.graphdef(abstract)
   param_shardings = rules.named(mesh, rules.param_specs(nnx.state(abstract, nnx.Param)))
-  abstract_state = jax.eval_shape(functools.partial(_init_state, cfg, tx), 0)
+  abstract_state = jax.eval_shape(init, 0)
   replicated = NamedSharding(mesh, PartitionSpec())
   state_shardings = TrainState(
     step=replicated,
@@ -223,20 +246,13 @@ def compile_steps(
     opt_state=rules.optimizer_shardings(tx, abstract_state.opt_state, param_shardings, mesh),
   )
   batch_sharding = rules.batch_sharding(mesh)
-
-  # The init is jitted with the final out-shardings: no device ever holds all the parameters.
-  init = jax.jit(functools.partial(_init_state, cfg, tx), out_shardings=state_shardings)
   train = jax.jit(
-    functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum),
+    make_train(graphdef),
     in_shardings=(state_shardings, batch_sharding),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
-  evaluate = jax.jit(
-    functools.partial(eval_step, graphdef=graphdef),
-    in_shardings=(param_shardings, batch_sharding),
-    out_shardings=replicated,
-  )
+  evaluate = jax.jit(make_eval(graphdef), in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
   return CompiledSteps(
     mesh=mesh,
     graphdef=graphdef,
@@ -244,5 +260,6 @@ def compile_steps(
     schedule=schedule,
     state_shardings=state_shardings,
     batch_sharding=batch_sharding,
-    jitted={"init": init, "train": train, "eval": evaluate},
+    # The init is jitted with the final out-shardings: no device ever holds all the parameters.
+    jitted={"init": jax.jit(init, out_shardings=state_shardings), "train": train, "eval": evaluate},
   )
