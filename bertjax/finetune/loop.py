@@ -33,7 +33,7 @@ from bertjax.finetune import run as run_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, lock, optim, saving
+from bertjax.train import checkpoint, compatibility, lock, optim, save_failures, saving
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.steps import TrainState
 
@@ -60,7 +60,7 @@ def _task_meta(run: run_lib.Run) -> dict:
 def _checkpoint_meta(run: run_lib.Run) -> dict:
   return {
     "config": config_loading.to_dict(run.config),
-    "model": checkpoint.model_sizes(run.model_config),
+    "model": compatibility.model_sizes(run.model_config),
     "tokenizer_fingerprint": run.data.tokenizer.fingerprint,
     "task": _task_meta(run),
     "mesh": dict(zip(MESH_AXES, run.steps.mesh.devices.shape)),
@@ -76,7 +76,7 @@ def _describe(task: dict) -> str:
 
 def _check_resumable(run: run_lib.Run, source: str):
   def check(meta: dict) -> None:
-    checkpoint.check_compatible(meta, run.model_config, run.data.tokenizer.fingerprint, source)
+    compatibility.check_compatible(meta, run.model_config, run.data.tokenizer.fingerprint, source)
     saved, current = meta.get("task", {}), _task_meta(run)
     if saved != current:
       raise BertjaxError(
@@ -104,7 +104,7 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
   with contextlib.ExitStack() as stack:
     workdir_lock = stack.enter_context(lock.hold(workdir))  # one run per workdir, as pretraining
     run = run_lib.setup(config, workdir, data)
-    checkpoint.check_room(run.workdir, run.steps.abstract_state())
+    save_failures.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
     if checkpoints.steps() or step is not None:
       state, meta = checkpoints.restore(

@@ -32,7 +32,7 @@ from bertjax.model.bert import abstract_model
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel import rules
-from bertjax.train import checkpoint
+from bertjax.train import checkpoint, compatibility
 from bertjax.train.steps import CompiledSteps
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def warm_start(run: Run, init: str):
       raise BertjaxError(f"--init {init}: no checkpoints there; pretrain first, or import one with bertjax import-hf")
     params, meta = source.restore_params(
       target,
-      check=lambda meta: checkpoint.check_compatible(
+      check=lambda meta: compatibility.check_compatible(
         meta, run.model_config, run.data.tokenizer.fingerprint, f"--init {init}"
       ),
     )

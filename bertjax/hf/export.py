@@ -31,7 +31,7 @@ from bertjax.finetune import tasks
 from bertjax.hf import names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.model.config import BertConfig, resolve_config
-from bertjax.train import checkpoint
+from bertjax.train import checkpoint, compatibility
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def read_run(workdir, step: int | None = None) -> RunSnapshot:
       raise BertjaxError(f"--workdir {workdir}: no checkpoints yet; train first (bertjax train) or import one")
 
     def check(meta):
-      checkpoint.check_compatible(meta, model_config, tokenizer.fingerprint, f"--workdir {workdir}")
+      compatibility.check_compatible(meta, model_config, tokenizer.fingerprint, f"--workdir {workdir}")
 
     params, meta = checkpoints.restore_params(step=step, check=check)
   return RunSnapshot(config, model_config, tokenizer, params, int(meta["step"]))

@@ -30,7 +30,7 @@ from bertjax.hf import folders, load, names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.model import bert
 from bertjax.model import config as model_config
-from bertjax.train import checkpoint, optim, steps
+from bertjax.train import checkpoint, compatibility, optim, steps
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
     )
   config = run_config_for(cfg, str(workdir / "tokenizer"), seed)
   resolved = model_config.resolve_config(config.model, tokenizer.vocab_size, backend="cpu")
-  if checkpoint.model_sizes(resolved) != checkpoint.model_sizes(cfg):  # the run must rebuild this model
-    raise RuntimeError(f"run config resolves to {checkpoint.model_sizes(resolved)}, not {checkpoint.model_sizes(cfg)}")
+  resolved_sizes, sizes = compatibility.model_sizes(resolved), compatibility.model_sizes(cfg)
+  if resolved_sizes != sizes:  # the run must rebuild this model
+    raise RuntimeError(f"run config resolves to {resolved_sizes}, not {sizes}")
 
   # Heads the checkpoint lacks start from the model's own initialiser, seeded by train.seed.
   init_params = load.params_of(bert.init_model(cfg, seed=seed))
@@ -135,7 +136,7 @@ def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
   state = steps.fresh_state(params, optim.build_optimizer(config.optim, config.train.steps), seed)
   meta = {
     "config": config_loading.to_dict(config),
-    "model": checkpoint.model_sizes(cfg),
+    "model": compatibility.model_sizes(cfg),
     "tokenizer_fingerprint": tokenizer.fingerprint,
     "imported_from": str(hf_dir),
     "fresh_parameters": fresh,

@@ -19,10 +19,8 @@ system's reason; earlier steps stay as they were.
 """
 
 import contextlib
-import dataclasses
 import logging
 import os
-import shutil
 import time
 from concurrent import futures
 
@@ -42,17 +40,6 @@ CHECKPOINT_DIR = "checkpoints"
 MANIFEST = manifest.MANIFEST
 ITEMS = ("params", "opt_state", "meta")
 DAMAGED = ".damaged-"  # N.damaged-TIME: not a step name to orbax, never a tmp folder either
-# Sizes that must match for a checkpoint's parameters to fit the model (dtype, dropout, remat
-# and attention kernel may change between runs; the arrays do not).
-STRUCTURAL_KEYS = (
-  "vocab_size",
-  "hidden_size",
-  "num_layers",
-  "num_heads",
-  "intermediate_size",
-  "max_position_embeddings",
-  "type_vocab_size",
-)
 
 
 class CheckpointError(BertjaxError):
@@ -158,7 +145,7 @@ class Checkpoints:
     )
     self._finish_save()  # orbax would wait for it inside save(); here a failure names its step
     sealed = self._check_sealed(block=False)
-    unwritable = save_failures.probe(self.dir, checkpoint_bytes(state))
+    unwritable = save_failures.probe(self.dir, save_failures.checkpoint_bytes(state))
     if processes.any_raised(unwritable is not None):  # before orbax starts threads it cannot stop
       raise self._failure(step, unwritable or OSError("another process of the job cannot write there"))
     try:
@@ -381,86 +368,3 @@ class Checkpoints:
     _, items = self._first_restorable(step, ("params", "meta"), make_args, check)
     params = items["params"] if abstract_params is not None else jax.tree.map(np.asarray, items["params"])
     return params, items["meta"]
-
-
-def checkpoint_bytes(abstract_state) -> int:
-  """About what one checkpoint of this state takes on disk (uncompressed array bytes)."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
-
-
-def check_room(workdir, abstract_state) -> None:
-  """Fail before training when a local workdir has no room for one more checkpoint."""
-  if "://" in str(workdir):
-    return  # object stores report no free space
-  needed = checkpoint_bytes(abstract_state)
-  free = shutil.disk_usage(os.fspath(workdir)).free
-  if free < needed:
-    raise BertjaxError(
-      f"--workdir {workdir}: {free / 2**20:,.0f} MiB free, but one checkpoint needs about "
-      f"{needed / 2**20:,.1f} MiB; free some space or choose another folder"
-    )
-
-
-def model_sizes(model_config) -> dict:
-  """The BertConfig's STRUCTURAL_KEYS, the sizes a checkpoint's meta records under `model`."""
-  sizes = dataclasses.asdict(model_config)
-  return {k: sizes[k] for k in STRUCTURAL_KEYS}
-
-
-def check_compatible(meta: dict, model_config, tokenizer_fingerprint: str | None, source: str) -> None:
-  """Refuse a checkpoint whose parameters or tokenizer do not fit this run.
-
-  Args:
-    meta: the checkpoint's meta (`model` sizes, `tokenizer_fingerprint`).
-    model_config: this run's resolved BertConfig.
-    tokenizer_fingerprint: this run's tokenizer's; None (or a meta without one) skips that check.
-    source: the input the message names (`--workdir ...`, `train.init_from=...`).
-  Raises:
-    BertjaxError: a structural size or the tokenizer differs.
-  """
-  saved, current = meta.get("model", {}), model_sizes(model_config)
-  differing = [f"{k} {saved.get(k)} -> {current[k]}" for k in STRUCTURAL_KEYS if saved.get(k) != current[k]]
-  if differing:
-    raise BertjaxError(
-      f"{source}: the model differs from the checkpoint's ({', '.join(differing)}); "
-      "use the checkpoint's model config or a new workdir"
-    )
-  saved_tokenizer = meta.get("tokenizer_fingerprint")
-  if tokenizer_fingerprint and saved_tokenizer and saved_tokenizer != tokenizer_fingerprint:
-    raise BertjaxError(
-      f"{source}: the tokenizer ({tokenizer_fingerprint}) differs from the one the checkpoint "
-      f"was trained with ({saved_tokenizer}); use that tokenizer or a new workdir"
-    )
-
-
-def warm_start(init_from, steps, model_config, *, params_only: bool, seed: int, tokenizer_fingerprint=None):
-  """A TrainState for a new run from another run's newest good checkpoint.
-
-  By default the parameters, optimizer state and global step carry over (phase 2 continues
-  phase 1's learning-rate schedule); with `params_only`, only the parameters do, and the
-  optimizer starts afresh at step 0 (fine-tuning, a new optimizer). `steps` is the new run's
-  CompiledSteps: the state lands on its mesh.
-
-  Args:
-    init_from: the source run folder (`train.init_from`).
-    steps: the new run's CompiledSteps.
-    model_config: the new run's BertConfig; its structural sizes must match the checkpoint's.
-    params_only: carry over the parameters alone, with a fresh optimizer state and rng from `seed`.
-    seed: `train.seed`, used only with `params_only`.
-    tokenizer_fingerprint: the new run's tokenizer's, checked against the checkpoint's if given.
-  Raises:
-    BertjaxError: `init_from` has no checkpoints, or its model or tokenizer does not fit.
-    CheckpointError: no step there can be restored.
-  """
-  with Checkpoints(init_from, read_only=True) as source:
-    if not source.steps():
-      raise BertjaxError(f"train.init_from={init_from}: no checkpoints there; point it at a bertjax run folder")
-
-    def check(meta):
-      check_compatible(meta, model_config, tokenizer_fingerprint, f"train.init_from={init_from}")
-
-    if params_only:
-      params, _ = source.restore_params(steps.abstract_state().params, check=check)
-      return steps.init(seed).replace(params=params)
-    state, _ = source.restore(steps.abstract_state(), check=check)
-    return state

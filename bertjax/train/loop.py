@@ -27,7 +27,7 @@ from bertjax.metrics import flops as flops_lib
 from bertjax.metrics.progress import ProgressBar
 from bertjax.metrics.writer import MetricsWriter
 from bertjax.parallel.layout import MESH_AXES
-from bertjax.train import checkpoint, lock, optim, saving
+from bertjax.train import checkpoint, compatibility, lock, optim, save_failures, saving
 from bertjax.train import steps as steps_lib
 from bertjax.train.preemption import PreemptionGuard
 from bertjax.train.run import Data, Run, evaluate, setup
@@ -77,7 +77,7 @@ def _checkpoint_meta(run: Run, step: int) -> dict:
   return {
     "data": run.pipeline.state_for(step),
     "config": config_loading.to_dict(run.config),
-    "model": checkpoint.model_sizes(run.model_config),
+    "model": compatibility.model_sizes(run.model_config),
     "tokenizer_fingerprint": run.tokenizer.fingerprint,
     "mesh": dict(zip(MESH_AXES, run.steps.mesh.devices.shape)),
     "process_count": jax.process_count(),
@@ -102,14 +102,14 @@ def initial_state(run: Run, checkpoints: checkpoint.Checkpoints, step: int | Non
     state, meta = checkpoints.restore(
       run.steps.abstract_state(),
       step,
-      check=lambda meta: checkpoint.check_compatible(
+      check=lambda meta: compatibility.check_compatible(
         meta, run.model_config, run.tokenizer.fingerprint, f"--workdir {run.workdir}"
       ),
     )
     log.info("resumed from checkpoint step %d in %s", meta["step"], checkpoints.dir)
     return state, meta.get("data")
   if t.init_from:
-    state = checkpoint.warm_start(
+    state = compatibility.warm_start(
       t.init_from,
       run.steps,
       run.model_config,
@@ -134,7 +134,7 @@ def train(config, workdir, *, data: Data | None = None, state=None, step: int | 
   with contextlib.ExitStack() as stack:
     workdir_lock = stack.enter_context(lock.hold(workdir))  # before anything is written there
     run = setup(config, workdir, data)
-    checkpoint.check_room(run.workdir, run.steps.abstract_state())
+    save_failures.check_room(run.workdir, run.steps.abstract_state())
     checkpoints = stack.enter_context(checkpoint.Checkpoints(run.workdir, config.checkpoint))
     data_position = None
     if state is None:

@@ -27,7 +27,7 @@ from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
-from bertjax.train import checkpoint, losses
+from bertjax.train import checkpoint, compatibility, losses
 from bertjax.train import steps as steps_lib
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def evaluate_checkpoint(config, workdir, *, data: Data | None = None, step: int 
     params, meta = checkpoints.restore_params(
       run.steps.abstract_state().params,
       step,
-      check=lambda meta: checkpoint.check_compatible(
+      check=lambda meta: compatibility.check_compatible(
         meta, run.model_config, run.tokenizer.fingerprint, f"--workdir {workdir}"
       ),
     )

@@ -3,6 +3,7 @@
     probe(folder, size)         why this process cannot write a checkpoint there, or None
     describe(what, exc, ...)    "... failed: No space left on device (ENOSPC); ...; free some space, ..."
     quiet_orbax()               while open, orbax's own reports of a failed save are not printed
+    check_room(workdir, state)  fail before training when a local disk cannot hold one checkpoint
 
 orbax writes arrays through tensorstore, whose errors carry the OS's words as text ("Failed to
 write ...: No space left on device [os_error_code='28']"): `bertjax.atomic.os_errno` reads the
@@ -21,9 +22,11 @@ import socket
 import sys
 from collections.abc import Iterator
 
+import jax
 from etils import epath
 
 from bertjax.atomic import os_errno
+from bertjax.errors import BertjaxError
 
 # What to do about a failed write, by the operating system's reason.
 FIXES = {
@@ -137,3 +140,21 @@ def quiet_orbax() -> Iterator[None]:
       logging.getLogger("absl").removeFilter(_FILTER)
       if sys.unraisablehook is _unraisable_hook:
         sys.unraisablehook = _previous_hook
+
+
+def checkpoint_bytes(abstract_state) -> int:
+  """About what one checkpoint of this state takes on disk (uncompressed array bytes)."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state) if hasattr(x, "dtype"))
+
+
+def check_room(workdir, abstract_state) -> None:
+  """Fail before training when a local workdir has no room for one more checkpoint."""
+  if "://" in str(workdir):
+    return  # object stores report no free space
+  needed = checkpoint_bytes(abstract_state)
+  free = shutil.disk_usage(os.fspath(workdir)).free
+  if free < needed:
+    raise BertjaxError(
+      f"--workdir {workdir}: {free / 2**20:,.0f} MiB free, but one checkpoint needs about "
+      f"{needed / 2**20:,.1f} MiB; free some space or choose another folder"
+    )

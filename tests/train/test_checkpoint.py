@@ -19,7 +19,7 @@ from etils import epath
 from bertjax.atomic import os_errno
 from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
-from bertjax.train import checkpoint, loop, manifest, optim, save_failures
+from bertjax.train import checkpoint, compatibility, loop, manifest, optim, save_failures
 from bertjax.train import run as run_lib
 from tests.support.micro import compiled_steps as _steps
 from tests.support.micro import synthetic_batch
@@ -510,11 +510,11 @@ def test_resuming_with_another_model_or_tokenizer_is_refused(tmp_path, corpus_an
   ):
     loop.train(bigger, tmp_path / "run")
   meta = {
-    "model": checkpoint.model_sizes(run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
+    "model": compatibility.model_sizes(run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
     "tokenizer_fingerprint": "something-else",
   }
   with pytest.raises(BertjaxError, match="the tokenizer .* differs from the one the checkpoint was trained with"):
-    checkpoint.check_compatible(
+    compatibility.check_compatible(
       meta, run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config, "mine", "--workdir run"
     )
 
