@@ -102,9 +102,10 @@ def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_and_tokeni
 def test_a_full_workdir_fails_before_training(tmp_path, corpus_and_tokenizer, monkeypatch):
   import shutil
 
-  from bertjax.train import checkpoint
+  from bertjax.train import save_failures
 
-  monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024))
+  almost_full = shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024)
+  monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda path: almost_full)
   with pytest.raises(BertjaxError, match=r"0 MiB free, but one checkpoint needs about [0-9.,]+ MiB"):
     loop.train(run_config(corpus_and_tokenizer, "train.steps=2"), tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
