@@ -9,15 +9,22 @@ With libtpu installed, JAX compiles for a TPU topology on a machine without TPUs
 `jax.experimental.topologies.get_topology_desc` gives compile-only devices, a mesh over them
 takes `bertjax.train.steps.compile_steps` (the run's own step), and `.lower(...).compile()` on
 abstract inputs gives the program the run would execute. From it: `memory_analysis()` (bytes per
-chip), the optimised HLO (`as_text()`, whose collectives are counted) and the cost model
-(`cost_analysis()`: `optimal_seconds`, XLA's estimate of the step time on that chip).
+chip), the optimised HLO (`as_text()`, whose collectives are counted) and two estimates of the
+step time on that chip:
+
+- the roofline: `cost_analysis()`'s `optimal_seconds`, each op at the chip's peak FLOP/s or HBM
+  bandwidth, whichever binds. It does not see the vector units' work: a dropout mask hashed
+  with 20 rounds of integer ops costs what a copy of the same bytes costs.
+- the scheduled time: libtpu's code generator estimates the cycles of every instruction it
+  schedules (`hlo.scheduled_cycles`), which counts that work; summed over the step and divided by
+  the chip's clock. Collectives are not among the cycles counted (they are listed with their bytes).
 
 XLA's cost analysis counts a `while` loop's body once: a scanned encoder's estimate is
 meaningless (for BERT-base on TPU it even comes out negative), and so is a gradient-accumulation
 loop's. The estimate is therefore taken from loop-free programs: the run's own when it has no loop
 (`model.scan_layers=False`, `train.grad_accum=1`), else the same step with its layers unrolled on
-one microbatch at 1 and 2 layers, scaled linearly to the model's depth (each layer is the same
-program), times the microbatches, less the optimizer update the extra microbatches do not run.
+one microbatch (at 3 and 4 layers, scaled linearly to a deeper model's depth: each layer is the
+same program), times the microbatches, less the optimizer update the extra microbatches do not run.
 """
 
 import dataclasses
@@ -48,15 +55,18 @@ class Generation:
   dims: int  # 3: chips in a torus cube (v4, v5p); 2: a grid (v5e, v6e)
   hbm_gib: float  # HBM per chip that libtpu's compiler lets a program use
   chip_config: str  # libtpu's chip config: megacore joins a chip's two TensorCores into one device
+  clock_ghz: float  # what libtpu's per-instruction cycle estimates count
 
 
 # HBM as libtpu 0.0.42's compiler counts it (its out-of-memory error names the available bytes):
-# a little under the datasheet's 32 / 95 / 16 / 32 GB.
+# a little under the datasheet's 32 / 95 / 16 / 32 GB. Clocks: the datasheet's bf16 peak over the
+# chip's multiply-adds a cycle (2 FLOPs each): v4 and v5p 2 TensorCores x 4 MXUs of 128x128, v5e 1
+# x 4 of 128x128, v6e 1 x 4 of 256x256.
 GENERATIONS = {
-  "v4": Generation("v4", "TPU v4", 2, 3, 30.75, "megacore"),
-  "v5p": Generation("v5p", "TPU v5p", 2, 3, 95.74, "megacore"),
-  "v5e": Generation("v5e", "TPU v5e", 1, 2, 15.75, "default"),
-  "v6e": Generation("v6e", "TPU v6e", 1, 2, 31.25, "default"),
+  "v4": Generation("v4", "TPU v4", 2, 3, 30.75, "megacore", 1.05),  # 275 TFLOP/s
+  "v5p": Generation("v5p", "TPU v5p", 2, 3, 95.74, "megacore", 1.75),  # 459 TFLOP/s
+  "v5e": Generation("v5e", "TPU v5e", 1, 2, 15.75, "default", 1.5),  # 197 TFLOP/s
+  "v6e": Generation("v6e", "TPU v6e", 1, 2, 31.25, "default", 1.75),  # 918 TFLOP/s
 }
 _NAMES = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 # The grid slices v5e and v6e come in (Cloud TPU's v5litepod-N and v6e-N); up to 8 chips are one host.
@@ -101,6 +111,7 @@ class Target:
   device_kind: str  # for the peak FLOP/s
   hbm_bytes: int | None  # per device, None where unknown
   label: str  # what was compiled for, for the report
+  clock_hz: float | None = None  # a TPU's, for its per-instruction cycle estimates
 
 
 def parse_topology(name: str) -> TpuSlice:
@@ -177,7 +188,8 @@ def target(device_count: int, device_kind: str, tpu: TpuSlice | None, slices: in
     devices = _tpu_devices(tpu, slices)
     label = f"{tpu.name} ({tpu.topology}, {tpu.chips} chips)" + (f" x {slices} slices" if slices > 1 else "")
     label += f", libtpu {importlib.metadata.version('libtpu')}" if importlib.util.find_spec("libtpu") else ""
-    return Target(devices, tpu.generation.device_kind, int(tpu.generation.hbm_gib * 2**30), label)
+    gen = tpu.generation
+    return Target(devices, gen.device_kind, int(gen.hbm_gib * 2**30), label, gen.clock_ghz * 1e9)
   local = jax.devices()
   if local[0].platform == "cpu":
     raise BertjaxError(
@@ -242,7 +254,7 @@ def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool
   fits = None if tgt.hbm_bytes is None else memory["total"] <= tgt.hbm_bytes
   report.update(memory_bytes=memory, fits=fits)
   wanted = estimate and fits is not False
-  return {**report, "estimate": _estimate(config, model_cfg, mesh, steps, run) if wanted else None}
+  return {**report, "estimate": _estimate(config, model_cfg, mesh, steps, run, tgt.clock_hz) if wanted else None}
 
 
 def _compile(steps: steps_lib.CompiledSteps, data_cfg, vocab_size: int, batch_size: int):
@@ -287,22 +299,37 @@ def _oom_memory(message: str) -> dict[str, int]:
   return {"total": int(float(value) * _UNITS[unit])}
 
 
-def _estimate(config, model_cfg: BertConfig, mesh, steps, run) -> dict:
-  """XLA's step time, FLOPs and collectives per device, from loop-free programs."""
+# The estimate's loop-free programs for a deep model: a layer's cost is the difference of these
+# two depths. Past the first layers: at BERT-base, the 1- and 2-layer programs' roofline
+# difference is 17-24% above the next layers' (the scheduled time's is steady from the first).
+FIT_LAYERS = (3, 4)
+
+
+def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float | None) -> dict:
+  """XLA's step times (roofline and scheduled), FLOPs and collectives per device, from loop-free programs."""
   k, layers = config.train.grad_accum, model_cfg.num_layers
   if not model_cfg.scan_layers and k == 1:
-    return {**_cost(run), "method": "the run's program (layers unrolled, one batch: no loops)"}
+    return {**_cost(run, clock_hz), "method": "the run's program (layers unrolled, one batch: no loops)"}
   micro = config.train.batch_size // k
-  method = f"per-layer cost of unrolled 1- and 2-layer programs, scaled to {layers} layers"
+  low, high = FIT_LAYERS
+  depths = (layers,) if layers <= high else FIT_LAYERS
+  if layers <= high:
+    method = f"the step with its {layers} layers unrolled"
+  else:
+    method = f"per-layer cost of unrolled {low}- and {high}-layer programs, scaled to {layers} layers"
   vocab = model_cfg.vocab_size
-  programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in (1, 2)]
+  programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in depths]
   if None in programs:
-    return {"method": f"none: the {method} do not fit", "collectives": {}}
-  one, two = (_cost(program) for program in programs)
-  terms = [(k * (2 - layers), one), (k * (layers - 1), two)]  # k * (one + (layers - 1) * (two - one))
+    return {"method": f"none: {method} does not fit", "collectives": {}}
+  costs = [_cost(program, clock_hz) for program in programs]
+  if layers <= high:
+    terms = [(k, costs[0])]
+  else:  # k * (shallow + (layers - low) * (deep - shallow))
+    shallow, deep = costs
+    terms = [(k * (1 + low - layers), shallow), (k * (layers - low), deep)]
   if k > 1:
-    terms.append((1 - k, _cost(_compile_optimizer(steps))))
-    method += f", times {k} microbatches with one optimizer update"
+    terms.append((1 - k, _cost(_compile_optimizer(steps), clock_hz)))
+    method += f", on one microbatch, times {k} microbatches with one optimizer update"
   return {**_combine(terms), "method": method}
 
 
@@ -329,13 +356,17 @@ def _compile_optimizer(steps: steps_lib.CompiledSteps):
     return jitted.lower(state.params, state.params, state.opt_state).compile()
 
 
-def _cost(compiled) -> dict:
+def _cost(compiled, clock_hz: float | None) -> dict:
+  """One loop-free program's cost: the roofline step time, the scheduled one (with its matmul part), FLOPs, bytes."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one dict per program
   text = compiled.as_text()
   seconds = cost.get("optimal_seconds")  # absent where the backend has no cost model of time
+  cycles = hlo.scheduled_cycles(text) if clock_hz else None
   return {
     "step_s": None if seconds is None else float(seconds) + _unpriced_seconds(text),
+    "scheduled_s": None if cycles is None else (cycles["matmul"] + cycles["other"]) / clock_hz,
+    "scheduled_matmul_s": None if cycles is None else cycles["matmul"] / clock_hz,
     "flops": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "collectives": hlo.collectives(text),
@@ -358,7 +389,7 @@ def _combine(terms: list[tuple[int, dict]]) -> dict:
   """sum(coefficient * cost) over the terms, collectives included (None where a term has none)."""
   out = {
     key: None if any(cost[key] is None for _, cost in terms) else sum(c * cost[key] for c, cost in terms)
-    for key in ("step_s", "flops", "bytes_accessed")
+    for key in ("step_s", "scheduled_s", "scheduled_matmul_s", "flops", "bytes_accessed")
   }
   kinds = sorted({kind for _, cost in terms for kind in cost["collectives"]})
   out["collectives"] = {

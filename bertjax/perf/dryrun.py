@@ -124,7 +124,23 @@ def _compiled_figures(
     "estimated_flops_per_device": estimate.get("flops"),
     "estimated_tokens_per_s": tokens_per_step / step_s if usable else None,
     "estimated_mfu": flops_per_step / (step_s * device_count * peak) if usable and peak else None,
+    **_scheduled_figures(estimate, flops_per_step, device_count, peak, tokens_per_step),
     "collectives": estimate.get("collectives", {}),
+  }
+
+
+def _scheduled_figures(
+  estimate: dict, flops_per_step: float, device_count: int, peak: float | None, tokens_per_step: int
+) -> dict[str, Any]:
+  """The step at libtpu's per-instruction cycle estimates (`aot`'s scheduled time); None off a TPU."""
+  step_s, matmul_s = estimate.get("scheduled_s"), estimate.get("scheduled_matmul_s")
+  if not step_s or step_s <= 0:
+    return dict.fromkeys(("scheduled_step_s", "scheduled_tokens_per_s", "scheduled_mfu", "scheduled_matmul_share"))
+  return {
+    "scheduled_step_s": step_s,
+    "scheduled_tokens_per_s": tokens_per_step / step_s,
+    "scheduled_mfu": flops_per_step / (step_s * device_count * peak) if peak else None,
+    "scheduled_matmul_share": matmul_s / step_s,
   }
 
 
@@ -306,10 +322,17 @@ def _compiled_lines(d: dict[str, Any]) -> list[str]:
   if d["estimated_step_s"] is not None:
     mfu = f", {d['estimated_mfu']:.0%} MFU" if d["estimated_mfu"] is not None else ""
     lines += [
-      f"estimate    {d['estimated_step_s'] * 1e3:,.2f} ms a step (XLA's cost model), "
+      f"estimate    {d['estimated_step_s'] * 1e3:,.2f} ms a step (XLA's cost model: the roofline), "
       f"{d['estimated_tokens_per_s']:,.0f} tokens/s ({d['estimated_tokens_per_s'] / d['device_count']:,.0f} per chip)"
       f"{mfu}; from {d['estimate_method']}",
     ]
+    if d["scheduled_step_s"] is not None:
+      mfu = f", {d['scheduled_mfu']:.0%} MFU" if d["scheduled_mfu"] is not None else ""
+      lines.append(
+        f"scheduled   {d['scheduled_step_s'] * 1e3:,.2f} ms a step (libtpu's per-instruction cycle estimates, "
+        f"collectives apart), {d['scheduled_tokens_per_s'] / d['device_count']:,.0f} tokens/s per chip{mfu}; "
+        f"matmul fusions {d['scheduled_matmul_share']:.0%} of it"
+      )
   elif d["fits"] is not False:
     lines.append(f"estimate    none ({d['estimate_method']}; XLA's cost model gave {d['xla_step_s']} s)")
   if d["collectives"]:

@@ -1,4 +1,8 @@
-"""What an optimised HLO module's text says: the collectives it runs, by kind, with their bytes."""
+"""What an optimised HLO module's text says.
+
+collectives(text) -> {kind: {count, bytes}}     the collectives it runs, with their bytes
+scheduled_cycles(text) -> {matmul, other} | None  libtpu's per-instruction cycle estimates, summed
+"""
 
 import math
 import re
@@ -32,3 +36,43 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 def _array_bytes(dtype: str, dims: str) -> int:
   bits = 8 if dtype.startswith("f8") else _BITS.get(dtype) or int(dtype[1:])
   return math.prod(int(d) for d in dims.split(",") if d) * bits // 8
+
+
+# libtpu's code generator annotates each instruction it schedules with its own cycle estimate
+# ("estimated_cycles" in the backend config). A computation opens with `%name (` or `ENTRY %name (`
+# at the start of a line and closes with `}` there.
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(?P<name>\S+) \(.*?^}", re.M | re.S)
+_CALLS = re.compile(r"calls=%([\w.-]+)")
+
+
+def scheduled_cycles(hlo_text: str) -> dict[str, int] | None:
+  """Cycles libtpu's code generator estimates for each instruction of the entry computation, summed.
+
+  Split into matmul fusions (an instruction that is, or calls a computation holding, a
+  convolution: XLA's TPU name for a dot) and the rest (elementwise, reductions, copies). None
+  where the program has no such estimates (a GPU's). Unlike `cost_analysis()`'s roofline
+  (`optimal_seconds`: FLOPs and bytes at peak rates), these count the vector units' work, such as
+  a dropout mask's integer hashing. Collectives are not priced; a loop's body is not in the entry
+  computation (the estimate's programs have no loops).
+  """
+  bodies = {m.group("name"): m.group(0) for m in _COMPUTATION.finditer(hlo_text)}
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  if entry is None or not _CYCLES.search(entry.group(0)):
+    return None
+  holds_dot: dict[str, bool] = {}
+
+  def has_dot(name: str) -> bool:
+    if name not in holds_dot:
+      body = bodies.get(name, "")
+      holds_dot[name] = " convolution(" in body or " dot(" in body or any(has_dot(c) for c in _CALLS.findall(body))
+    return holds_dot[name]
+
+  out = {"matmul": 0, "other": 0}
+  for line in entry.group(0).splitlines():
+    cycles = _CYCLES.search(line)
+    if cycles is None:
+      continue
+    dot = " convolution(" in line or " dot(" in line or any(has_dot(c) for c in _CALLS.findall(line))
+    out["matmul" if dot else "other"] += int(cycles.group(1))
+  return out
