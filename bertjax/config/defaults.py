@@ -46,7 +46,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # steps on GPU and TPU, longer compiles); configs/base.py and large.py unroll.
   c.model.scan_layers = True
   # How dropout masks are drawn: threefry (jax.random) or hash (a counter-based hash computed where
-  # the mask is applied, never written to memory); both are mesh-independent. auto: hash on GPUs.
+  # the mask is applied, never written to memory); both are mesh-independent.
+  # auto: hash on GPUs and TPUs, threefry on CPU.
   c.model.dropout_impl = "auto"
 
   c.data = config_dict.ConfigDict()

@@ -60,7 +60,7 @@ def fused_attention_fits(seq_len: int, head_dim: int) -> str | None:
 
 
 REMAT_POLICIES = ("none", "full", "dots")
-DROPOUT_IMPLS = ("auto", "threefry", "hash")  # bertjax.model.dropout; auto: hash on GPUs
+DROPOUT_IMPLS = ("auto", "threefry", "hash")  # bertjax.model.dropout; auto: hash on GPUs and TPUs
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -123,7 +123,8 @@ def resolve_config(
   the fused kernel with dropout inside (`pallas`) when there is attention dropout and the kernel's
   tiles fit `seq_len`, cuDNN flash attention when there is none (16-bit compute), else XLA.
   `auto` dropout masks are the counter-based hash on GPUs (the fused kernel's; measured faster
-  there) and threefry elsewhere. docs/performance.md has the measurements behind each choice.
+  there) and TPUs (a quarter fewer cycles for BERT-large's layer by libtpu's estimates), and
+  threefry on CPU. docs/performance.md has the measurements behind each choice.
 
   Args:
     model_cfg: the run config's `model` section.
@@ -155,7 +156,7 @@ def resolve_config(
     )
   dropout_impl = model_cfg.dropout_impl
   if dropout_impl == "auto":
-    dropout_impl = "hash" if backend == "gpu" else "threefry"
+    dropout_impl = "threefry" if backend == "cpu" else "hash"
   return BertConfig(
     vocab_size=vocab_size,
     hidden_size=sizes.hidden_size,

@@ -84,9 +84,9 @@ def test_auto_resolution_on_gpus_is_the_fused_kernel_with_hash_masks_where_its_t
   assert model_config.resolve_config(_model_cfg("tiny"), **gpu, seq_len=100).attention_impl == "xla"
   no_attention_dropout = _model_cfg("tiny", attention_dropout=0.0)
   assert model_config.resolve_config(no_attention_dropout, **gpu, seq_len=128).attention_impl == "cudnn"
-  for backend in ("cpu", "tpu"):
+  for backend, masks in (("cpu", "threefry"), ("tpu", "hash")):
     other = model_config.resolve_config(_model_cfg("tiny"), backend=backend, vocab_size=100, seq_len=128)
-    assert (other.attention_impl, other.dropout_impl) == ("xla", "threefry")
+    assert (other.attention_impl, other.dropout_impl) == ("xla", masks)
   with pytest.raises(BertjaxError, match="'pallas' is a GPU"):
     model_config.resolve_config(_model_cfg("tiny", attention_impl="pallas"), backend="tpu", vocab_size=100)
 
