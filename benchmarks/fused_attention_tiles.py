@@ -16,15 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bertjax.model import dropout, fused_attention
+from bertjax.model import fused_attention, layers
 from bertjax.model.bert import attention_mask_for
 
 
 def _explicit(q, k, v, pairs, key, rate):
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(attention_mask_for(None, pairs), logits * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
-  probs = dropout.dropout(jax.nn.softmax(logits, axis=-1), rate, key, "hash").astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return layers.attention_with_dropout(q, k, v, attention_mask_for(None, pairs), key, rate, "hash")
 
 
 def _fused(q, k, v, pairs, key, tiles):

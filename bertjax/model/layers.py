@@ -5,6 +5,8 @@ mesh) and every block computes in the config's dtype with float32 parameters; La
 statistics, softmax and logits are float32. The layouts are docs/architecture.md's.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -107,7 +109,7 @@ class SelfAttention(nnx.Module):
         raise ValueError("attention_impl=pallas needs pair_ids_BxL")
       ctx = fused_attention.attention(q, k, v, pair_ids_BxL, dropout_key, self.rate)
     elif dropout_key is not None and self.rate > 0.0:
-      ctx = self._attend_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key)
+      ctx = attention_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key, self.rate, self.dropout_impl)
     elif self.impl == "cudnn" and kv_lengths_B is not None:
       # One pair a row: padding is a length per row, which cuDNN's flash kernel takes without a
       # dense mask.
@@ -121,13 +123,59 @@ class SelfAttention(nnx.Module):
     out = jnp.einsum("blhd,hde->ble", ctx, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
     return constrain(out, ("act_batch", "act_length", "act_embed"))
 
-  def _attend_with_dropout(self, q, k, v, mask, key):
-    # jax.nn.dot_product_attention has no dropout on the probabilities; BERT has. Same math
-    # as its XLA path: float32 logits and softmax, probabilities cast back to the compute dtype.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask, logits * (q.shape[-1] ** -0.5), _NEG)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), self.rate, key, self.dropout_impl).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+def written_out_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, rate: float, impl: str):
+  """([B, L, N, D] context, what the hand-written backward keeps): softmax attention with dropout.
+
+  jax.nn.dot_product_attention has no dropout on the probabilities; BERT has. Same math as its
+  XLA path: float32 logits and softmax, probabilities in the compute dtype for the second matmul.
+  Differentiated by autodiff, the backward pass keeps the float32 probabilities and draws the
+  dropout mask again; `attention_with_dropout` is the same forward with a leaner backward.
+  """
+  logits_BxNxLxL = jnp.einsum("bqhd,bkhd->bhqk", q_BxLxNxD, k_BxLxNxD, preferred_element_type=jnp.float32)
+  logits_BxNxLxL = jnp.where(mask_Bx1xLxL, logits_BxNxLxL * (q_BxLxNxD.shape[-1] ** -0.5), _NEG)
+  probs_BxNxLxL = jax.nn.softmax(logits_BxNxLxL, axis=-1)
+  dropped_BxNxLxL = dropout(probs_BxNxLxL, rate, key, impl).astype(v_BxLxNxD.dtype)
+  ctx_BxLxNxD = jnp.einsum("bhqk,bkhd->bqhd", dropped_BxNxLxL, v_BxLxNxD)
+  kept = (q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, probs_BxNxLxL.astype(v_BxLxNxD.dtype), dropped_BxNxLxL)
+  return ctx_BxLxNxD, kept
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention_with_dropout(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, rate: float, impl: str):
+  """`written_out_attention`'s [B, L, N, D] context; its backward draws no mask and reads no float32 [B, N, L, L].
+
+  With keep the mask and r the rate, the dropped probabilities are P' = P * keep / (1 - r), and
+  the softmax backward needs P * dP = P * keep / (1 - r) * dP' = P' * dP': the mask is already
+  in P'. The backward therefore keeps P and P' in the compute dtype (the forward's float32 P
+  becomes one more [B, N, L, L] in bf16) and writes the logits' gradient once, where autodiff
+  rereads the float32 P and redraws the mask in each of the two matmuls' fusions that consume
+  it. In float32 the two backwards agree to rounding; in bf16 the softmax backward reads P in
+  bf16, as a bf16 PyTorch BERT's does.
+  """
+  return written_out_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, rate, impl)[0]
+
+
+def _attention_with_dropout_backward(rate, impl, kept, d_ctx_BxLxNxD):
+  del rate, impl  # in the dropped probabilities already
+  q, k, v, mask, probs, dropped = kept
+  d_dropped = jnp.einsum("bqhd,bkhd->bhqk", d_ctx_BxLxNxD, v, preferred_element_type=jnp.float32)
+  d_v = jnp.einsum("bhqk,bqhd->bkhd", dropped, d_ctx_BxLxNxD)
+  weighted = dropped.astype(jnp.float32) * d_dropped  # = P * dP
+  d_logits = weighted - probs.astype(jnp.float32) * weighted.sum(axis=-1, keepdims=True)
+  d_scores = jnp.where(mask, d_logits * (q.shape[-1] ** -0.5), 0.0).astype(q.dtype)
+  # Written once: left to itself, XLA fuses this elementwise chain into both matmuls below, and
+  # each rereads its [B, N, L, L] inputs.
+  d_scores = jax.lax.optimization_barrier(d_scores)
+  d_q = jnp.einsum("bhqk,bkhd->bqhd", d_scores, k)
+  d_k = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q)
+  return d_q, d_k, d_v, None, None
+
+
+attention_with_dropout.defvjp(
+  lambda q, k, v, mask, key, rate, impl: written_out_attention(q, k, v, mask, key, rate, impl),
+  _attention_with_dropout_backward,
+)
 
 
 class FeedForward(nnx.Module):

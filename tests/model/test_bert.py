@@ -289,10 +289,29 @@ def test_attention_dropout_path_matches_dot_product_attention():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 16)), jnp.float32) for _ in range(3))
   mask = model_lib.attention_mask_for(jnp.asarray((np.arange(16)[None] < np.array([[16], [9]])).astype(np.int32)))
-  explicit = attention._attend_with_dropout(q, k, v, mask, jax.random.key(0))
+  explicit = layers.attention_with_dropout(q, k, v, mask, jax.random.key(0), attention.rate, attention.dropout_impl)
   reference = jax.nn.dot_product_attention(q, k, v, mask=mask)
   np.testing.assert_allclose(explicit[1, :9], reference[1, :9], atol=1e-6)
   np.testing.assert_allclose(explicit[0], reference[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["threefry", "hash"])
+def test_the_hand_written_attention_backward_is_autodiffs(impl):
+  """`attention_with_dropout`'s backward, which draws no mask, against autodiff of the same
+  forward (which draws it again), in float32: padded rows, a fully padded query row, dropout 0.1."""
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32) for _ in range(3))
+  mask = model_lib.attention_mask_for(jnp.asarray((np.arange(16)[None] < np.array([[16], [9]])).astype(np.int32)))
+  key, weights = jax.random.key(3), jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32)
+
+  def loss(attend):
+    return lambda q, k, v: (attend(q, k, v) * weights).sum()
+
+  lean = jax.grad(loss(lambda q, k, v: layers.attention_with_dropout(q, k, v, mask, key, 0.1, impl)), (0, 1, 2))
+  auto = jax.grad(loss(lambda q, k, v: layers.written_out_attention(q, k, v, mask, key, 0.1, impl)[0]), (0, 1, 2))
+  for name, got, want in zip("qkv", lean(q, k, v), auto(q, k, v)):
+    assert np.abs(np.asarray(want)).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
 
 
 def test_the_feed_forward_applies_the_exact_gelu_not_the_tanh_approximation():

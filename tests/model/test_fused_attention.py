@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bertjax.model import dropout, fused_attention
+from bertjax.model import dropout, fused_attention, layers
 from bertjax.model.bert import attention_mask_for
 from tests.support.micro import micro_bert, synthetic_batch
 
@@ -21,10 +21,7 @@ TOLERANCE = 1e-5 if jax.default_backend() == "cpu" else 2e-2
 
 def _explicit(q, k, v, pairs, key, rate):
   # layers.SelfAttention's explicit path with the hash mask, in float32.
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(attention_mask_for(None, pairs), logits * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
-  probs = dropout.dropout(jax.nn.softmax(logits, axis=-1), rate, key, "hash")
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return layers.attention_with_dropout(q, k, v, attention_mask_for(None, pairs), key, rate, "hash")
 
 
 def _qkv(seed=0):
