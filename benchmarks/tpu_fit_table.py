@@ -5,14 +5,18 @@
 
 Every figure comes from `bertjax train --dry-run --compile --json` (libtpu, no TPU needed), run
 as a subprocess on a 4-chip data-parallel slice of each generation; per-chip memory under data
-parallelism does not depend on the slice's size. For each model, phase and rematerialisation,
-memory-only compiles (`--no-estimate`) double or halve the batch per chip until it is the
-largest power of two that XLA says fits (the next one does not), starting on the chip with the
-least HBM and on each next chip from that batch times the HBM ratio; the row is then compiled
-with XLA's step-time estimate.
+parallelism does not depend on the slice's size. For each model, phase and rematerialisation the
+search looks for the largest power-of-two batch per chip that XLA says fits (the next one does
+not). It starts above the batch it expects to fit and halves: a compile that runs out of memory
+fails within seconds, one that fits takes minutes, so the search compiles as few fitting batches
+as it can. The first guess on the chip with the least HBM is `FIRST_GUESS`; each next chip starts
+from the last one's batch times their HBM ratio, doubled. Every compile reports XLA's estimates
+too (for the unrolled layers of `configs/base.py` and `large.py` they come from the compiled
+program itself, at no extra cost), so the row's figures are those of the search's last compile.
 
 Each command's JSON line is appended to OUT_DIR/runs.jsonl, so an interrupted table resumes
-where it stopped. The markdown table is printed at the end.
+where it stopped; a line without the figures the table shows (an older version's) is compiled
+again. The markdown table is printed at the end.
 """
 
 import argparse
@@ -28,11 +32,12 @@ from bertjax.perf import aot
 SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # 4 chips each
 CHIPS = 4
 CONFIGS = {"base": "configs/base.py", "large": "configs/large.py"}
-FIRST_GUESS = {128: 128, 512: 32}  # per chip, by sequence length: where the search starts
+FIRST_GUESS = {128: 256, 512: 32}  # per chip on the smallest chip, by sequence length: above what fits
 MAX_PER_CHIP = 4096
+SHOWN = ("fits", "memory_per_device_gib", "estimated_step_s", "scheduled_step_s")
 
 
-def command(model: str, phase: str, chip: str, remat: str, per_chip: int, estimate: bool) -> list[str]:
+def command(model: str, phase: str, chip: str, remat: str, per_chip: int) -> list[str]:
   """The `bertjax train --dry-run --compile --json` command of one table cell."""
   return [
     "bertjax",
@@ -46,7 +51,6 @@ def command(model: str, phase: str, chip: str, remat: str, per_chip: int, estima
     "--topology",
     SLICES[chip],
     "--json",
-    *([] if estimate else ["--no-estimate"]),
     f"--config.train.batch_size={per_chip * CHIPS}",
     f"--config.model.remat={remat}",
   ]
@@ -61,7 +65,9 @@ class Runs:
     if self.path.exists():
       for line in self.path.read_text().splitlines():
         record = json.loads(line)
-        self.done[" ".join(record["command"])] = record["figures"]
+        figures = record["figures"]
+        if figures["fits"] is False or all(key in figures for key in SHOWN):
+          self.done[" ".join(record["command"])] = figures
 
   def get(self, argv: list[str]) -> dict:
     key = " ".join(argv)
@@ -79,10 +85,10 @@ class Runs:
 
 
 def largest_fitting(runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int) -> int | None:
-  """The largest power-of-two batch per chip that fits, from memory-only compiles starting at `guess`."""
+  """The largest power-of-two batch per chip that fits: halving from `guess`, doubling if `guess` fits."""
 
   def fits(per_chip: int) -> bool:
-    return runs.get(command(model, phase, chip, remat, per_chip, estimate=False))["fits"]
+    return runs.get(command(model, phase, chip, remat, per_chip))["fits"]
 
   per_chip = guess
   if fits(per_chip):
@@ -98,9 +104,9 @@ def largest_fitting(runs: Runs, model: str, phase: str, chip: str, remat: str, g
 
 def table(runs: Runs, args) -> str:
   rows = [
-    "| model | phase (seq) | chip | remat | batch per chip | memory per chip / HBM | XLA step time "
-    "| tokens/s per chip | MFU |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| model | phase (seq) | chip | remat | batch per chip | memory per chip / HBM | step time: roofline "
+    "| step time: scheduled | tokens/s per chip (scheduled) | MFU: roofline | MFU: scheduled |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   chips = sorted(args.chips, key=lambda c: aot.GENERATIONS[c].hbm_gib)  # the smallest HBM first
   for model in args.models:
@@ -112,20 +118,30 @@ def table(runs: Runs, args) -> str:
           per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
           cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
           if per_chip is None:
-            rows.append(f"{cell} none fits | | | | |")
+            rows.append(f"{cell} none fits | | | | | | |")
             continue
-          f = runs.get(command(model, phase, chip, remat, per_chip, estimate=True))
-          step = f["estimated_step_s"]
-          tokens = "" if step is None else f"{f['estimated_tokens_per_s'] / CHIPS:,.0f}"
-          mfu = "" if f["estimated_mfu"] is None else f"{100 * f['estimated_mfu']:.0f}%"
+          f = runs.get(command(model, phase, chip, remat, per_chip))
           rows.append(
             f"{cell} {per_chip} | {f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
-            f"{'' if step is None else f'{1000 * step:.0f} ms'} | {tokens} | {mfu} |"
+            f"{_ms(f['estimated_step_s'])} | {_ms(f['scheduled_step_s'])} | "
+            f"{_per_chip(f['scheduled_tokens_per_s'])} | {_pct(f['estimated_mfu'])} | {_pct(f['scheduled_mfu'])} |"
           )
-          if i + 1 < len(chips):  # the next chip has more HBM: start its search that much higher
+          if i + 1 < len(chips):  # the next chip has more HBM: start its search above that much more
             ratio = aot.GENERATIONS[chips[i + 1]].hbm_gib / aot.GENERATIONS[chip].hbm_gib
-            guess = per_chip * 2 ** math.floor(math.log2(ratio))
+            guess = per_chip * 2 ** (math.floor(math.log2(ratio)) + 1)
   return "\n".join(rows)
+
+
+def _ms(seconds: float | None) -> str:
+  return "" if seconds is None else f"{1000 * seconds:.0f} ms"
+
+
+def _per_chip(tokens_per_s: float | None) -> str:
+  return "" if tokens_per_s is None else f"{tokens_per_s / CHIPS:,.0f}"
+
+
+def _pct(fraction: float | None) -> str:
+  return "" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def main():

@@ -1,0 +1,50 @@
+"""benchmarks/tpu_fit_table.py's search: the largest power-of-two batch per chip that fits, compiling
+as few fitting batches as it can (each takes minutes; one that runs out of memory, seconds)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_SCRIPT = Path(__file__).parents[2] / "benchmarks/tpu_fit_table.py"
+_SPEC = importlib.util.spec_from_file_location("tpu_fit_table", _SCRIPT)
+fit_table = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(fit_table)
+
+
+class FakeRuns:
+  """Compiles nothing: a batch fits up to `limit` sequences a chip; records which were asked."""
+
+  def __init__(self, limit: int):
+    self.limit, self.asked = limit, []
+
+  def get(self, argv):
+    per_chip = int(next(a for a in argv if a.startswith("--config.train.batch_size=")).split("=")[1]) // 4
+    self.asked.append(per_chip)
+    return {"fits": per_chip <= self.limit}
+
+
+@pytest.mark.parametrize(
+  "limit, guess, found, asked",
+  [
+    (96, 256, 64, [256, 128, 64]),  # from above: two fast failures, one fitting compile
+    (96, 16, 64, [16, 32, 64, 128]),  # from below: doubles until the next does not fit
+    (0, 4, None, [4, 2, 1]),  # nothing fits
+  ],
+)
+def test_the_search_finds_the_largest_power_of_two_that_fits(limit, guess, found, asked):
+  runs = FakeRuns(limit)
+  assert fit_table.largest_fitting(runs, "base", "1", "v5e", "none", guess) == found
+  assert runs.asked == asked
+
+
+def test_a_record_without_the_shown_figures_is_compiled_again(tmp_path):
+  """Lines of an older version (no scheduled step time) do not fill a cell; failures still count."""
+  fitting = fit_table.command("base", "1", "v5e", "none", 256)
+  failing = fit_table.command("base", "1", "v5e", "none", 512)
+  old = {"fits": True, "memory_per_device_gib": 12.7, "estimated_step_s": 0.18}
+  lines = [{"command": fitting, "figures": old}, {"command": failing, "figures": {"fits": False}}]
+  (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  runs = fit_table.Runs(tmp_path)
+  assert " ".join(failing) in runs.done and " ".join(fitting) not in runs.done
