@@ -12,11 +12,11 @@ fails within seconds, one that fits takes minutes, so the search compiles as few
 as it can. The first guess on the chip with the least HBM is `FIRST_GUESS`; each next chip starts
 from the last one's batch times their HBM ratio, doubled. Every compile reports XLA's estimates
 too (for the unrolled layers of `configs/base.py` and `large.py` they come from the compiled
-program itself, at no extra cost), so the row's figures are those of the search's last compile.
+program itself, at no extra cost), so the row's figures are those of its largest fitting compile.
 
-Each command's JSON line is appended to OUT_DIR/runs.jsonl, so an interrupted table resumes
-where it stopped; a line without the figures the table shows (an older version's) is compiled
-again. The markdown table is printed at the end.
+Each command's JSON line, tagged with `RECORDS`, is appended to OUT_DIR/runs.jsonl, so an
+interrupted table resumes where it stopped; lines with another tag are compiled again. The
+markdown table is printed at the end.
 """
 
 import argparse
@@ -32,9 +32,11 @@ from bertjax.perf import aot
 SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # 4 chips each
 CHIPS = 4
 CONFIGS = {"base": "configs/base.py", "large": "configs/large.py"}
-FIRST_GUESS = {128: 256, 512: 32}  # per chip on the smallest chip, by sequence length: above what fits
+FIRST_GUESS = {128: 256, 512: 32}  # per chip on the smallest chip (v5e), by sequence length: near the limit
 MAX_PER_CHIP = 4096
-SHOWN = ("fits", "memory_per_device_gib", "estimated_step_s", "scheduled_step_s")
+# The tag of runs.jsonl's lines: a change to what a step compiles to (its memory or its cost)
+# changes it, so that older lines are compiled again.
+RECORDS = "hash masks, hand-written attention backward, two estimates"
 
 
 def command(model: str, phase: str, chip: str, remat: str, per_chip: int) -> list[str]:
@@ -65,9 +67,8 @@ class Runs:
     if self.path.exists():
       for line in self.path.read_text().splitlines():
         record = json.loads(line)
-        figures = record["figures"]
-        if figures["fits"] is False or all(key in figures for key in SHOWN):
-          self.done[" ".join(record["command"])] = figures
+        if record.get("records") == RECORDS:
+          self.done[" ".join(record["command"])] = record["figures"]
 
   def get(self, argv: list[str]) -> dict:
     key = " ".join(argv)
@@ -78,7 +79,7 @@ class Runs:
         raise SystemExit(f"{key} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
       figures = json.loads(proc.stdout.strip().splitlines()[-1])
       with self.path.open("a") as f:
-        f.write(json.dumps({"command": argv, "figures": figures}) + "\n")
+        f.write(json.dumps({"records": RECORDS, "command": argv, "figures": figures}) + "\n")
       self.done[key] = figures
       print(f"{time.perf_counter() - start:6.0f} s  {key}  fits={figures['fits']}", flush=True)
     return self.done[key]
@@ -128,7 +129,7 @@ def table(runs: Runs, args) -> str:
           )
           if i + 1 < len(chips):  # the next chip has more HBM: start its search above that much more
             ratio = aot.GENERATIONS[chips[i + 1]].hbm_gib / aot.GENERATIONS[chip].hbm_gib
-            guess = per_chip * 2 ** (math.floor(math.log2(ratio)) + 1)
+            guess = min(MAX_PER_CHIP, per_chip * 2 ** (math.floor(math.log2(ratio)) + 1))
   return "\n".join(rows)
 
 

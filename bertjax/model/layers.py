@@ -143,7 +143,7 @@ def written_out_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, ra
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def attention_with_dropout(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, rate: float, impl: str):
-  """`written_out_attention`'s [B, L, N, D] context; its backward draws no mask and reads no float32 [B, N, L, L].
+  """`written_out_attention`'s context; its backward draws no mask and keeps no float32 [B, N, L, L].
 
   With keep the mask and r the rate, the dropped probabilities are P' = P * keep / (1 - r), and
   the softmax backward needs P * dP = P * keep / (1 - r) * dP' = P' * dP': the mask is already

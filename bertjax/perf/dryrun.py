@@ -326,15 +326,15 @@ def _compiled_lines(d: dict[str, Any]) -> list[str]:
       f"{d['estimated_tokens_per_s']:,.0f} tokens/s ({d['estimated_tokens_per_s'] / d['device_count']:,.0f} per chip)"
       f"{mfu}; from {d['estimate_method']}",
     ]
-    if d["scheduled_step_s"] is not None:
-      mfu = f", {d['scheduled_mfu']:.0%} MFU" if d["scheduled_mfu"] is not None else ""
-      lines.append(
-        f"scheduled   {d['scheduled_step_s'] * 1e3:,.2f} ms a step (libtpu's per-instruction cycle estimates, "
-        f"collectives apart), {d['scheduled_tokens_per_s'] / d['device_count']:,.0f} tokens/s per chip{mfu}; "
-        f"matmul fusions {d['scheduled_matmul_share']:.0%} of it"
-      )
   elif d["fits"] is not False:
     lines.append(f"estimate    none ({d['estimate_method']}; XLA's cost model gave {d['xla_step_s']} s)")
+  if d["scheduled_step_s"] is not None:
+    mfu = f", {d['scheduled_mfu']:.0%} MFU" if d["scheduled_mfu"] is not None else ""
+    lines.append(
+      f"scheduled   {d['scheduled_step_s'] * 1e3:,.2f} ms a step (libtpu's per-instruction cycle estimates, "
+      f"collectives apart), {d['scheduled_tokens_per_s'] / d['device_count']:,.0f} tokens/s per chip{mfu}; "
+      f"matmul fusions {d['scheduled_matmul_share']:.0%} of it"
+    )
   if d["collectives"]:
     listed = ", ".join(f"{k} {v['count']} x ({_mib(v['bytes'])} in all)" for k, v in d["collectives"].items())
     lines.append(f"collectives per step and chip: {listed}")

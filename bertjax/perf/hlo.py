@@ -71,7 +71,7 @@ def scheduled_cycles(hlo_text: str) -> dict[str, int] | None:
   out = {"matmul": 0, "other": 0}
   for line in entry.group(0).splitlines():
     cycles = _CYCLES.search(line)
-    if cycles is None:
+    if cycles is None or _INSTRUCTION.match(line):  # a collective: priced apart, by its bytes
       continue
     dot = " convolution(" in line or " dot(" in line or any(has_dot(c) for c in _CALLS.findall(line))
     out["matmul" if dot else "other"] += int(cycles.group(1))

@@ -307,11 +307,18 @@ def test_the_hand_written_attention_backward_is_autodiffs(impl):
   def loss(attend):
     return lambda q, k, v: (attend(q, k, v) * weights).sum()
 
-  lean = jax.grad(loss(lambda q, k, v: layers.attention_with_dropout(q, k, v, mask, key, 0.1, impl)), (0, 1, 2))
+  def lean_attention(q, k, v):
+    return layers.attention_with_dropout(q, k, v, mask, key, 0.1, impl)
+
+  lean = jax.grad(loss(lean_attention), (0, 1, 2))
   auto = jax.grad(loss(lambda q, k, v: layers.written_out_attention(q, k, v, mask, key, 0.1, impl)[0]), (0, 1, 2))
-  for name, got, want in zip("qkv", lean(q, k, v), auto(q, k, v)):
+  # Rematerialised (model.remat=dots saves the matmuls' outputs): the forward runs again in the backward.
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  remat = jax.grad(loss(jax.checkpoint(lean_attention, policy=policy)), (0, 1, 2))
+  for name, got, again, want in zip("qkv", lean(q, k, v), remat(q, k, v), auto(q, k, v)):
     assert np.abs(np.asarray(want)).max() > 0.1
     np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"d{name}")
+    np.testing.assert_allclose(again, want, atol=1e-5, err_msg=f"d{name} under jax.checkpoint")
 
 
 def test_the_feed_forward_applies_the_exact_gelu_not_the_tanh_approximation():

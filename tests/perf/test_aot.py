@@ -113,13 +113,15 @@ SCHEDULED_HLO = """
 ENTRY %main (p0: bf16[8,8]) -> bf16[8,8] {
   %fusion.1 = bf16[8,8]{1,0} fusion(%p0), kind=kOutput, calls=%fused_dot, backend_config={"estimated_cycles":"700"}
   %fusion.2 = bf16[8,8]{1,0} fusion(%fusion.1), kind=kLoop, calls=%fused_add, backend_config={"estimated_cycles":"300"}
-  %all-reduce.3 = bf16[8,8]{1,0} all-reduce(%fusion.2), to_apply=%fused_add
+  %all-reduce-start.3 = bf16[8,8]{1,0} all-reduce-start(%fusion.2), backend_config={"estimated_cycles":"999"}
+  %all-reduce.3 = bf16[8,8]{1,0} all-reduce-done(%all-reduce-start.3)
   ROOT %copy.4 = bf16[8,8]{1,0} copy(%all-reduce.3), backend_config={"estimated_cycles":"20"}
 }
 """
 
 
 def test_scheduled_cycles_sum_the_entry_instructions_and_find_matmuls_in_nested_fusions():
+  # The collective's cycles are left out: collectives are reported apart, with their bytes.
   assert hlo.scheduled_cycles(SCHEDULED_HLO) == {"matmul": 700, "other": 320}
   assert hlo.scheduled_cycles(HLO) is None  # no cycle estimates: a GPU's program
 

@@ -39,12 +39,14 @@ def test_the_search_finds_the_largest_power_of_two_that_fits(limit, guess, found
   assert runs.asked == asked
 
 
-def test_a_record_without_the_shown_figures_is_compiled_again(tmp_path):
-  """Lines of an older version (no scheduled step time) do not fill a cell; failures still count."""
-  fitting = fit_table.command("base", "1", "v5e", "none", 256)
-  failing = fit_table.command("base", "1", "v5e", "none", 512)
-  old = {"fits": True, "memory_per_device_gib": 12.7, "estimated_step_s": 0.18}
-  lines = [{"command": fitting, "figures": old}, {"command": failing, "figures": {"fits": False}}]
+def test_lines_with_another_tag_are_compiled_again(tmp_path):
+  """A line made for another program (an untagged one here) fills no cell, a fit or not."""
+  tagged = fit_table.command("base", "1", "v5e", "none", 256)
+  other = fit_table.command("base", "1", "v5e", "none", 512)
+  lines = [
+    {"records": fit_table.RECORDS, "command": tagged, "figures": {"fits": True}},
+    {"command": other, "figures": {"fits": False}},
+  ]
   (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   runs = fit_table.Runs(tmp_path)
-  assert " ".join(failing) in runs.done and " ".join(fitting) not in runs.done
+  assert " ".join(tagged) in runs.done and " ".join(other) not in runs.done
