@@ -1,14 +1,14 @@
-"""XLA's two TPU step-time estimates on four small programs, per TPU generation: what each one counts.
+"""XLA's two TPU step-time estimates on five small programs, per TPU generation: what each one counts.
 
     python benchmarks/tpu_cost_models.py [--chips v4,v5e,v5p,v6e]
 
 Compiles, for one chip of each generation's 4-chip slice through libtpu (no TPU needed), a
-bf16 8192^3 matmul, inverted dropout of a float32 [4096, 8192] array with a threefry and with a
-hash mask (`bertjax.model.dropout`), and the same array scaled by 2 (a copy's bytes), and prints
-one JSON line each: the roofline (`cost_analysis()`'s `optimal_seconds`), the scheduled time
-(libtpu's per-instruction cycle estimates at the chip's clock, `bertjax.perf.hlo.scheduled_cycles`)
-and the FLOP/s or bytes/s each implies. The roofline prices either dropout like the copy (the
-same bytes); the scheduled time counts the masks' integer work on the vector units.
+bf16 8192^3 matmul, inverted dropout of a float32 [4096, 8192] array with a threefry, a hash
+(`bertjax.model.dropout`) and an rbg mask (`jax.random.key(0, impl="rbg")`), and the same array
+scaled by 2 (a copy's bytes), and prints one JSON line each: the roofline (`cost_analysis()`'s
+`optimal_seconds`), the scheduled time (libtpu's per-instruction cycle estimates at the chip's
+clock, `bertjax.perf.hlo.scheduled_cycles`) and the FLOP/s or bytes/s each implies. The roofline
+prices every dropout like the copy (the same bytes); the scheduled time counts the masks' work.
 docs/performance.md has the figures.
 """
 
@@ -31,10 +31,15 @@ def _programs():
   def masked(impl):
     return lambda x: dropout.dropout(x, 0.1, jax.random.key(0), impl)
 
+  def rbg(x):  # JAX's other generator: the TPU's RngBitGenerator instruction
+    keep = jax.random.bernoulli(jax.random.key(0, impl="rbg"), 0.9, x.shape)
+    return jnp.where(keep, x / 0.9, 0).astype(x.dtype)
+
   return {
     "matmul bf16 8192^3": (lambda a, b: a @ b, [((N, N), jnp.bfloat16)] * 2),
     "threefry dropout f32 [4096, 8192]": (masked("threefry"), [((N // 2, N), jnp.float32)]),
     "hash dropout f32 [4096, 8192]": (masked("hash"), [((N // 2, N), jnp.float32)]),
+    "rbg dropout f32 [4096, 8192]": (rbg, [((N // 2, N), jnp.float32)]),
     "scale f32 [4096, 8192]": (lambda x: x * 2, [((N // 2, N), jnp.float32)]),
   }
 
