@@ -311,22 +311,17 @@ def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float |
   if not model_cfg.scan_layers and k == 1:
     return {**_cost(run, clock_hz), "method": "the run's program (layers unrolled, one batch: no loops)"}
   micro = config.train.batch_size // k
-  low, high = FIT_LAYERS
-  depths = (layers,) if layers <= high else FIT_LAYERS
-  if layers <= high:
-    method = f"the step with its {layers} layers unrolled"
-  else:
-    method = f"per-layer cost of unrolled {low}- and {high}-layer programs, scaled to {layers} layers"
+  (low, high), whole = FIT_LAYERS, layers <= FIT_LAYERS[1]
+  method = f"per-layer cost of unrolled {low}- and {high}-layer programs, scaled to {layers} layers"
+  method = f"the step with its {layers} layers unrolled" if whole else method
   vocab = model_cfg.vocab_size
+  depths = (layers,) if whole else FIT_LAYERS
   programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in depths]
   if None in programs:
     return {"method": f"none: {method} does not fit", "collectives": {}}
   costs = [_cost(program, clock_hz) for program in programs]
-  if layers <= high:
-    terms = [(k, costs[0])]
-  else:  # k * (shallow + (layers - low) * (deep - shallow))
-    shallow, deep = costs
-    terms = [(k * (1 + low - layers), shallow), (k * (layers - low), deep)]
+  # A deep model: k * (shallow + (layers - low) * (deep - shallow)).
+  terms = [(k, costs[0])] if whole else [(k * (1 + low - layers), costs[0]), (k * (layers - low), costs[1])]
   if k > 1:
     terms.append((1 - k, _cost(_compile_optimizer(steps), clock_hz)))
     method += f", on one microbatch, times {k} microbatches with one optimizer update"
