@@ -7,7 +7,7 @@ bf16 8192^3 matmul, inverted dropout of a float32 [4096, 8192] array with a thre
 (`bertjax.model.dropout`) and an rbg mask (`jax.random.key(0, impl="rbg")`), and the same array
 scaled by 2 (a copy's bytes), and prints one JSON line each: the roofline (`cost_analysis()`'s
 `optimal_seconds`), the scheduled time (libtpu's per-instruction cycle estimates at the chip's
-clock, `bertjax.perf.hlo.scheduled_cycles`) and the FLOP/s or bytes/s each implies. The roofline
+clock), both from `bertjax.perf.aot.program_cost`, and the FLOP/s or bytes/s each implies. The roofline
 prices every dropout like the copy (the same bytes); the scheduled time counts the masks' work.
 docs/performance.md has the figures.
 """
@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bertjax.model import dropout
-from bertjax.perf import aot, hlo
+from bertjax.perf import aot
 
 N = 8192
 
@@ -56,13 +56,9 @@ def main() -> None:
     sharding = NamedSharding(Mesh(tgt.devices[:1], ("x",)), P())
     for name, (fn, shapes) in _programs().items():
       inputs = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in shapes]
-      compiled = jax.jit(fn).lower(*inputs).compile()
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, list | tuple) else cost
-      cycles = hlo.scheduled_cycles(compiled.as_text())
-      scheduled_s = (cycles["matmul"] + cycles["other"]) / tgt.clock_hz
-      roofline_s = float(cost["optimal_seconds"])
-      flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+      cost = aot.program_cost(jax.jit(fn).lower(*inputs).compile(), tgt.clock_hz)
+      roofline_s, scheduled_s = cost["step_s"], cost["scheduled_s"]
+      flops, nbytes = cost["flops"], cost["bytes_accessed"]
       line = {
         "chip": chip,
         "program": name,

@@ -4,6 +4,7 @@
     tpu_slice(device_kind, chips) -> TpuSlice | None   the slice of that many chips of a TPU kind
     target(device_count, device_kind, tpu, slices) -> Target   the devices to compile for
     compile_report(config, model_cfg, target) -> dict   per-chip memory, collectives, XLA's estimate
+    program_cost(compiled, clock_hz) -> dict   one loop-free program's two step times, FLOPs, bytes
 
 With libtpu installed, JAX compiles for a TPU topology on a machine without TPUs:
 `jax.experimental.topologies.get_topology_desc` gives compile-only devices, a mesh over them
@@ -13,8 +14,8 @@ chip), the optimised HLO (`as_text()`, whose collectives are counted) and two es
 step time on that chip:
 
 - the roofline: `cost_analysis()`'s `optimal_seconds`, each op at the chip's peak FLOP/s or HBM
-  bandwidth, whichever binds. It does not see the vector units' work: a dropout mask hashed
-  with 20 rounds of integer ops costs what a copy of the same bytes costs.
+  bandwidth, whichever binds. It does not see the vector units' work: a threefry dropout mask,
+  20 rounds of integer ops an element pair, costs what a copy of the same bytes costs.
 - the scheduled time: libtpu's code generator estimates the cycles of every instruction it
   schedules (`hlo.scheduled_cycles`), which counts that work; summed over the step and divided by
   the chip's clock. Collectives are not among the cycles counted (they are listed with their bytes).
@@ -309,7 +310,7 @@ def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float |
   """XLA's step times (roofline and scheduled), FLOPs and collectives per device, from loop-free programs."""
   k, layers = config.train.grad_accum, model_cfg.num_layers
   if not model_cfg.scan_layers and k == 1:
-    return {**_cost(run, clock_hz), "method": "the run's program (layers unrolled, one batch: no loops)"}
+    return {**program_cost(run, clock_hz), "method": "the run's program (layers unrolled, one batch: no loops)"}
   micro = config.train.batch_size // k
   (low, high), whole = FIT_LAYERS, layers <= FIT_LAYERS[1]
   method = f"per-layer cost of unrolled {low}- and {high}-layer programs, scaled to {layers} layers"
@@ -319,11 +320,11 @@ def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float |
   programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in depths]
   if None in programs:
     return {"method": f"none: {method} does not fit", "collectives": {}}
-  costs = [_cost(program, clock_hz) for program in programs]
+  costs = [program_cost(program, clock_hz) for program in programs]
   # A deep model: k * (shallow + (layers - low) * (deep - shallow)).
   terms = [(k, costs[0])] if whole else [(k * (1 + low - layers), costs[0]), (k * (layers - low), costs[1])]
   if k > 1:
-    terms.append((1 - k, _cost(_compile_optimizer(steps), clock_hz)))
+    terms.append((1 - k, program_cost(_compile_optimizer(steps), clock_hz)))
     method += f", on one microbatch, times {k} microbatches with one optimizer update"
   return {**_combine(terms), "method": method}
 
@@ -351,7 +352,7 @@ def _compile_optimizer(steps: steps_lib.CompiledSteps):
     return jitted.lower(state.params, state.params, state.opt_state).compile()
 
 
-def _cost(compiled, clock_hz: float | None) -> dict:
+def program_cost(compiled, clock_hz: float | None) -> dict:
   """One loop-free program's cost: the roofline step time, the scheduled one (with its matmul part), FLOPs, bytes."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost  # older jax: one dict per program
