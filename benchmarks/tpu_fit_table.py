@@ -9,8 +9,9 @@ parallelism does not depend on the slice's size. For each model, phase and remat
 search looks for the largest power-of-two batch per chip that XLA says fits (the next one does
 not). It starts above the batch it expects to fit and halves: a compile that runs out of memory
 fails within seconds, one that fits takes minutes, so the search compiles as few fitting batches
-as it can. The first guess on the chip with the least HBM is `FIRST_GUESS`; each next chip starts
-from the last one's batch times their HBM ratio, doubled. Every compile reports XLA's estimates
+as it can. The first guess on the chip with the least HBM is `FIRST_GUESS` (times `REMAT_HEADROOM`
+with rematerialisation); each next chip starts from the last one's batch times their HBM ratio,
+doubled. Every compile reports XLA's estimates
 too (for the unrolled layers of `configs/base.py` and `large.py` they come from the compiled
 program itself, at no extra cost), so the row's figures are those of its largest fitting compile.
 
@@ -33,6 +34,9 @@ SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # 4 chips each
 CHIPS = 4
 CONFIGS = {"base": "configs/base.py", "large": "configs/large.py"}
 FIRST_GUESS = {128: 256, 512: 32}  # per chip on the smallest chip (v5e), by sequence length: near the limit
+# Full rematerialisation keeps one activation a layer instead of a dozen: its search starts this
+# many times higher (a guess too high costs a failed compile, seconds; one too low, a fitting one).
+REMAT_HEADROOM = {"none": 1, "full": 16}
 MAX_PER_CHIP = 4096
 # The tag of runs.jsonl's lines: a change to what a step compiles to (its memory or its cost)
 # changes it, so that older lines are compiled again.
@@ -114,7 +118,7 @@ def table(runs: Runs, args) -> str:
     for phase in args.phases:
       seq = 128 if phase == "1" else 512
       for remat in args.remat:
-        guess = FIRST_GUESS[seq]
+        guess = min(MAX_PER_CHIP, FIRST_GUESS[seq] * REMAT_HEADROOM[remat])
         for i, chip in enumerate(chips):
           per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
           cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
@@ -122,8 +126,9 @@ def table(runs: Runs, args) -> str:
             rows.append(f"{cell} none fits | | | | | | |")
             continue
           f = runs.get(command(model, phase, chip, remat, per_chip))
+          batch = f"≥ {per_chip}" if per_chip == MAX_PER_CHIP else str(per_chip)  # the search's cap fits
           rows.append(
-            f"{cell} {per_chip} | {f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
+            f"{cell} {batch} | {f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
             f"{_ms(f['estimated_step_s'])} | {_ms(f['scheduled_step_s'])} | "
             f"{_per_chip(f['scheduled_tokens_per_s'])} | {_pct(f['estimated_mfu'])} | {_pct(f['scheduled_mfu'])} |"
           )

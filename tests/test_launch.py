@@ -12,11 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bertjax.metrics import writer as metrics
 from bertjax.train import checkpoint
-from tests.support.runs import train_args
+from tests.support.runs import LAUNCHED_ENV, launch, train_args, train_losses, with_shared_cache
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -30,6 +31,7 @@ def _env(**extra) -> dict:
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
     XLA_FLAGS="--xla_backend_optimization_level=0",
+    **LAUNCHED_ENV,
     **extra,
   )
   return env
@@ -134,19 +136,26 @@ def test_local_sh_explains_its_usage():
 
 def _local_sh_train(root, workdir, steps) -> list:
   """launch/local.sh running the micro training job in two processes."""
-  return [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax", *train_args(root, workdir, steps=steps)]
+  args = with_shared_cache(train_args(root, workdir, steps=steps))
+  return [LAUNCH / "local.sh", 2, "--", sys.executable, "-m", "bertjax", *args]
 
 
-def test_local_sh_trains_with_two_processes_for_real(tmp_path, corpus_and_tokenizer):
-  command = _local_sh_train(corpus_and_tokenizer, tmp_path / "run", steps=2)
+def test_local_sh_trains_with_two_processes_what_one_process_of_four_devices_trains(tmp_path, corpus_and_tokenizer):
+  command = _local_sh_train(corpus_and_tokenizer, tmp_path / "two", steps=4)
   result = _run(command, timeout=300, LOCAL_DEVICES="2")
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
   lines = result.stdout.splitlines()
   assert all(line.startswith(("[0] ", "[1] ")) for line in lines), lines[:5]
   assert any(line.startswith("[0] held-out MLM accuracy") for line in lines)  # process 0 reports
   assert not any(line.startswith("[1] held-out MLM accuracy") for line in lines)
-  train = [r for r in metrics.read_metrics(tmp_path / "run") if r["split"] == "train"]
-  assert [r["step"] for r in train] == [1, 2]
+  train = [r for r in metrics.read_metrics(tmp_path / "two") if r["split"] == "train"]
+  assert [r["step"] for r in train] == [1, 2, 3, 4]
+
+  one = launch(train_args(corpus_and_tokenizer, tmp_path / "one", steps=4), devices=4)
+  out, _ = one.communicate(timeout=300)
+  assert one.returncode == 0, out[-3000:]
+  # The same global batches, split over two processes: the same losses up to the all-reduce's order.
+  np.testing.assert_allclose(train_losses(tmp_path / "two"), train_losses(tmp_path / "one"), rtol=1e-5)
 
 
 def test_local_sh_interrupted_saves_one_step_on_every_process_and_exits_0(tmp_path, corpus_and_tokenizer):

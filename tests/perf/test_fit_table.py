@@ -2,6 +2,7 @@
 as few fitting batches as it can (each takes minutes; one that runs out of memory, seconds)."""
 
 import importlib.util
+import argparse
 import json
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class FakeRuns:
   def get(self, argv):
     per_chip = int(next(a for a in argv if a.startswith("--config.train.batch_size=")).split("=")[1]) // 4
     self.asked.append(per_chip)
-    return {"fits": per_chip <= self.limit}
+    figures = dict.fromkeys(("memory_per_device_gib", "hbm_gib", "estimated_mfu", "scheduled_mfu"), 0.5)
+    step_s = dict.fromkeys(("estimated_step_s", "scheduled_step_s", "scheduled_tokens_per_s"), 1.0)
+    return {"fits": per_chip <= self.limit, **figures, **step_s}
 
 
 @pytest.mark.parametrize(
@@ -50,3 +53,19 @@ def test_lines_with_another_tag_are_compiled_again(tmp_path):
   (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
   runs = fit_table.Runs(tmp_path)
   assert " ".join(tagged) in runs.done and " ".join(other) not in runs.done
+
+
+@pytest.mark.parametrize(
+  "remat, limit, asked, batch",
+  [
+    ("none", 300, [256, 512], "| 256 |"),  # from the first guess up
+    ("full", 300, [4096, 2048, 1024, 512, 256], "| 256 |"),  # 16 times higher, failures down
+    ("full", 10_000, [4096], "| ≥ 4096 |"),  # the search's cap fits: the row says so
+  ],
+)
+def test_with_full_rematerialisation_the_search_starts_higher(remat, limit, asked, batch):
+  runs = FakeRuns(limit)
+  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e"], remat=[remat])
+  rows = fit_table.table(runs, args).splitlines()
+  assert runs.asked[: len(asked)] == asked and set(runs.asked[len(asked) :]) <= set(asked)
+  assert batch in rows[-1]

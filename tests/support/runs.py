@@ -76,6 +76,18 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# What a launched run adds to the environment: every program into the shared cache, not only those
+# over JAX's 1 s default (a micro run compiles some thirty small ones: init, placement, eval).
+LAUNCHED_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def with_shared_cache(args: list) -> list:
+  """CLI arguments that compile into the session's cache (XDG_CACHE_HOME, set by conftest), so the
+  same program compiled by an earlier test's run loads. An in-process run keeps it off
+  (MICRO_OVERRIDES), since JAX's cache setting would stay on for the rest of the test process."""
+  return ["--config.train.compilation_cache=auto" if a == "--config.train.compilation_cache=off" else a for a in args]
+
+
 def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subprocess.Popen:
   """`python -m bertjax ARGS` in a new process with `devices` fake CPU devices; output merged.
   `module` runs another entry point instead (tests.support.faults wraps the CLI)."""
@@ -85,14 +97,15 @@ def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subpr
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+    **LAUNCHED_ENV,
     **(extra_env or {}),
   )
-  # A launched run compiles into the session's cache (XDG_CACHE_HOME, set by conftest), so the
-  # same program compiled by an earlier test's run loads; an in-process run keeps it off, since
-  # JAX's cache setting would stay on for the rest of the test process.
-  args = ["--config.train.compilation_cache=auto" if a == "--config.train.compilation_cache=off" else a for a in args]
   return subprocess.Popen(
-    [sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    [sys.executable, "-m", module, *with_shared_cache(args)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
   )
 
 

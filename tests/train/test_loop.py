@@ -12,7 +12,7 @@ from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
 from bertjax.train import loop
 from bertjax.train import run as run_lib
-from tests.support.runs import MICRO_OVERRIDES, free_port, launch, launch_job, run_config, train_args, train_losses
+from tests.support.runs import MICRO_OVERRIDES, free_port, launch, run_config, train_args
 
 
 def test_loss_falls_on_the_builtin_corpus_and_everything_is_logged(tmp_path):
@@ -109,22 +109,6 @@ def test_a_full_workdir_fails_before_training(tmp_path, corpus_and_tokenizer, mo
   with pytest.raises(BertjaxError, match=r"0 MiB free, but one checkpoint needs about [0-9.,]+ MiB"):
     loop.train(run_config(corpus_and_tokenizer, "train.steps=2"), tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
-
-
-def test_two_processes_of_two_devices_log_what_one_process_of_four_logs(tmp_path, corpus_and_tokenizer):
-  one = launch(train_args(corpus_and_tokenizer, tmp_path / "one"), devices=4)
-  out, _ = one.communicate(timeout=300)
-  assert one.returncode == 0, out[-3000:]
-
-  procs = launch_job(train_args(corpus_and_tokenizer, tmp_path / "two"))
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  assert "held-out MLM accuracy" in outs[0] and "held-out MLM accuracy" not in outs[1]  # process 0 reports
-
-  single, multi = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
-  assert len(single) == 4 and len(multi) == 4
-  np.testing.assert_allclose(multi, single, rtol=1e-5)
 
 
 def test_a_process_that_cannot_reach_the_coordinator_fails_in_time(tmp_path, corpus_and_tokenizer):
