@@ -34,11 +34,11 @@ def test_factory_and_pass_structure(make_streaming, make_pipeline, streamed):
   p, _ = streamed
   assert isinstance(p, StreamingPipeline) and isinstance(make_pipeline(), CachedPipeline)
   assert p.stats["windows_per_epoch"] == 4 and p.stats["documents_read"] == 54
-  assert [w.documents for w in p._windows[:4]] == [16, 16, 16, 6]
-  assert p._windows[0].locator["docs"] == 6  # after the held-out documents
+  assert [w.documents for w in p.windows.entries[:4]] == [16, 16, 16, 6]
+  assert p.windows.entries[0].locator["docs"] == 6  # after the held-out documents
   assert p.epoch_of(0) == 0.0 and 1.0 < p.epoch_of(STEPS - 1) < 2.0
   # The same window in the second pass draws other pairs.
-  first, second = p._window(0)[1], p._window(4)[1]
+  first, second = p.windows.built(0)[1], p.windows.built(4)[1]
   assert not (len(first) == len(second) and np.array_equal(first.a_start, second.a_start))
 
 
@@ -90,8 +90,9 @@ def test_files_and_hub_streams_of_the_same_documents_agree(make_streaming, strea
 @pytest.mark.parametrize("processes", [1, 2, 4])
 def test_processes_assemble_the_same_global_batch(make_streaming, streamed, processes):
   p, batches = streamed
+  ends = [w.first_example + w.size for w in p.windows.entries]
   straddling = next(
-    s for s in range(STEPS) if len(np.unique(np.searchsorted(p._ends, s * 8 + np.arange(8), side="right"))) > 1
+    s for s in range(STEPS) if len(np.unique(np.searchsorted(ends, s * 8 + np.arange(8), side="right"))) > 1
   )
   ranks = [make_streaming() for _ in range(processes)]  # each reads the stream itself
   for step in (0, straddling, STEPS - 1):
@@ -123,7 +124,7 @@ def test_resume_equals_uninterrupted(make_streaming, streamed, source):
     for step, b in resumed:
       assert_batches_equal(b, batches[step])
     # It started at the saved window: nothing before it was read or tokenised.
-    assert (fresh._windows[0].epoch, fresh._windows[0].index) == (saved["epoch"], saved["window"])
+    assert (fresh.windows.entries[0].epoch, fresh.windows.entries[0].index) == (saved["epoch"], saved["window"])
   with fresh.iterator(3, rows=[1, 6]) as it:  # before the resumed window: read from the start
     step, part = next(it)
   assert step == 3
@@ -158,8 +159,8 @@ def test_eval_holds_out_the_first_documents_and_is_fixed(make_streaming, streame
     assert_batches_equal(x, y)
   assert _doc_numbers(micro_tokenizer, p._eval[0]) == set(range(6))
   trained = set()
-  for w in range(len(p._windows)):
-    trained |= _doc_numbers(micro_tokenizer, p._window(w)[0])
+  for w in range(len(p.windows.entries)):
+    trained |= _doc_numbers(micro_tokenizer, p.windows.built(w)[0])
   assert trained == set(range(6, 60))
   assert make_streaming(eval_documents=0).eval_batches() == []
 
