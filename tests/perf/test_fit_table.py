@@ -1,8 +1,8 @@
 """benchmarks/tpu_fit_table.py's search: the largest power-of-two batch per chip that fits, compiling
 as few fitting batches as it can (each takes minutes; one that runs out of memory, seconds)."""
 
-import importlib.util
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
