@@ -8,13 +8,10 @@ import os
 import shutil
 import tempfile
 
-# Unoptimised CPU codegen: at the micro scale the tests are compile-bound, and level 0 compiles a
-# train step about 2.5x faster; results agree with the optimised build within float32 rounding.
+from tests.support.xla import FAST_COMPILE
+
 os.environ["XLA_FLAGS"] = " ".join(
-  filter(
-    None,
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"],
-  )
+  filter(None, [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_COMPILE])
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -18,6 +18,7 @@ import pytest
 from bertjax.metrics import writer as metrics
 from bertjax.train import checkpoint
 from tests.support.runs import LAUNCHED_ENV, launch, train_args, train_losses, with_shared_cache
+from tests.support.xla import FAST_COMPILE
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
@@ -30,7 +31,7 @@ def _env(**extra) -> dict:
     PYTHONPATH=str(REPO),
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
-    XLA_FLAGS="--xla_backend_optimization_level=0",
+    XLA_FLAGS=FAST_COMPILE,
     **LAUNCHED_ENV,
     **extra,
   )

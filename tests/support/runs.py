@@ -16,6 +16,7 @@ from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.metrics import writer
 from tests.support.corpora import numbered_documents, write_bert_text
 from tests.support.micro import MICRO
+from tests.support.xla import FAST_COMPILE
 
 MICRO_OVERRIDES = [f"model.{k}={v}" for k, v in MICRO.items()] + [
   "data.seq_len=32",
@@ -96,7 +97,7 @@ def launch(args, devices: int, extra_env=None, module: str = "bertjax") -> subpr
     PYTHONPATH=os.getcwd(),
     JAX_PLATFORMS="cpu",
     PYTHONUNBUFFERED="1",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
     **LAUNCHED_ENV,
     **(extra_env or {}),
   )
