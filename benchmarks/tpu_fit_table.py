@@ -1,7 +1,7 @@
 """The per-chip batch that fits a TPU chip, and XLA's step time there: docs/scaling.md's table.
 
     python benchmarks/tpu_fit_table.py OUT_DIR [--models base,large] [--phases 1,2]
-        [--chips v5e,v5p,v6e] [--remat none,full]
+        [--chips v5e,v5p,v6e] [--remat none,full] [--report]
 
 Every figure comes from `bertjax train --dry-run --compile --json` (libtpu, no TPU needed), run
 as a subprocess on a 4-chip data-parallel slice of each generation; per-chip memory under data
@@ -11,13 +11,14 @@ not). It starts above the batch it expects to fit and halves: a compile that run
 fails within seconds, one that fits takes minutes, so the search compiles as few fitting batches
 as it can. The first guess on the chip with the least HBM is `FIRST_GUESS` (times `REMAT_HEADROOM`
 with rematerialisation); each next chip starts from the last one's batch times their HBM ratio,
-doubled. Every compile reports XLA's estimates
-too (for the unrolled layers of `configs/base.py` and `large.py` they come from the compiled
-program itself, at no extra cost), so the row's figures are those of its largest fitting compile.
+doubled. Every compile reports XLA's estimates too (for the unrolled layers of `configs/base.py`
+and `large.py` they come from the compiled program itself, at no extra cost), so the row's
+figures are those of its largest fitting compile.
 
 Each command's JSON line, tagged with `RECORDS`, is appended to OUT_DIR/runs.jsonl, so an
 interrupted table resumes where it stopped; lines with another tag are compiled again. The
-markdown table is printed at the end.
+markdown table is printed at the end; `--report` prints it from runs.jsonl alone, compiling
+nothing (a cell whose search is not complete says "not compiled yet").
 """
 
 import argparse
@@ -62,11 +63,17 @@ def command(model: str, phase: str, chip: str, remat: str, per_chip: int) -> lis
   ]
 
 
-class Runs:
-  """The JSON lines of the commands run so far, by command; runs a command not yet there."""
+class NotCompiled(Exception):
+  """A command that `--report` finds no line for."""
 
-  def __init__(self, out: Path):
+
+class Runs:
+  """The JSON lines of the commands run so far, by command; runs a command not yet there (with
+  `compile=False`, raises NotCompiled instead)."""
+
+  def __init__(self, out: Path, compile: bool = True):
     self.path = out / "runs.jsonl"
+    self.compile = compile
     self.done = {}
     if self.path.exists():
       for line in self.path.read_text().splitlines():
@@ -76,6 +83,8 @@ class Runs:
 
   def get(self, argv: list[str]) -> dict:
     key = " ".join(argv)
+    if key not in self.done and not self.compile:
+      raise NotCompiled(key)
     if key not in self.done:
       start = time.perf_counter()
       proc = subprocess.run([sys.executable, "-m", "bertjax", *argv[1:]], capture_output=True, text=True)
@@ -120,8 +129,14 @@ def table(runs: Runs, args) -> str:
       for remat in args.remat:
         guess = min(MAX_PER_CHIP, FIRST_GUESS[seq] * REMAT_HEADROOM[remat])
         for i, chip in enumerate(chips):
-          per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
           cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
+          try:
+            per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
+          except NotCompiled:  # and the next chips' searches start from this one's result
+            rows.extend(
+              f"| {model} | {phase} ({seq}) | {c} | {remat} | not compiled yet | | | | | | |" for c in chips[i:]
+            )
+            break
           if per_chip is None:
             rows.append(f"{cell} none fits | | | | | | |")
             continue
@@ -157,11 +172,12 @@ def main():
   parser.add_argument("--phases", default="1,2")
   parser.add_argument("--chips", default="v5e,v5p,v6e")
   parser.add_argument("--remat", default="none,full")
+  parser.add_argument("--report", action="store_true", help="the table of OUT_DIR/runs.jsonl alone: compile nothing")
   args = parser.parse_args()
   for key in ("models", "phases", "chips", "remat"):
     setattr(args, key, getattr(args, key).split(","))
   args.out.mkdir(parents=True, exist_ok=True)
-  print(table(Runs(args.out), args))
+  print(table(Runs(args.out, compile=not args.report), args))
 
 
 if __name__ == "__main__":

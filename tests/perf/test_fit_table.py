@@ -69,3 +69,21 @@ def test_with_full_rematerialisation_the_search_starts_higher(remat, limit, aske
   rows = fit_table.table(runs, args).splitlines()
   assert runs.asked[: len(asked)] == asked and set(runs.asked[len(asked) :]) <= set(asked)
   assert batch in rows[-1]
+
+
+def test_the_report_compiles_nothing_and_says_which_cells_are_not_searched_yet(tmp_path):
+  """v5e's search is on record (256 fits, 512 does not); v6e's, which starts from it, is not."""
+  figures = FakeRuns(limit=256).get(fit_table.command("base", "1", "v5e", "none", 256))
+  lines = [
+    {"records": fit_table.RECORDS, "command": fit_table.command("base", "1", "v5e", "none", 256), "figures": figures},
+    {
+      "records": fit_table.RECORDS,
+      "command": fit_table.command("base", "1", "v5e", "none", 512),
+      "figures": {"fits": False},
+    },
+  ]
+  (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e", "v6e", "v5p"], remat=["none"])
+  rows = fit_table.table(fit_table.Runs(tmp_path, compile=False), args).splitlines()[2:]
+  assert rows[0].startswith("| base | 1 (128) | v5e | none | 256 |")
+  assert [r.split(" | ")[2] for r in rows[1:]] == ["v6e", "v5p"] and all("not compiled yet" in r for r in rows[1:])
