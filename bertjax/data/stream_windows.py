@@ -186,21 +186,25 @@ class WindowTable:
     while len(self._built) > _KEEP_WINDOWS:
       self._built.pop(next(iter(self._built)))
 
+  def pairs(self, sent_start, doc_start, rng) -> pairs_lib.PairIndex:
+    """The NSP pairs of tokenised documents (a random B from another of them), drawn from `rng`."""
+    return pairs_lib.build_pair_index(
+      sent_start,
+      doc_start,
+      np.arange(len(doc_start) - 1),
+      self.seq_len,
+      self.short_seq_prob,
+      self.random_next_prob,
+      rng,
+    )
+
   def _build(self, epoch: int, index: int, docs):
     """(tokens, shuffled pairs, their packing or None) of window `index` of pass `epoch`."""
     tokens, sent_start, doc_start = self.tokeniser.tokenise(docs)
     n_docs = len(doc_start) - 1
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
       return tokens, _NO_PAIRS, self.layout.pack(_NO_PAIRS)
-    pair_index = pairs_lib.build_pair_index(
-      sent_start,
-      doc_start,
-      np.arange(n_docs),
-      self.seq_len,
-      self.short_seq_prob,
-      self.random_next_prob,
-      keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1),
-    )
+    pair_index = self.pairs(sent_start, doc_start, keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1))
     shuffled = pair_index.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(pair_index)))
     return tokens, shuffled, self.layout.pack(shuffled)
 

@@ -30,7 +30,6 @@ import logging
 import numpy as np
 
 from bertjax.data import keyed_random, masking, packing
-from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import (
   EVAL_STREAM,
   STATE_VERSION,
@@ -60,7 +59,6 @@ class StreamingPipeline:
     self.tokenizer = tokenizer
     self.seed = int(config.train.seed)
     self.batch_size = int(config.train.batch_size)
-    self.seq_len = int(d.seq_len)
     self.window_documents = int(d.streaming_window_documents)
     self.eval_documents = int(d.streaming_eval_documents)
     self.corpus = load_corpus(config)
@@ -144,16 +142,7 @@ class StreamingPipeline:
           f"corpus {self.corpus.source}: the held-out documents hold fewer than "
           "two with text; raise data.streaming_eval_documents"
         )
-      d = self.config.data
-      index = pairs_lib.build_pair_index(
-        sent_start,
-        doc_start,
-        np.arange(len(doc_start) - 1),
-        self.seq_len,
-        float(d.short_seq_prob),
-        float(d.pair_random_next_prob),
-        keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1),
-      )
+      index = self.windows.pairs(sent_start, doc_start, keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1))
       self._eval = (tokens, index, self.layout.pack(index))
     rows = check_rows(rows, self.batch_size)
     out = []
