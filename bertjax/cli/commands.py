@@ -49,18 +49,22 @@ def _prepare_devices(args, config, *, preemption: bool = False) -> None:
   Only `train` keeps JAX's preemption service: it takes SIGTERM away from the default action, so
   any other command would go on running when a scheduler or launch/local.sh asks it to stop.
   """
+  import os
+
   import jax
 
+  from bertjax.perf import aot
   from bertjax.train import distributed
 
+  # On a TPU, libtpu reads this when JAX first uses the devices: some train steps need its
+  # compiler's deeper thread stack.
+  os.environ["LIBTPU_INIT_ARGS"] = aot.libtpu_init_args(os.environ.get("LIBTPU_INIT_ARGS", ""))
   if not preemption:
     jax.config.update("jax_enable_preemption_service", False)
   spec = distributed.ProcessSpec(args.coordinator, args.num_processes, args.process_id)
   distributed.initialize(spec, config.train.distributed_timeout_s)
   cache = config.train.compilation_cache
   if cache != "off":
-    import os
-
     default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bertjax", "jax")
     jax.config.update("jax_compilation_cache_dir", default if cache == "auto" else cache)
 

@@ -46,6 +46,12 @@ from bertjax.perf import hlo
 from bertjax.train import steps as steps_lib
 
 INSTALL_HINT = "pip install -e '.[tpu]' (libtpu matching the installed jax)"
+# libtpu's compiler recurses deeply when it costs some fused convolutions (on v6e, the train step
+# of BERT-base and BERT-large at sequence 512 with full rematerialisation) and overflows its compile
+# threads' stack, which it sizes from the stack limit the process started with (8 MiB by default):
+# the compile dies with SIGSEGV. With 64 MiB those steps compile.
+COMPILER_THREAD_STACK_FLAG = "--fibers_default_thread_stack_size"
+COMPILER_THREAD_STACK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +213,13 @@ def target(device_count: int, device_kind: str, tpu: TpuSlice | None, slices: in
   return Target(local[:device_count], local[0].device_kind, stats.get("bytes_limit"), f"this machine's {device_kind}")
 
 
+def libtpu_init_args(init_args: str) -> str:
+  """LIBTPU_INIT_ARGS with the compiler's thread stack raised, unless they set it themselves."""
+  if any(arg.split("=")[0] == COMPILER_THREAD_STACK_FLAG for arg in init_args.split()):
+    return init_args
+  return f"{init_args} {COMPILER_THREAD_STACK_FLAG}={COMPILER_THREAD_STACK_BYTES}".strip()
+
+
 def _tpu_devices(tpu: TpuSlice, slices: int) -> list:
   if importlib.util.find_spec("libtpu") is None and not os.environ.get("TPU_LIBRARY_PATH"):
     raise BertjaxError(f"--compile for {tpu.name}: compiling for a TPU needs libtpu; {INSTALL_HINT}")
@@ -214,15 +227,17 @@ def _tpu_devices(tpu: TpuSlice, slices: int) -> list:
 
   # The devices are compile-only: nothing runs on them. So libtpu takes no lock on this host's
   # chips (a training here keeps its own), and the settings it would read from a TPU VM's
-  # metadata are given (without them it logs errors about the missing metadata server). libtpu
-  # reads them once, when it starts; they are unset again after.
+  # metadata are given (without them it logs errors about the missing metadata server); its
+  # compiler's threads get a deeper stack. libtpu reads them once, when it starts; they are
+  # restored after.
   settings = {
     "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
     "TPU_WORKER_HOSTNAMES": "localhost",
     "TPU_ACCELERATOR_TYPE": tpu.name.replace("v5e-", "v5litepod-"),
   }
-  added = [key for key in settings if key not in os.environ]
-  os.environ.update({key: settings[key] for key in added})
+  before = {key: os.environ.get(key) for key in (*settings, "LIBTPU_INIT_ARGS")}
+  os.environ.update({key: value for key, value in settings.items() if before[key] is None})
+  os.environ["LIBTPU_INIT_ARGS"] = libtpu_init_args(before["LIBTPU_INIT_ARGS"] or "")
   try:
     return topologies.get_topology_desc(
       platform="tpu",
@@ -232,8 +247,11 @@ def _tpu_devices(tpu: TpuSlice, slices: int) -> list:
       num_slices=slices,
     ).devices
   finally:
-    for key in added:
-      del os.environ[key]
+    for key, value in before.items():
+      if value is None:
+        del os.environ[key]
+      else:
+        os.environ[key] = value
 
 
 def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool = True) -> dict:

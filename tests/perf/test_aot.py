@@ -126,11 +126,23 @@ def test_scheduled_cycles_sum_the_entry_instructions_and_find_matmuls_in_nested_
   assert hlo.scheduled_cycles(HLO) is None  # no cycle estimates: a GPU's program
 
 
+def test_libtpus_compiler_gets_a_deeper_thread_stack_unless_the_user_sets_one():
+  deeper = f"--fibers_default_thread_stack_size={64 * 2**20}"
+  assert aot.libtpu_init_args("") == deeper
+  assert aot.libtpu_init_args("--xla_tpu_enable_latency_hiding_scheduler=true") == (
+    f"--xla_tpu_enable_latency_hiding_scheduler=true {deeper}"
+  )
+  theirs = "--xla_jf_rematerialization_percent_shared_memory_limit=98 --fibers_default_thread_stack_size=134217728"
+  assert aot.libtpu_init_args(theirs) == theirs
+
+
 def test_compiled_for_the_smallest_v5p_slice_the_report_has_memory_collectives_and_an_estimate():
   """The micro model (6 layers, scanned) on v5p-8: 4 chips, data-parallel."""
   _require_libtpu()
   config = loading.load_config("configs/tiny.py", MICRO_6_LAYERS)
+  init_args = os.environ.get("LIBTPU_INIT_ARGS")
   scanned = dryrun.describe(config, topology="v5p-8", compile_step=True)
+  assert os.environ.get("LIBTPU_INIT_ARGS") == init_args  # libtpu's settings are put back once it has started
   assert scanned["device_count"] == 4 and scanned["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert scanned["hbm_gib"] == 95.74 and scanned["fits"] is True
   assert 0 < scanned["memory_per_device_gib"] < scanned["hbm_gib"]
