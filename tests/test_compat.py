@@ -1,8 +1,8 @@
 """A run folder written by bertjax 0.1.0 (tests/fixtures/run_v0) still resumes and exports the same.
 
 The fixture's README says how it was made. Its `expected.json` holds what that version logged and
-exported: the losses of a resume from step 4 to 6 must be equal bit for bit, and every export
-file byte for byte. Two exceptions: the export markers hold the export's own path, so they are
+exported: the losses of a resume from step 4 to 6 must agree to a few float32 ulps (`LOSS_RTOL`),
+and every export file byte for byte. Two exceptions: the export markers hold the export's own path, so they are
 compared without it, and the params export's config.json may describe model settings added since
 (at their defaults), compared value by value with the copy in `exports/params_config.json`.
 The commands run the real CLI in a process with one CPU device, as the fixture was made.
@@ -23,6 +23,12 @@ from tests.support.runs import launch
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "run_v0"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
 MARKER = "bertjax_export.json"
+# On some CPUs the resumed losses are bit for bit those 0.1.0 logged; on an AMD EPYC with AVX-512,
+# XLA's CPU kernels rounded train step 5's loss 2 ulps away (9.5e-7 at 6.17: relative 1.5e-7),
+# while step 6 and the evaluation stayed bit for bit. A resume that restored anything differently
+# (batch, RNG, parameters, optimizer moments) computes another step, not the same one rounded
+# another way: the losses move between steps by 5e-3 relative here.
+LOSS_RTOL = 1e-6
 
 
 @pytest.fixture
@@ -96,4 +102,4 @@ def test_an_old_run_resumes_with_the_losses_it_would_have_logged(old_run, tmp_pa
       if split == "train" and int(step) <= 4:
         continue  # logged by bertjax 0.1.0 itself: in the fixture's metrics.jsonl already
       got = {name: logged[int(step)][name] for name in losses}
-      assert got == losses, f"{split} step {step}: {got} != {losses}"  # bit for bit
+      assert got == pytest.approx(losses, rel=LOSS_RTOL, abs=0), f"{split} step {step}: {got} != {losses}"
