@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from bertjax.model import dropout
 from bertjax.perf import aot
+from bertjax.perf import tpu as tpu_lib
 
 N = 8192
 
@@ -51,7 +52,7 @@ def main() -> None:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   jax.config.update("jax_platforms", "cpu")  # libtpu's compile-only devices; nothing runs
   for chip in args.chips.split(","):
-    tpu = aot.parse_topology(f"{chip}:{'2x2x1' if aot.GENERATIONS[chip].dims == 3 else '2x2'}")
+    tpu = tpu_lib.parse_topology(f"{chip}:{'2x2x1' if tpu_lib.GENERATIONS[chip].dims == 3 else '2x2'}")
     tgt = aot.target(tpu.chips, tpu.generation.device_kind, tpu, 1)  # the smallest slice; one chip of it
     sharding = NamedSharding(Mesh(tgt.devices[:1], ("x",)), P())
     for name, (fn, shapes) in _programs().items():

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from bertjax.perf import aot
+from bertjax.perf import tpu as tpu_lib
 
 SLICES = {"v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}  # 4 chips each
 CHIPS = 4
@@ -122,7 +122,7 @@ def table(runs: Runs, args) -> str:
     "| step time: scheduled | tokens/s per chip (scheduled) | MFU: roofline | MFU: scheduled |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
-  chips = sorted(args.chips, key=lambda c: aot.GENERATIONS[c].hbm_gib)  # the smallest HBM first
+  chips = sorted(args.chips, key=lambda c: tpu_lib.GENERATIONS[c].hbm_gib)  # the smallest HBM first
   for model in args.models:
     for phase in args.phases:
       seq = 128 if phase == "1" else 512
@@ -148,7 +148,7 @@ def table(runs: Runs, args) -> str:
             f"{_per_chip(f['scheduled_tokens_per_s'])} | {_pct(f['estimated_mfu'])} | {_pct(f['scheduled_mfu'])} |"
           )
           if i + 1 < len(chips):  # the next chip has more HBM: start its search above that much more
-            ratio = aot.GENERATIONS[chips[i + 1]].hbm_gib / aot.GENERATIONS[chip].hbm_gib
+            ratio = tpu_lib.GENERATIONS[chips[i + 1]].hbm_gib / tpu_lib.GENERATIONS[chip].hbm_gib
             guess = min(MAX_PER_CHIP, per_chip * 2 ** (math.floor(math.log2(ratio)) + 1))
   return "\n".join(rows)
 

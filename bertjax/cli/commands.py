@@ -53,12 +53,12 @@ def _prepare_devices(args, config, *, preemption: bool = False) -> None:
 
   import jax
 
-  from bertjax.perf import aot
+  from bertjax.perf import tpu as tpu_lib
   from bertjax.train import distributed
 
   # On a TPU, libtpu reads this when JAX first uses the devices: some train steps need its
   # compiler's deeper thread stack.
-  os.environ["LIBTPU_INIT_ARGS"] = aot.libtpu_init_args(os.environ.get("LIBTPU_INIT_ARGS", ""))
+  os.environ["LIBTPU_INIT_ARGS"] = tpu_lib.libtpu_init_args(os.environ.get("LIBTPU_INIT_ARGS", ""))
   if not preemption:
     jax.config.update("jax_enable_preemption_service", False)
   spec = distributed.ProcessSpec(args.coordinator, args.num_processes, args.process_id)
@@ -98,11 +98,12 @@ def _train(args, overrides) -> int:
   if args.dry_run:
     import json
 
-    from bertjax.perf import aot, dryrun
+    from bertjax.perf import dryrun
+    from bertjax.perf import tpu as tpu_lib
 
     if not args.compile and not args.estimate:
       raise BertjaxError("train: --no-estimate leaves out --compile's estimate; add --compile")
-    if args.compile and (args.topology or aot.is_tpu(args.device_kind)):
+    if args.compile and (args.topology or tpu_lib.is_tpu(args.device_kind)):
       import jax
 
       # The TPU is libtpu's compile-only devices; this process runs nothing, on no accelerator.

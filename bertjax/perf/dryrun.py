@@ -29,6 +29,7 @@ from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel.layout import MESH_AXES
 from bertjax.perf import aot
+from bertjax.perf import tpu as tpu_lib
 from bertjax.train import steps as steps_lib
 
 # Model FLOP utilisation the expected step time assumes. Well-tuned BERT pretraining in JAX and
@@ -58,7 +59,7 @@ def describe(
   slices = config.mesh.dcn_data
   if topology and device_kind:
     raise BertjaxError(f"--device-kind {device_kind!r}: --topology {topology} names the chip already; give one of them")
-  tpu = aot.parse_topology(topology) if topology else None
+  tpu = tpu_lib.parse_topology(topology) if topology else None
   kind_given = device_kind is not None
   device_count, device_kind = _hardware(device_count, device_kind, tpu, slices)
   peak = _peak_flops(device_kind, config.metrics.peak_tflops)
@@ -94,7 +95,7 @@ def describe(
   if compile_step:
     start = time.perf_counter()
     if tpu is None and kind_given:  # a TPU named by --devices and --device-kind: its slices' shape
-      tpu = aot.tpu_slice(device_kind, device_count // slices)
+      tpu = tpu_lib.tpu_slice(device_kind, device_count // slices)
     report = aot.compile_report(
       config, model_cfg, aot.target(device_count, device_kind, tpu, slices), estimate=estimate
     )
@@ -170,7 +171,7 @@ def _shard_count(entry, axis_sizes: dict[str, int]) -> int:
 
 
 def _hardware(
-  device_count: int | None, device_kind: str | None, tpu: aot.TpuSlice | None, slices: int
+  device_count: int | None, device_kind: str | None, tpu: tpu_lib.TpuSlice | None, slices: int
 ) -> tuple[int, str]:
   if device_count is not None and device_count < 1:
     raise BertjaxError(f"--devices {device_count}: give the number of devices (chips) the run will use, e.g. 64")

@@ -18,6 +18,7 @@ from bertjax.config import loading
 from bertjax.errors import BertjaxError
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.perf import aot, dryrun, hlo
+from bertjax.perf import tpu as tpu_lib
 from tests.support.runs import MICRO_OVERRIDES, launch
 
 MICRO_6_LAYERS = [o for o in MICRO_OVERRIDES if not o.startswith("model.num_layers")] + ["model.num_layers=6"]
@@ -27,7 +28,7 @@ WHERE_LIBTPU_INSTALLS = sys.platform == "linux" and platform.machine() == "x86_6
 def _require_libtpu():
   if importlib.util.find_spec("libtpu") is not None:
     return
-  reason = f"libtpu is not installed: {aot.INSTALL_HINT}"
+  reason = f"libtpu is not installed: {tpu_lib.INSTALL_HINT}"
   if not WHERE_LIBTPU_INSTALLS:
     pytest.skip(f"libtpu has no wheel for {sys.platform} {platform.machine()}; {reason}")
   if os.environ.get("BERTJAX_REQUIRE_EXTRAS") == "1":
@@ -50,16 +51,16 @@ def _require_libtpu():
   ],
 )
 def test_topology_names_give_the_slices_shape(name, chips, shape, host_bounds):
-  tpu = aot.parse_topology(name)
+  tpu = tpu_lib.parse_topology(name)
   assert (tpu.chips, tpu.shape, tpu.host_bounds) == (chips, shape, host_bounds)
 
 
 def test_device_kinds_name_the_same_slices():
-  assert aot.tpu_slice("TPU v5p", 64) == aot.parse_topology("v5p-128")
-  assert aot.tpu_slice("TPU v5", 64) == aot.parse_topology("v5p-128")  # a v5p's own device_kind
-  assert aot.tpu_slice("TPU v5 lite", 256) == aot.parse_topology("v5e-256")
-  assert aot.tpu_slice("TPU v6e", 16).topology == "v6e:4x4"
-  assert aot.tpu_slice("H100", 8) is None and not aot.is_tpu("NVIDIA H100 80GB HBM3")
+  assert tpu_lib.tpu_slice("TPU v5p", 64) == tpu_lib.parse_topology("v5p-128")
+  assert tpu_lib.tpu_slice("TPU v5", 64) == tpu_lib.parse_topology("v5p-128")  # a v5p's own device_kind
+  assert tpu_lib.tpu_slice("TPU v5 lite", 256) == tpu_lib.parse_topology("v5e-256")
+  assert tpu_lib.tpu_slice("TPU v6e", 16).topology == "v6e:4x4"
+  assert tpu_lib.tpu_slice("H100", 8) is None and not tpu_lib.is_tpu("NVIDIA H100 80GB HBM3")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +76,7 @@ def test_device_kinds_name_the_same_slices():
 )
 def test_a_bad_topology_is_refused(name, message):
   with pytest.raises(BertjaxError, match=message):
-    aot.parse_topology(name)
+    tpu_lib.parse_topology(name)
 
 
 HLO = """
@@ -128,12 +129,12 @@ def test_scheduled_cycles_sum_the_entry_instructions_and_find_matmuls_in_nested_
 
 def test_libtpus_compiler_gets_a_deeper_thread_stack_unless_the_user_sets_one():
   deeper = f"--fibers_default_thread_stack_size={64 * 2**20}"
-  assert aot.libtpu_init_args("") == deeper
-  assert aot.libtpu_init_args("--xla_tpu_enable_latency_hiding_scheduler=true") == (
+  assert tpu_lib.libtpu_init_args("") == deeper
+  assert tpu_lib.libtpu_init_args("--xla_tpu_enable_latency_hiding_scheduler=true") == (
     f"--xla_tpu_enable_latency_hiding_scheduler=true {deeper}"
   )
   theirs = "--xla_jf_rematerialization_percent_shared_memory_limit=98 --fibers_default_thread_stack_size=134217728"
-  assert aot.libtpu_init_args(theirs) == theirs
+  assert tpu_lib.libtpu_init_args(theirs) == theirs
 
 
 def test_compiled_for_the_smallest_v5p_slice_the_report_has_memory_collectives_and_an_estimate():
@@ -247,7 +248,7 @@ def test_slices_of_a_multislice_target_are_the_data_axis():
   _require_libtpu()
   config = loading.load_config("configs/tiny.py", [*MICRO_OVERRIDES, "mesh.parallelism=fsdp", "mesh.dcn_data=2"])
   assert dryrun.describe(config, topology="v5e-4")["device_count"] == 8
-  target = aot.target(8, "TPU v5e", aot.parse_topology("v5e-4"), slices=2)
+  target = aot.target(8, "TPU v5e", tpu_lib.parse_topology("v5e-4"), slices=2)
   assert "v5e-4 (v5e:2x2, 4 chips) x 2 slices" in target.label and target.hbm_bytes == int(15.75 * 2**30)
   mesh = mesh_lib.make_mesh(config.mesh, target.devices)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
