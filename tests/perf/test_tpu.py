@@ -1,6 +1,8 @@
 """TPU slices by name (`bertjax.perf.tpu`): Cloud TPU's accelerator types, device kinds and shapes,
 the one-line refusals of names that are no slice, and the settings libtpu starts with."""
 
+import os
+
 import pytest
 
 from bertjax.errors import BertjaxError
@@ -58,3 +60,20 @@ def test_libtpus_compiler_gets_a_deeper_thread_stack_unless_the_user_sets_one():
   )
   theirs = "--xla_jf_rematerialization_percent_shared_memory_limit=98 --fibers_default_thread_stack_size=134217728"
   assert tpu_lib.libtpu_init_args(theirs) == theirs
+
+
+def test_a_run_starts_libtpu_with_the_deeper_stack_and_keeps_the_users_flags(monkeypatch):
+  """What `bertjax train` (and every command that uses devices) sets before JAX first uses them."""
+  import argparse
+
+  from bertjax.cli import commands
+  from bertjax.config import loading
+  from tests.support.runs import MICRO_OVERRIDES
+
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_latency_hiding_scheduler=true")
+  config = loading.load_config("configs/tiny.py", MICRO_OVERRIDES)
+  spec = argparse.Namespace(coordinator=None, num_processes=None, process_id=None)
+  commands._prepare_devices(spec, config, preemption=True)  # as `train` does
+  assert os.environ["LIBTPU_INIT_ARGS"] == (
+    f"--xla_tpu_enable_latency_hiding_scheduler=true --fibers_default_thread_stack_size={64 * 2**20}"
+  )
