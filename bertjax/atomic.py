@@ -9,8 +9,11 @@ and a failed write leaves no temporary behind.
     staged_folder(target, replace=True)               a folder built aside, then renamed in
     os_errno(exc)                                     why a write failed, as the OS said (errno)
 
-Paths go through `etils.epath`, so `gs://` works as well; there a rename is a copy, and a reader
-may briefly see a folder that is still being copied, but never a half-written file.
+Paths go through `etils.epath`, so `gs://` works as well. On an object store an object becomes
+visible only once its upload is complete, so a file is uploaded straight to its name (there a
+rename is a copy and a delete); a folder is still staged and renamed in, which there copies it
+object by object: a reader may briefly see a folder that is still being copied, but never a
+half-written file. Compare-and-swap writes (the workdir lease) are `bertjax.storage`'s.
 """
 
 import contextlib
@@ -22,6 +25,8 @@ from collections.abc import Iterable, Iterator
 
 from etils import epath
 
+from bertjax import storage
+
 
 def _staging_name(target: epath.Path) -> epath.Path:
   # Host, process and a random part: processes of one job may stage the same target at once.
@@ -31,6 +36,9 @@ def _staging_name(target: epath.Path) -> epath.Path:
 def write_bytes(path, data: bytes) -> epath.Path:
   """Write `data` to `path`, replacing any earlier file in one rename; returns the path."""
   path = epath.Path(path)
+  if storage.is_remote(path):  # one upload: readers see the old object or the new one
+    path.write_bytes(data)
+    return path
   path.parent.mkdir(parents=True, exist_ok=True)
   staging = _staging_name(path)
   try:

@@ -16,6 +16,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
   os.environ.setdefault(_offline, "1")
+# google-auth never looks for a cloud metadata server (its probe would leave localhost).
+os.environ.update(NO_GCE_CHECK="True", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
 # The runs the tests launch use `train.compilation_cache=auto`, which is under XDG_CACHE_HOME: one
 # folder for this session, so a program compiled by one test's run loads in the next ones (the
 # suite launches about a hundred runs of a few configurations), and no user cache is read or
@@ -24,7 +26,13 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="bertjax-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 
 # Fixtures shared across test folders live in these modules, never in another test file.
-pytest_plugins = ["tests.support.micro", "tests.support.corpora", "tests.support.runs", "tests.support.finetune"]
+pytest_plugins = [
+  "tests.support.micro",
+  "tests.support.corpora",
+  "tests.support.runs",
+  "tests.support.finetune",
+  "tests.support.gcs",
+]
 
 
 def pytest_collection_modifyitems(config, items):

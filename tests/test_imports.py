@@ -19,13 +19,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bertjax"
 # order is the layering: nothing imports a part listed after it.
 ALLOWED = {
   "bertjax.errors": (),
-  "bertjax.atomic": (),
-  "bertjax.data": ("bertjax.errors", "bertjax.atomic"),
+  "bertjax.storage": ("bertjax.errors",),
+  "bertjax.atomic": ("bertjax.storage",),
+  "bertjax.data": ("bertjax.errors", "bertjax.atomic", "bertjax.storage"),
   "bertjax.model.config": ("bertjax.errors",),
   "bertjax.parallel.layout": ("bertjax.errors",),
   "bertjax.config": (
     "bertjax.errors",
     "bertjax.atomic",
+    "bertjax.storage",
     "bertjax.model.config",
     "bertjax.parallel.layout",
     "bertjax.data.corpus",
@@ -37,6 +39,7 @@ ALLOWED = {
   "bertjax.train": (
     "bertjax.errors",
     "bertjax.atomic",
+    "bertjax.storage",
     "bertjax.config",
     "bertjax.data",
     "bertjax.model",
@@ -47,6 +50,7 @@ ALLOWED = {
   "bertjax.finetune": (
     "bertjax.errors",
     "bertjax.atomic",
+    "bertjax.storage",
     "bertjax.config",
     "bertjax.data",
     "bertjax.model",
@@ -58,6 +62,7 @@ ALLOWED = {
   "bertjax.hf": (
     "bertjax.errors",
     "bertjax.atomic",
+    "bertjax.storage",
     "bertjax.config",
     "bertjax.data",
     "bertjax.model",

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from bertjax.cli import commands
+from bertjax.cli import commands, stores
 from bertjax.cli import parser as parser_lib
 from bertjax.errors import BertjaxError
 
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and "config" not in vars(args):
       raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
     commands.setup_logging()
+    stores.prepare_stores(args)  # gs:// flags: bucket and credentials, before any work
     return commands.COMMANDS[name](args, overrides) or 0
   except BertjaxError as e:
     print(f"bertjax: error: {e}", file=sys.stderr)

@@ -6,15 +6,19 @@
                     process refuses together, with one line naming the run that holds it), keeps
                     it fresh, and gives it back at the end
 
-A lease, not `flock`: object stores (gs:// through etils.epath) have no locks, and a lease file
-works the same there and on shared POSIX filesystems. The holder rewrites its `heartbeat` every
-HEARTBEAT_S seconds. A lease is stale, and the next run takes it over with a warning, when its
-heartbeat is older than STALE_S (a run killed on another host; clocks must agree to well within
-that), or at once when it names a process of this host that is gone (a run killed here, kill -9
-included). Taking the lease is: write it whole (`bertjax.atomic`), wait SETTLE_S, read it back;
-of two runs that raced, the later writer holds it and the other refuses. A holder that finds the
-lease in another run's name (it stalled past STALE_S and was taken over) marks itself `lost`, and
-the loop stops before its next save. A multi-process job is one run: only process 0 holds it.
+A lease, not `flock`: object stores (gs://) have no locks, and a lease file works the same there
+and on shared POSIX filesystems. Every write of the lease is a compare-and-swap
+(`bertjax.storage`: on GCS an object precondition, locally an flock around a rename): a new lease
+is created only if none exists, a stale one is replaced only if it is still the one judged stale,
+and the heartbeat replaces only the holder's own last version. So of two runs racing for one
+workdir, on any backend, exactly one wins. The holder rewrites its `heartbeat` every HEARTBEAT_S
+seconds. A lease is stale, and the next run takes it over with a warning, when its heartbeat is
+older than STALE_S (a run killed on another host; clocks must agree to well within that), or at
+once when it names a process of this host that is gone (a run killed here, kill -9 included). A
+holder whose heartbeat finds the lease changed (it stalled past STALE_S and was taken over) marks
+itself `lost`, and the loop stops before its next save. A multi-process job is one run: only
+process 0 holds it. Every request to the store has a timeout, so neither the heartbeat thread nor
+the release waits forever.
 """
 
 import contextlib
@@ -30,7 +34,7 @@ from collections.abc import Iterator
 import jax
 from etils import epath
 
-from bertjax import atomic
+from bertjax import storage
 from bertjax.errors import BertjaxError
 from bertjax.train import processes
 
@@ -38,7 +42,6 @@ log = logging.getLogger(__name__)
 LOCK_FILENAME = "bertjax_lock.json"
 HEARTBEAT_S = 15.0
 STALE_S = 120.0
-SETTLE_S = 0.5
 
 
 class WorkdirInUse(BertjaxError):
@@ -77,9 +80,10 @@ def describe(holder: dict) -> str:
 class WorkdirLock:
   """The lease of one workdir. `acquire` raises WorkdirInUse when a live run holds it."""
 
-  def __init__(self, workdir, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S, settle_s=SETTLE_S):
+  def __init__(self, workdir, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
     self.path = epath.Path(workdir) / LOCK_FILENAME
-    self.heartbeat_s, self.stale_s, self.settle_s = heartbeat_s, stale_s, settle_s
+    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+    self.version = None  # the lease's version as this run last wrote it
     self.lost: str | None = None  # who took the lease over, once that happened
     now = time.time()
     self.mine = {
@@ -95,13 +99,17 @@ class WorkdirLock:
 
   def read(self) -> dict | None:
     """The lease on disk; None when there is none. A lease that does not parse is stale."""
+    return self._read_versioned()[0]
+
+  def _read_versioned(self) -> tuple[dict | None, object]:
+    data, version = storage.read_versioned(self.path)
+    if data is None:
+      return None, None
     try:
-      holder = json.loads(self.path.read_text())
-    except FileNotFoundError:
-      return None
-    except (OSError, ValueError):
-      return {"heartbeat": 0}
-    return holder if isinstance(holder, dict) else {"heartbeat": 0}
+      holder = json.loads(data)
+    except ValueError:
+      return {"heartbeat": 0}, version
+    return (holder if isinstance(holder, dict) else {"heartbeat": 0}), version
 
   def stale_because(self, holder: dict) -> str | None:
     """Why a lease may be taken over, or None while its run is alive."""
@@ -127,40 +135,44 @@ class WorkdirLock:
       WorkdirInUse: a live run holds the lease, or another run took it in the same moment.
       BertjaxError: the lock file cannot be written.
     """
-    holder = self.read()
+    holder, version = self._read_versioned()
     if holder is not None:
       why = self.stale_because(holder)
       if why is None:
         raise self._refusal(holder)
       log.warning("taking over the workdir lock of an earlier run (%s): %s", describe(holder), why)
+    data = json.dumps(self.mine).encode()
     try:
-      atomic.write_text(self.path, json.dumps(self.mine))
+      self.version = storage.create(self.path, data) if holder is None else storage.replace_if(self.path, data, version)
+    except storage.Conflict:  # another run wrote the lease since it was read: that run holds it
+      raise self._refusal(self.read() or {}) from None
     except OSError as e:
       raise BertjaxError(
         f"--workdir {self.path.parent}: cannot write its lock file ({e.strerror or e}); choose a writable folder"
       ) from None
-    time.sleep(self.settle_s)  # a run that raced us has written by now: the later writer holds it
-    holder = self.read()
-    if holder is None or holder.get("run") != self.mine["run"]:
-      raise self._refusal(holder or {})
     self._thread = threading.Thread(target=self._beat, name="bertjax-lock-heartbeat", daemon=True)
     self._thread.start()
 
   def _beat(self) -> None:
     warned = False
     while not self._stop.wait(self.heartbeat_s):
+      beat = dict(self.mine, heartbeat=time.time())
       try:
-        holder = self.read()
-        if holder is None or holder.get("run") != self.mine["run"]:
-          self.lost = describe(holder) if holder else "nobody (the lock file was removed)"
-          log.error("the workdir lock of %s now names %s: this run stops before its next save", self.path, self.lost)
-          return
-        self.mine["heartbeat"] = time.time()
-        atomic.write_text(self.path, json.dumps(self.mine))
+        try:
+          self.version = storage.replace_if(self.path, json.dumps(beat).encode(), self.version)
+        except storage.Conflict:
+          holder, version = self._read_versioned()
+          if holder == beat:  # the write went through, but its answer was lost: keep holding
+            self.version = version
+          else:
+            self.lost = describe(holder) if holder else "nobody (the lock file was removed)"
+            log.error("the workdir lock of %s now names %s: this run stops before its next save", self.path, self.lost)
+            return
+        self.mine = beat
         warned = False
-      except OSError as e:  # a full disk, a network hiccup: try again at the next beat
+      except Exception as e:  # a full disk, a store that does not answer: try again at the next beat
         if not warned:
-          log.warning("cannot refresh the workdir lock %s (%s); retrying", self.path, e.strerror or e)
+          log.warning("cannot refresh the workdir lock %s (%s); retrying", self.path, getattr(e, "strerror", None) or e)
           warned = True
 
   def check(self) -> None:
@@ -175,13 +187,13 @@ class WorkdirLock:
     """Stop the heartbeat and delete the lock file if it still names this run."""
     self._stop.set()
     if self._thread is not None:
-      self._thread.join()
+      self._thread.join(timeout=storage.DEADLINE_S + self.heartbeat_s)
       self._thread = None
-    if self.lost is None:
-      holder = self.read()
-      if holder is not None and holder.get("run") == self.mine["run"]:
-        with contextlib.suppress(OSError):
-          self.path.unlink()
+    if self.lost is None and self.version is not None:
+      try:
+        storage.delete_if(self.path, self.version)
+      except Exception as e:  # taken over, or the store is gone: the lease goes stale by itself
+        log.warning("could not remove the workdir lock %s (%s); it goes stale by itself", self.path, e)
 
 
 @contextlib.contextmanager
