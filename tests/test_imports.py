@@ -35,7 +35,7 @@ ALLOWED = {
   ),
   "bertjax.parallel": ("bertjax.errors",),
   "bertjax.model": ("bertjax.errors", "bertjax.parallel.rules"),
-  "bertjax.metrics": ("bertjax.errors", "bertjax.model.config"),
+  "bertjax.metrics": ("bertjax.errors", "bertjax.atomic", "bertjax.storage", "bertjax.model.config"),
   "bertjax.train": (
     "bertjax.errors",
     "bertjax.atomic",

@@ -127,6 +127,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.metrics = config_dict.ConfigDict()
   c.metrics.peak_tflops = 0.0  # 0: the chip's datasheet dense bf16 peak (bertjax.metrics.flops)
+  # On an object store (gs://), metrics.jsonl and the TensorBoard events are uploaded whole at most
+  # this often (and at the end); local files are flushed at every log step.
+  c.metrics.upload_every_s = 30.0
 
   # Fine-tuning (`bertjax finetune`, `bertjax glue`; docs/finetuning.md). The model's sizes come
   # from the --init run; train.batch_size, train.seed, train.log_every, optim.* (but

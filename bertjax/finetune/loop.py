@@ -137,7 +137,9 @@ class _Window:
 
 def _loop(run: run_lib.Run, state, start: int, saver: saving.Saver, guard, stack) -> Result:
   config, total, per_epoch = run.config, run.total_steps, run.order.steps_per_epoch
-  writer = stack.enter_context(MetricsWriter(run.workdir, enabled=run.is_primary))
+  writer = stack.enter_context(
+    MetricsWriter(run.workdir, enabled=run.is_primary, upload_every_s=run.config.metrics.upload_every_s)
+  )
   progress = ProgressBar(total, start, enabled=run.is_primary)
   stack.callback(progress.close)
   window = _Window(time.perf_counter())

@@ -7,24 +7,36 @@
                     too, at the end of its own events file, where TensorBoard stops reading it)
 
 Only the primary process writes.
+
+On an object store (gs://) nothing can be appended: metrics.jsonl is kept in memory and the
+TensorBoard events are written to a local folder, and a background thread uploads both whole (one
+object each) at most every `upload_every_s` seconds and at the end. A reader always sees whole
+lines and what was logged up to the last upload; the loop never waits on the store; a failed
+upload is retried at the next one, and closing waits for the last upload at most
+`storage.DEADLINE_S`, so exit never hangs on a store.
 """
 
 import errno
-import io
 import json
+import logging
 import os
+import shutil
 import sys
+import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from etils import epath
 
+from bertjax import atomic, storage
 from bertjax.errors import BertjaxError
 
 if TYPE_CHECKING:
   from tensorboardX import SummaryWriter
 
+log = logging.getLogger(__name__)
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tb"
 
@@ -50,30 +62,84 @@ def _is_record(text: str) -> bool:
 
 
 def _open_for_append(path: epath.Path):
-  """A text handle that appends to `path`, kept open for the run.
+  """A text handle that appends to local `path`, kept open for the run.
 
   A last line without its newline is what a run killed mid-write left. A fragment is cut off, so
-  the file holds whole JSON lines again; a whole record gets its newline. Object stores (gs://)
-  may not append: there the lines are copied into a fresh file, so a resumed run still never
-  loses what an earlier one logged.
+  the file holds whole JSON lines again; a whole record gets its newline.
   """
   existing = path.read_text() if path.exists() else ""
   whole = existing[: existing.rfind("\n") + 1]
   tail = existing[len(whole) :]
   end = tail + "\n" if tail and _is_record(tail) else ""
-  try:
-    handle = path.open("a")
-  except (NotImplementedError, ValueError, OSError):
-    handle = path.open("w")
-    handle.write(whole + end)
-    return handle
+  handle = path.open("a")
   if tail:
-    try:
-      handle.truncate(len(whole.encode()))
-    except (OSError, io.UnsupportedOperation):  # a store that appends but cannot cut: own line
-      end = "\n"
+    handle.truncate(len(whole.encode()))
     handle.write(end)
   return handle
+
+
+class _StoreMirror:
+  """A run's metrics on an object store, uploaded from a background thread.
+
+  metrics.jsonl is kept in memory and the TensorBoard events are written to a local folder; each
+  upload puts both whole under the run's folder (one object each, so a reader sees whole lines
+  and whole records). The training loop never waits on the store: `request` only wakes the
+  thread; an upload that fails is logged and retried at the next one; `close` waits for the last
+  upload at most `storage.DEADLINE_S` and leaves whatever is then missing logged, not hung.
+  """
+
+  def __init__(self, workdir: epath.Path, events_dir: str):
+    self.jsonl_path = workdir / METRICS_FILENAME
+    self.events_remote = workdir / TENSORBOARD_DIRNAME
+    self.events_dir = events_dir
+    existing = self.jsonl_path.read_text() if self.jsonl_path.exists() else ""
+    whole = existing[: existing.rfind("\n") + 1]
+    tail = existing[len(whole) :]
+    self.text = whole + (tail + "\n" if tail and _is_record(tail) else "")
+    self._uploaded: dict[str, bytes] = {str(self.jsonl_path): existing.encode()}
+    self._wake = threading.Event()
+    self._closing = False
+    self._warned = False
+    self._thread = threading.Thread(target=self._run, name="bertjax-metrics-upload", daemon=True)
+    self._thread.start()
+
+  def write(self, line: str) -> None:
+    self.text += line
+
+  def request(self) -> None:
+    self._wake.set()
+
+  def _run(self) -> None:
+    while True:
+      self._wake.wait()
+      self._wake.clear()
+      closing = self._closing
+      try:
+        self._upload_changed()
+        self._warned = False
+      except Exception as e:  # the store is away for a while: what was logged stays for the next upload
+        if closing or not self._warned:
+          log.warning("could not upload the metrics to %s (%s); retrying at the next log step", self.jsonl_path, e)
+          self._warned = True
+      if closing:
+        return
+
+  def _upload_changed(self) -> None:
+    files = {self.jsonl_path: self.text.encode()}
+    for name in sorted(os.listdir(self.events_dir)):
+      with open(os.path.join(self.events_dir, name), "rb") as f:
+        files[self.events_remote / name] = f.read()
+    for path, data in files.items():
+      if self._uploaded.get(str(path)) != data:
+        atomic.write_bytes(path, data)
+        self._uploaded[str(path)] = data
+
+  def close(self) -> bool:
+    """The last upload; True when it finished in time."""
+    self._closing = True
+    self._wake.set()
+    self._thread.join(timeout=storage.DEADLINE_S)
+    return not self._thread.is_alive()
 
 
 class MetricsWriter:
@@ -81,12 +147,16 @@ class MetricsWriter:
 
   Construct it on every process with `enabled=jax.process_index() == 0`: the others write
   nothing. Files are opened at the first `write`; use it as a context manager or call `close`.
+  `upload_every_s` paces the uploads on an object store (local files are flushed at every write).
   """
 
-  def __init__(self, workdir, enabled: bool = True):
+  def __init__(self, workdir, enabled: bool = True, upload_every_s: float = 30.0):
     self.workdir = epath.Path(workdir)
     self.enabled = enabled
+    self.upload_every_s = upload_every_s
+    self._last_upload = -float("inf")
     self._jsonl = None
+    self._mirror: _StoreMirror | None = None
     self._events: SummaryWriter | None = None
 
   def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
@@ -111,7 +181,7 @@ class MetricsWriter:
     now = time.time()
     try:
       self._ensure_open()
-      self._jsonl.write(json.dumps({"step": int(step), "split": split, "time": now, **values}) + "\n")
+      (self._mirror or self._jsonl).write(json.dumps({"step": int(step), "split": split, "time": now, **values}) + "\n")
       for name, value in values.items():
         self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step), walltime=now)
       self.flush()  # a few records per log step: readers (bertjax plot, TensorBoard) see them now
@@ -123,26 +193,44 @@ class MetricsWriter:
       ) from e
 
   def _ensure_open(self) -> None:
-    if self._jsonl is not None:
+    if self._events is not None:
       return
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = _open_for_append(self.workdir / METRICS_FILENAME)
+    if storage.is_remote(self.workdir):
+      events_dir = tempfile.mkdtemp(prefix="bertjax-tb-")
+      self._mirror = _StoreMirror(self.workdir, events_dir)
+    else:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      self._jsonl = _open_for_append(self.workdir / METRICS_FILENAME)
+      events_dir = str(self.workdir / TENSORBOARD_DIRNAME)
     # A resumed run starts a new events file beside the old ones, and TensorBoard reads them in
     # name order: the nanosecond suffix keeps two writers of one second apart and in order.
     self._events = _summary_writer_class()(
-      str(self.workdir / TENSORBOARD_DIRNAME), flush_secs=3600, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
+      events_dir, flush_secs=3600, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
     )
 
   def flush(self) -> None:
+    """Local files: flushed now. On an object store: an upload is started when one is due."""
     for handle in (self._jsonl, self._events):
       if handle is not None:
         handle.flush()
+    if self._mirror is not None and time.monotonic() - self._last_upload >= self.upload_every_s:
+      self._last_upload = time.monotonic()
+      self._mirror.request()
 
   def close(self) -> None:
     for handle in (self._jsonl, self._events):
       if handle is not None:
         handle.close()
-    self._jsonl = self._events = None
+    mirror, self._jsonl, self._events, self._mirror = self._mirror, None, None, None
+    if mirror is not None:
+      if not mirror.close():
+        log.error(
+          "the last metrics of this run may be missing from %s: the store did not answer within %.0f s "
+          "(the checkpoints are not affected)",
+          self.workdir,
+          storage.DEADLINE_S,
+        )
+      shutil.rmtree(mirror.events_dir, ignore_errors=True)
 
   def __enter__(self) -> Self:
     return self

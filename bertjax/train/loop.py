@@ -163,7 +163,9 @@ def _loop(run: Run, state, start: int, data_position, saver: saving.Saver, guard
   peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_tflops)
   throughput = flops_lib.Throughput(flops, jax.device_count(), peak)
   profiler = _Profiler(t.profile_steps, run.workdir)
-  writer = stack.enter_context(MetricsWriter(run.workdir, enabled=run.is_primary))
+  writer = stack.enter_context(
+    MetricsWriter(run.workdir, enabled=run.is_primary, upload_every_s=run.config.metrics.upload_every_s)
+  )
   progress = ProgressBar(t.steps, start, enabled=run.is_primary)
   stack.callback(progress.close)
   if data_position is not None:

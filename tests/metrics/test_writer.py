@@ -1,6 +1,8 @@
 """metrics.jsonl and the TensorBoard event files: records, resumes, crashes, and read-backs."""
 
 import json
+import logging
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,18 +52,64 @@ def test_a_whole_last_record_that_lost_only_its_newline_is_kept(tmp_path):
   assert [r["step"] for r in metrics.read_metrics(tmp_path)] == [1, 2, 3]
 
 
-def test_a_store_that_cannot_append_keeps_the_earlier_lines(tmp_path):
-  class NoAppendPath(type(metrics.epath.Path(tmp_path))):  # like gs:// on some backends
-    def open(self, mode="r", *args, **kwargs):
-      if "a" in mode:
-        raise NotImplementedError("append")
-      return super().open(mode, *args, **kwargs)
+def _scalars(tb_folder, tag, local_copy) -> list[tuple[int, float]]:
+  """A TensorBoard tag's (step, value) pairs, read by TensorBoard from a local copy of the folder."""
+  from tensorboard.backend.event_processing import event_accumulator
 
-  path = NoAppendPath(tmp_path / "metrics.jsonl")
-  path.write_text('{"step": 1}\n{"step": 2')  # the second line was cut by a crash
-  with metrics._open_for_append(path) as handle:
-    handle.write('{"step": 3}\n')
-  assert path.read_text() == '{"step": 1}\n{"step": 3}\n'
+  local_copy.mkdir(exist_ok=True)
+  for events in tb_folder.iterdir():
+    (local_copy / events.name).write_bytes(events.read_bytes())
+  acc = event_accumulator.EventAccumulator(str(local_copy))
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _eventually(read, want, seconds=30.0):
+  """`read()` once it returns `want` (uploads run in the background), else its last value."""
+  deadline = time.monotonic() + seconds
+  while (got := read()) != want and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return got
+
+
+def test_on_gcs_readers_see_whole_lines_and_tensorboard_while_the_run_writes(gcs_bucket, tmp_path):
+  workdir = metrics.epath.Path(gcs_bucket) / "run"
+  steps = lambda: [r["step"] for r in metrics.read_metrics(workdir)]
+  with metrics.MetricsWriter(workdir, upload_every_s=0) as writer:
+    writer.write(10, {"loss": 7.5})
+    writer.write(20, {"loss": 7.0})
+    assert _eventually(steps, [10, 20]) == [10, 20]  # before the writer closes
+    read_tb = lambda: _scalars(workdir / "tb", "train/loss", tmp_path / "tb") if (workdir / "tb").exists() else []
+    assert _eventually(read_tb, [(10, 7.5), (20, 7.0)]) == [(10, 7.5), (20, 7.0)]
+  (workdir / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text() + '{"step": 21, "spl')  # cut
+  with metrics.MetricsWriter(workdir, upload_every_s=3600) as writer:  # a resumed run
+    writer.write(30, {"loss": 6.5})  # the first upload goes at once
+    assert _eventually(steps, [10, 20, 30]) == [10, 20, 30]
+    writer.write(40, {"loss": 6.0})  # this one waits for the next upload, here the close
+    time.sleep(0.5)
+    assert steps() == [10, 20, 30]
+  text = (workdir / "metrics.jsonl").read_text()
+  assert [json.loads(line)["step"] for line in text.splitlines()] == [10, 20, 30, 40]
+
+
+def test_on_gcs_a_store_that_goes_away_loses_no_line_and_never_hangs(gcs, gcs_bucket, caplog):
+  caplog.set_level(logging.WARNING)
+  workdir = metrics.epath.Path(gcs_bucket) / "run"
+  writer = metrics.MetricsWriter(workdir, upload_every_s=0)
+  writer.write(1, {"loss": 3.0})
+  steps = lambda: [r["step"] for r in metrics.read_metrics(workdir)]
+  assert _eventually(steps, [1]) == [1]
+  gcs.stop()
+  try:
+    started = time.monotonic()
+    writer.write(2, {"loss": 2.5})  # the upload fails in the background: the loop does not wait
+    assert time.monotonic() - started < 1.0
+    assert _eventually(lambda: "could not upload the metrics" in caplog.text, True, seconds=150)
+  finally:
+    gcs.start()
+  writer.write(3, {"loss": 2.0})
+  writer.close()
+  assert steps() == [1, 2, 3]
 
 
 def test_a_write_the_os_refuses_is_one_line(tmp_path):
