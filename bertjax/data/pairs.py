@@ -13,27 +13,73 @@ here such a chunk takes the document's next sentence as its B with the usual pro
 labels stay balanced and IsNext pairs remain truly consecutive.
 """
 
+import array
 import bisect
 import dataclasses
 
 import numpy as np
 
+# Pairs are built and shuffled in chunks of this many: what the vectorised steps hold at once.
+_CHUNK = 1 << 18
+# The build loop asks `should_stop` every this many documents.
+_STOP_EVERY = 1024
+
+
+class Cancelled(Exception):
+  """A pair-index build stopped because its `should_stop` said so (its pipeline is gone)."""
+
+
+def length_dtype(seq_len: int):
+  """The dtype of truncated segment lengths (< seq_len): int16 for every seq_len BERT uses."""
+  return np.int16 if seq_len <= np.iinfo(np.int16).max else np.int32
+
 
 @dataclasses.dataclass
 class PairIndex:
-  """Spans (after truncation) of each pair's segments in the flat token array, and NSP labels."""
+  """Spans (after truncation) of each pair's segments in the flat token array, and NSP labels.
+
+  Compact: 21 bytes a pair (lengths are int16 below seq_len 32768, `length_dtype`); the starts
+  are int64, the token count of a large corpus passes 2**31.
+  """
 
   a_start: np.ndarray  # int64 [P]
-  a_len: np.ndarray  # int32 [P]
+  a_len: np.ndarray  # int16 [P] (`length_dtype`)
   b_start: np.ndarray  # int64 [P]
-  b_len: np.ndarray  # int32 [P]
-  label: np.ndarray  # int32 [P]: 0 = B follows A, 1 = B is random
+  b_len: np.ndarray  # int16 [P]
+  label: np.ndarray  # int8 [P]: 0 = B follows A, 1 = B is random
 
   def __len__(self):
     return len(self.label)
 
+  @property
+  def nbytes(self) -> int:
+    return sum(getattr(self, f.name).nbytes for f in dataclasses.fields(self))
+
   def take(self, idx: np.ndarray) -> "PairIndex":
     return PairIndex(*(getattr(self, f.name)[idx] for f in dataclasses.fields(self)))
+
+  def permute(self, perm: np.ndarray) -> "PairIndex":
+    """`take(perm)` in place: each array is replaced by its permuted copy in turn, gathered a
+    chunk at a time, so the peak is this index plus one array (not two indices)."""
+    for f in dataclasses.fields(self):
+      old = getattr(self, f.name)
+      new = np.empty(len(perm), old.dtype)
+      for c in range(0, len(perm), _CHUNK):
+        np.take(old, perm[c : c + _CHUNK], out=new[c : c + _CHUNK])
+      setattr(self, f.name, new)
+      del old
+    return self
+
+
+def shuffle_order(rng: np.random.Generator, n: int) -> np.ndarray:
+  """`rng.permutation(n)`, the same draws and values, as int32 when n fits (half the memory).
+
+  `Generator.permutation(n)` shuffles `arange(n)` in place, one draw per element whatever the
+  dtype, so shuffling an int32 `arange` gives the same permutation.
+  """
+  order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+  rng.shuffle(order)
+  return order
 
 
 def truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_tokens: int):
@@ -70,11 +116,13 @@ def build_pair_index(
   short_seq_prob: float,
   random_next_prob: float,
   rng: np.random.Generator,
+  should_stop=None,
 ) -> PairIndex:
   """Pairs from the documents `doc_ids` (random B drawn among them too), in document order.
 
   `sent_start` [S+1] gives each sentence's first token, `doc_start` [D+1] each document's first
-  sentence. One Python step per pair (not per token); spans, truncation and layout are arrays.
+  sentence. One Python step per pair (not per token), appending to typed buffers (25 bytes a
+  pair, not Python lists of ints); truncation runs over chunks of them.
 
   Args:
     sent_start: int [S+1] token offsets (the last is the token count).
@@ -84,14 +132,23 @@ def build_pair_index(
     short_seq_prob: the probability that a document's target length is drawn short.
     random_next_prob: the probability that B is a random segment (label 1).
     rng: the generator all choices draw from; the same state gives the same pairs.
+    should_stop: None, or a function asked now and then; when it returns True the build stops.
   Returns:
     The truncated pairs.
+  Raises:
+    Cancelled: `should_stop` returned True.
   """
   max_tokens = seq_len - 3
+  sent_start = np.asarray(sent_start)  # a memmap's plain view: slices of it are cheaper
+  doc_start = np.asarray(doc_start)
   doc_ids = np.asarray(doc_ids, np.int64)
   n_docs = len(doc_ids)
-  a0, a1, b0, b1, labels = [], [], [], [], []
-  for pos, d in enumerate(doc_ids.tolist()):
+  # Spans before truncation: starts (int64) and lengths (int32: one sentence holds fewer tokens).
+  a_start, a_len, b_start, b_len = array.array("q"), array.array("i"), array.array("q"), array.array("i")
+  labels = array.array("b")
+  for pos, d in _documents(doc_ids):
+    if should_stop is not None and pos % _STOP_EVERY == 0 and should_stop():
+      raise Cancelled(f"pair index stopped after {pos} of {n_docs} documents")
     s0, s1 = int(doc_start[d]), int(doc_start[d + 1])
     offsets = sent_start[s0 : s1 + 1].tolist()  # token offsets of this document's sentences
     target = max_tokens
@@ -115,30 +172,58 @@ def build_pair_index(
         r = int(doc_ids[k + (k >= pos)])
         r0, r1 = int(doc_start[r]), int(doc_start[r + 1])
         start = int(rng.integers(r0, r1))
+        other = sent_start[r0 : r1 + 1].tolist()  # token offsets of the other document's sentences
         target_b = target - (offsets[a_end] - offsets[i])
-        want = int(sent_start[start]) + max(target_b, 1)
-        stop = int(np.searchsorted(sent_start[start + 1 : r1 + 1], want)) + start + 1
-        stop = min(stop, r1)
-        b0.append(int(sent_start[start])), b1.append(int(sent_start[stop]))
+        want = other[start - r0] + max(target_b, 1)
+        # The first sentence boundary after `start` at or past `want`, at most the document's end.
+        stop = min(bisect.bisect_left(other, want, start + 1 - r0, r1 + 1 - r0) + r0, r1)
+        b_start.append(other[start - r0]), b_len.append(other[stop - r0] - other[start - r0])
         labels.append(1)
         next_i = a_end  # A's unused sentences go back
       else:
-        b0.append(offsets[a_end]), b1.append(offsets[j])
+        b_start.append(offsets[a_end]), b_len.append(offsets[j] - offsets[a_end])
         labels.append(0)
         next_i = j
-      a0.append(offsets[i]), a1.append(offsets[a_end])
+      a_start.append(offsets[i]), a_len.append(offsets[a_end] - offsets[i])
       i = next_i
-  a_start = np.array(a0, np.int64)
-  a_len = np.array(a1, np.int64) - a_start
-  b_start = np.array(b0, np.int64)
-  b_len = np.array(b1, np.int64) - b_start
-  new_a, new_b = truncated_lengths(a_len, b_len, max_tokens)
-  # Which end each trimmed token came from is a fair coin per token: only the counts matter.
-  cut_a = rng.binomial(a_len - new_a, 0.5)
-  cut_b = rng.binomial(b_len - new_b, 0.5)
-  return PairIndex(
-    a_start + cut_a, new_a.astype(np.int32), b_start + cut_b, new_b.astype(np.int32), np.array(labels, np.int32)
+  return _truncate(
+    _array(a_start, np.int64),
+    _array(a_len, np.int32),
+    _array(b_start, np.int64),
+    _array(b_len, np.int32),
+    _array(labels, np.int8),
+    seq_len,
+    rng,
   )
+
+
+def _documents(doc_ids: np.ndarray):
+  """(position, document id) as Python ints, a chunk at a time (not one list of all of them)."""
+  for c in range(0, len(doc_ids), _CHUNK):
+    yield from enumerate(doc_ids[c : c + _CHUNK].tolist(), start=c)
+
+
+def _array(buffer: array.array, dtype) -> np.ndarray:
+  """A numpy view of a typed buffer (no copy)."""
+  return np.frombuffer(buffer, dtype) if len(buffer) else np.zeros(0, dtype)
+
+
+def _truncate(a_start, a_len, b_start, b_len, labels, seq_len: int, rng) -> PairIndex:
+  """The pairs truncated to `seq_len` - 3 tokens, chunk by chunk; the starts move in place.
+
+  Which end each trimmed token came from is a fair coin per token: only the counts matter. All of
+  A's counts are drawn before all of B's, elementwise (`binomial` draws element by element, so
+  drawing a chunk at a time gives the same numbers as one call over all pairs).
+  """
+  max_tokens = seq_len - 3
+  new_a, new_b = np.empty(len(a_len), length_dtype(seq_len)), np.empty(len(b_len), length_dtype(seq_len))
+  chunks = [slice(c, c + _CHUNK) for c in range(0, len(labels), _CHUNK)]
+  for c in chunks:
+    new_a[c], new_b[c] = truncated_lengths(a_len[c], b_len[c], max_tokens)
+  for start, length, new in ((a_start, a_len, new_a), (b_start, b_len, new_b)):
+    for c in chunks:
+      start[c] += rng.binomial(length[c].astype(np.int64) - new[c], 0.5)
+  return PairIndex(a_start, new_a, b_start, new_b, labels)
 
 
 def assemble(tokens: np.ndarray, pairs: PairIndex, seq_len: int, cls_id: int, sep_id: int, pad_id: int):

@@ -205,8 +205,10 @@ class WindowTable:
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
       return tokens, _NO_PAIRS, self.layout.pack(_NO_PAIRS)
     pair_index = self.pairs(sent_start, doc_start, keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1))
-    shuffled = pair_index.take(keyed_generator(self.seed, epoch, index, 0x5F1).permutation(len(pair_index)))
+    shuffled = pair_index.permute(
+      pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, index, 0x5F1), len(pair_index))
+    )
     return tokens, shuffled, self.layout.pack(shuffled)
 
 
-_NO_PAIRS = pairs_lib.PairIndex(*(np.zeros(0, dtype) for dtype in (np.int64, np.int32, np.int64, np.int32, np.int32)))
+_NO_PAIRS = pairs_lib.PairIndex(*(np.zeros(0, dtype) for dtype in (np.int64, np.int16, np.int64, np.int16, np.int8)))
