@@ -13,12 +13,14 @@ With data.pack_pairs, each epoch's shuffled pairs are packed into rows (`packing
 take the place of the pairs in that stream; pair i of epoch e is still masked with keys from
 (seed, e, i).
 
+Epochs are built ahead (`epochs.py`): when a batch first needs epoch e, epoch e + 1 starts
+building in a background thread, so the batch that crosses the boundary does not wait for it.
+
 `pipeline.make_pipeline(config, tokenizer)` chooses between this `CachedPipeline` and, with
 data.streaming, `streaming.StreamingPipeline` (same interface, no tokenised cache).
 """
 
 import logging
-import threading
 
 import numpy as np
 
@@ -27,7 +29,6 @@ from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import (
   EVAL_STREAM,
   STATE_VERSION,
-  TRAIN_STREAM,
   BatchIterator,
   check_packing_state,
   check_rows,
@@ -37,6 +38,7 @@ from bertjax.data.base import (
   packing_state,
 )
 from bertjax.data.corpus import load_corpus
+from bertjax.data.epochs import EpochRecipe, EpochTable
 from bertjax.data.token_store import cache_root, open_token_store
 from bertjax.errors import BertjaxError
 
@@ -63,15 +65,24 @@ class CachedPipeline:
     self.train_docs, self.eval_docs = _split_documents(
       self.store.num_documents, float(d.eval_fraction), self.seed, self.corpus.source
     )
-    self._epoch_sizes: list[int] = []
-    self._epochs: dict[int, tuple[pairs_lib.PairIndex, packing.Packing | None]] = {}
-    self._lock = threading.Lock()
+    self._recipe = EpochRecipe(
+      self.store.sent_start,
+      self.store.doc_start,
+      self.seq_len,
+      float(d.short_seq_prob),
+      float(d.pair_random_next_prob),
+      self.seed,
+      self.layout,
+      self.train_docs,
+    )
+    self._epochs = EpochTable(self._recipe)
     self._eval: tuple[pairs_lib.PairIndex, packing.Packing | None] | None = None
 
   # -- sizes and positions ------------------------------------------------------------------
   @property
   def stats(self) -> dict:
     m = self.store.meta
+    index, packed = self._epochs.data(0, ahead=False)
     return {
       "source": m["source"],
       "corpus": m["corpus"],
@@ -81,35 +92,15 @@ class CachedPipeline:
       "tokens": m["tokens"],
       "train_documents": len(self.train_docs),
       "eval_documents": len(self.eval_docs),
-      "pairs_per_epoch": len(self._epoch(0)),
-      "rows_per_epoch": self._epoch_size(0),
-      "padding_fraction": packing.padding_fraction(self._epoch(0), self.seq_len, self._epoch_data(0)[1]),
+      "pairs_per_epoch": len(index),
+      "rows_per_epoch": self.layout.count(index, packed),
+      "padding_fraction": packing.padding_fraction(index, self.seq_len, packed),
       "warnings": m["warnings"],
     }
 
-  def _pair_index(self, docs, epoch: int, split: int) -> pairs_lib.PairIndex:
-    d = self.config.data
-    rng = keyed_generator(self.seed, epoch, split, 0x9A1)
-    return pairs_lib.build_pair_index(
-      self.store.sent_start,
-      self.store.doc_start,
-      docs,
-      self.seq_len,
-      float(d.short_seq_prob),
-      float(d.pair_random_next_prob),
-      rng,
-    )
-
   def _epoch_data(self, epoch: int) -> tuple[pairs_lib.PairIndex, packing.Packing | None]:
-    """The shuffled pairs of one training epoch and their packing (the last few are kept)."""
-    with self._lock:
-      if epoch not in self._epochs:
-        index = self._pair_index(self.train_docs, epoch, TRAIN_STREAM)
-        index = index.take(keyed_generator(self.seed, epoch, 0x5F1).permutation(len(index)))
-        if len(self._epochs) >= 3:
-          self._epochs.pop(min(self._epochs))
-        self._epochs[epoch] = (index, self.layout.pack(index))
-      return self._epochs[epoch]
+    """The shuffled pairs of one training epoch and their packing; the next epoch starts building."""
+    return self._epochs.data(epoch)
 
   def _epoch(self, epoch: int) -> pairs_lib.PairIndex:
     """The shuffled pairs of one training epoch."""
@@ -117,24 +108,16 @@ class CachedPipeline:
 
   def _epoch_size(self, epoch: int) -> int:
     """Examples of one epoch: its pairs, or with packing its rows."""
-    while len(self._epoch_sizes) <= epoch:
-      self._epoch_sizes.append(self.layout.count(*self._epoch_data(len(self._epoch_sizes))))
-    return self._epoch_sizes[epoch]
+    return self._epochs.size(epoch)
 
   def _locate(self, positions: np.ndarray):
     """(epoch, index within the epoch) of global example positions."""
-    last = int(positions.max()) if len(positions) else 0
-    while sum(self._epoch_sizes) <= last:
-      self._epoch_size(len(self._epoch_sizes))
-    ends = np.cumsum(self._epoch_sizes)
-    epochs = np.searchsorted(ends, positions, side="right")
-    starts = ends[epochs] - np.asarray(self._epoch_sizes)[epochs]
-    return epochs, positions - starts
+    return self._epochs.locate(positions)
 
   def epoch_of(self, step: int) -> float:
     """The epoch (fractional) that step `step`'s first example belongs to, for logging."""
     epoch, index = self._locate(np.array([step * self.batch_size]))
-    return float(epoch[0] + index[0] / self._epoch_sizes[int(epoch[0])])
+    return float(epoch[0] + index[0] / self._epoch_size(int(epoch[0])))
 
   # -- batches ------------------------------------------------------------------------------
   def _rows(self, rows) -> np.ndarray:
@@ -176,7 +159,7 @@ class CachedPipeline:
     if len(self.eval_docs) == 0:
       return []
     if self._eval is None:  # pairs drawn once; masks are keyed, so they repeat exactly
-      index = self._pair_index(self.eval_docs, 0, EVAL_STREAM)
+      index = self._recipe.pairs(self.eval_docs, 0, EVAL_STREAM)
       self._eval = (index, self.layout.pack(index))
     rows = self._rows(rows)
     out = []
