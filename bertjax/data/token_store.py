@@ -9,9 +9,12 @@
 Tokenisation is one `datasets.map(batched=True, num_proc=...)` over documents that the corpus
 streams into an Arrow file on disk; the result is appended chunk by chunk to the flat files, so a
 corpus larger than RAM works. The folder is built under a temporary name and renamed when complete
-(`bertjax.atomic`).
+(`bertjax.atomic`). The processes of one host build it once: one holds an flock on
+`<key>.lock` beside the folder and builds, the others wait for the lock and open what it built.
 """
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -77,10 +80,33 @@ def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
   key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   final = root / "tokenized" / key
   if not (final / "meta.json").exists():
-    # Every process may build it at once; the copies are identical and the first one stays.
-    with atomic.staged_folder(final, replace=False) as staging:
-      _build(corpus, tokenizer, staging, num_proc or os.cpu_count() or 1)
+    with host_lock(final):  # one process of this host builds; the others wait for it, then open it
+      if not (final / "meta.json").exists():
+        # Hosts sharing a cache folder may still build it at once: the copies are identical, the first stays.
+        with atomic.staged_folder(final, replace=False) as staging:
+          _build(corpus, tokenizer, staging, num_proc or os.cpu_count() or 1)
   return TokenStore(final)
+
+
+@contextlib.contextmanager
+def host_lock(folder):
+  """Holds an exclusive flock on FOLDER.lock (beside `folder`, on local disk) while the block runs.
+
+  The processes of one host that need the same cache folder take turns: the first builds it, the
+  others find it built. The lock file stays (removing it would race with a waiting process).
+  """
+  folder = epath.Path(folder)
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  with open(folder.parent / f"{folder.name}.lock", "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log.info("another process of this host is building %s: waiting for it", folder)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _TokenizeDocuments:
