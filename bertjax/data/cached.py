@@ -136,13 +136,14 @@ class CachedPipeline:
       ValueError: a row outside [0, B).
     """
     rows = self._rows(rows)
-    epochs, index = self._locate(int(step) * self.batch_size + rows)
-    made = []
-    for e in np.unique(epochs):  # a batch straddles at most two epochs
-      sel = epochs == e
-      keys_of = lambda i, e=int(e): keyed_random.row_keys(self.seed, e, i)
-      made.append((sel, self.layout.examples(self.store.tokens, *self._epoch_data(int(e)), index[sel], keys_of)))
-    return merge_parts(made, len(rows))
+    with self._epochs.making_batch():  # a build ahead pauses meanwhile
+      epochs, index = self._locate(int(step) * self.batch_size + rows)
+      made = []
+      for e in np.unique(epochs):  # a batch straddles at most two epochs
+        sel = epochs == e
+        keys_of = lambda i, e=int(e): keyed_random.row_keys(self.seed, e, i)
+        made.append((sel, self.layout.examples(self.store.tokens, *self._epoch_data(int(e)), index[sel], keys_of)))
+      return merge_parts(made, len(rows))
 
   def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
     return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer, self.masking)
@@ -163,10 +164,11 @@ class CachedPipeline:
       self._eval = (index, self.layout.pack(index))
     rows = self._rows(rows)
     out = []
-    for k in range(int(self.config.train.eval_batches)):
-      pos = (k * self.batch_size + rows) % self.layout.count(*self._eval)  # wraps when the split is small
-      keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
-      out.append(self.layout.examples(self.store.tokens, *self._eval, pos, keys_of))
+    with self._epochs.making_batch():  # a build ahead pauses meanwhile
+      for k in range(int(self.config.train.eval_batches)):
+        pos = (k * self.batch_size + rows) % self.layout.count(*self._eval)  # wraps when the split is small
+        keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
+        out.append(self.layout.examples(self.store.tokens, *self._eval, pos, keys_of))
     return out
 
   # -- iteration and state ------------------------------------------------------------------

@@ -18,6 +18,7 @@ What an epoch holds does not depend on when or where it was built: the draws are
 `pairs.build_pair_index` and `rng.permutation`, in the same order, so the data order is unchanged.
 """
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -65,17 +66,21 @@ class EpochRecipe:
     one array), and their packing."""
     index = self.pairs(self.train_docs, epoch, TRAIN_STREAM, should_stop)
     index.permute(pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, 0x5F1), len(index)))
-    if should_stop is not None and should_stop():
-      raise pairs_lib.Cancelled(f"epoch {epoch} stopped before packing")
-    return index, self.layout.pack(index)
+    return index, self.layout.pack(index, should_stop)
 
 
 class EpochBuild:
-  """One training epoch built in a daemon thread (it never keeps the process alive); `get` waits."""
+  """One training epoch built in a daemon thread (it never keeps the process alive); `get` waits.
 
-  def __init__(self, epoch: int, recipe: EpochRecipe):
+  The build is Python holding the GIL, so while a batch is made (`idle` is clear) a build that no
+  caller waits for pauses at its next check (every few documents): the batch gets the GIL, and
+  the build runs while the prefetch queue is full. A build a caller waits for never pauses.
+  """
+
+  def __init__(self, epoch: int, recipe: EpochRecipe, idle: threading.Event):
     self.epoch = epoch
     self.waiters = 0  # callers in `get`, counted under the table's lock: never stopped under them
+    self._idle = idle
     self._stop = threading.Event()
     self._done = threading.Event()
     self._result: EpochData | None = None
@@ -83,9 +88,15 @@ class EpochBuild:
     self.thread = threading.Thread(target=self._run, args=(recipe,), daemon=True, name=f"bertjax-epoch-{epoch}")
     self.thread.start()
 
+  def _should_stop(self) -> bool:
+    """The build's check: pauses while batches are made and nobody waits for it; True stops it."""
+    while not self._idle.is_set() and self.waiters == 0 and not self._stop.is_set():
+      self._idle.wait(0.01)
+    return self._stop.is_set()
+
   def _run(self, recipe: EpochRecipe):
     try:
-      self._result = recipe.epoch(self.epoch, self._stop.is_set)
+      self._result = recipe.epoch(self.epoch, self._should_stop)
     except BaseException as e:  # raised to whoever needs this epoch
       self._error = e
       if not isinstance(e, pairs_lib.Cancelled):
@@ -118,7 +129,24 @@ class EpochTable:
     self._current: int | None = None  # the epoch a batch asked for last: it and the next are kept
     self._sized: int | None = None  # the epoch last asked for without a batch (sizes, stats): kept
     self._ends: list[int] = []  # examples in epochs 0..k together, as far as known
+    self._making = 0  # batches being made (`making_batch`)
+    self._idle = threading.Event()  # set while no batch is made: builds run
+    self._idle.set()
     weakref.finalize(self, _cancel_all, self._builds)  # a discarded table's builds stop
+
+  @contextlib.contextmanager
+  def making_batch(self):
+    """Marks a batch being made: builds nobody waits for pause meanwhile (`EpochBuild`)."""
+    with self._lock:
+      self._making += 1
+      self._idle.clear()
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._making -= 1
+        if not self._making:
+          self._idle.set()
 
   def data(self, epoch: int, ahead: bool = True) -> EpochData:
     """The shuffled pairs of one training epoch and their packing, waiting for its build if needed.
@@ -135,11 +163,11 @@ class EpochTable:
     with self._lock:
       build = self._builds.get(epoch)
       if build is None:
-        build = self._builds[epoch] = EpochBuild(epoch, self.recipe)
+        build = self._builds[epoch] = EpochBuild(epoch, self.recipe, self._idle)
       if ahead:
         self._current = epoch
         if epoch + 1 not in self._builds:
-          self._builds[epoch + 1] = EpochBuild(epoch + 1, self.recipe)
+          self._builds[epoch + 1] = EpochBuild(epoch + 1, self.recipe, self._idle)
       else:
         self._sized = epoch
       build.waiters += 1

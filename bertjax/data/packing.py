@@ -37,6 +37,8 @@ MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: a row with less room left takes no
 # Rows kept open to more pairs. A bounded set keeps packing linear in the pairs (each pair tries
 # at most this many rows) and keeps a row's pairs close in the shuffled stream.
 OPEN_ROWS = 64
+_CHUNK = 1 << 16  # pairs read into Python at once
+_CHECK_EVERY = 256  # pairs between two calls of `pack`'s should_stop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +75,13 @@ class RowLayout:
     d = data_config
     return cls(int(d.seq_len), int(d.max_pairs_per_row) if d.pack_pairs else None, tokenizer, spec)
 
-  def pack(self, pair_index: pairs_lib.PairIndex) -> Packing | None:
-    """The packing of a shuffled pair stream (None without packing)."""
+  def pack(self, pair_index: pairs_lib.PairIndex, should_stop=None) -> Packing | None:
+    """The packing of a shuffled pair stream (None without packing); `should_stop` as `pack`'s."""
     if self.max_pairs is None:
       return None
     lengths = pair_lengths(pair_index)
     budgets = masking.prediction_budget(lengths, self.spec)
-    return pack(lengths, budgets, self.seq_len, self.max_pairs, self.spec.max_predictions)
+    return pack(lengths, budgets, self.seq_len, self.max_pairs, self.spec.max_predictions, should_stop)
 
   @staticmethod
   def count(pair_index: pairs_lib.PairIndex, packed: Packing | None) -> int:
@@ -105,7 +107,9 @@ def pair_lengths(pair_index: pairs_lib.PairIndex) -> np.ndarray:
   return pair_index.a_len.astype(np.int64) + pair_index.b_len.astype(np.int64) + 3
 
 
-def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int, max_predictions: int) -> Packing:
+def pack(
+  lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int, max_predictions: int, should_stop=None
+) -> Packing:
   """First-fit of pairs (in order) into rows of `seq_len` tokens, `max_pairs` pairs and
   `max_predictions` prediction slots, over the `OPEN_ROWS` most recently opened rows that can
   still take a pair.
@@ -116,14 +120,20 @@ def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int,
     seq_len: tokens a row holds.
     max_pairs: pairs a row holds (`data.max_pairs_per_row`).
     max_predictions: prediction slots a row holds.
+    should_stop: None, or a function asked every few hundred pairs: True stops packing (it may
+      also pause it, as a background build does while batches are made).
   Returns:
     The rows, numbered in the order they open; a row's pairs in stream order.
+  Raises:
+    pairs.Cancelled: `should_stop` returned True.
   """
   row_of = np.empty(len(lengths), np.int64)
   open_rows: list[list[int]] = []  # [row, free tokens, free predictions, pairs], oldest first
   rows = 0
   longest_fit = seq_len - MIN_PAIR_TOKENS  # an open row holds a pair already: no more room
-  for p, (length, budget) in enumerate(zip(np.asarray(lengths).tolist(), np.asarray(budgets).tolist())):
+  for p, length, budget in _pairs(lengths, budgets):
+    if should_stop is not None and p % _CHECK_EVERY == 0 and should_stop():
+      raise pairs_lib.Cancelled(f"packing stopped after {p} of {len(lengths)} pairs")
     entry = None
     if length <= longest_fit:  # (most pairs fill their row: they skip the search)
       entry = next((e for e in open_rows if e[1] >= length and e[2] >= budget), None)
@@ -145,6 +155,13 @@ def pack(lengths: np.ndarray, budgets: np.ndarray, seq_len: int, max_pairs: int,
   order = np.argsort(row_of, kind="stable")  # row by row; within a row, in stream order
   row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
   return Packing(row_start, order.astype(np.int64))
+
+
+def _pairs(lengths: np.ndarray, budgets: np.ndarray):
+  """(index, length, budget) as Python ints, a chunk at a time (not two lists of all of them)."""
+  lengths, budgets = np.asarray(lengths), np.asarray(budgets)
+  for c in range(0, len(lengths), _CHUNK):
+    yield from zip(range(c, c + _CHUNK), lengths[c : c + _CHUNK].tolist(), budgets[c : c + _CHUNK].tolist())
 
 
 def padding_fraction(pair_index: pairs_lib.PairIndex, seq_len: int, packing: Packing | None) -> float:

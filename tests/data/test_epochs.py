@@ -88,6 +88,44 @@ def test_a_failed_background_build_is_raised_by_the_batch_that_needs_it(make_pip
   np.testing.assert_array_equal(p.batch(step)["input_ids"], make_pipeline().batch(step)["input_ids"])
 
 
+def wait_for(condition, seconds=30):
+  deadline = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.005)
+
+
+def test_a_build_ahead_pauses_while_a_batch_is_made_unless_the_batch_waits_for_it(make_pipeline, monkeypatch):
+  """Building is Python holding the GIL: a build nobody waits for yields it to the batches."""
+  checks = []
+  real = epochs.EpochRecipe.epoch
+
+  def epoch(recipe, e, should_stop=None):
+    if e == 1:
+      checks.append("asked")
+      should_stop()  # pauses while a batch is made and nobody waits for epoch 1
+      checks.append("went on")
+    return real(recipe, e, should_stop)
+
+  monkeypatch.setattr(epochs.EpochRecipe, "epoch", epoch)
+  p = make_pipeline()
+  step = boundary_step(p)
+  with p._epochs.making_batch():  # as the prefetch thread does while it makes a batch
+    p.batch(0)  # epoch 1 begins ahead
+    wait_for(lambda: checks)
+    time.sleep(0.05)
+    assert checks == ["asked"]
+  wait_for(lambda: checks == ["asked", "went on"])  # no batch made: it goes on
+
+  checks.clear()
+  q = make_pipeline()
+  with q._epochs.making_batch():
+    q.batch(0)
+    boundary = q.batch(step)  # waits for epoch 1, whose build must not pause under it
+  assert checks == ["asked", "went on"]
+  np.testing.assert_array_equal(boundary["input_ids"], p.batch(step)["input_ids"])
+
+
 def test_a_discarded_pipeline_stops_its_builds(make_pipeline, monkeypatch):
   started = threading.Event()
   real = epochs.EpochRecipe.epoch
@@ -112,6 +150,14 @@ def test_a_discarded_pipeline_stops_its_builds(make_pipeline, monkeypatch):
   assert alive() is None  # the build thread holds no reference to its pipeline
   thread.join(30)
   assert not thread.is_alive()
+
+
+def test_packing_stops_when_asked():
+  lengths = np.full(1000, 20)
+  with pytest.raises(pairs.Cancelled):
+    packing.pack(lengths, np.full(1000, 3), 128, 4, 20, should_stop=lambda: True)
+  went_on = packing.pack(lengths, np.full(1000, 3), 128, 4, 20, should_stop=lambda: False)
+  np.testing.assert_array_equal(went_on.pairs, packing.pack(lengths, np.full(1000, 3), 128, 4, 20).pairs)
 
 
 @pytest.mark.parametrize("data", [{}, PACKED], ids=["unpacked", "packed"])
