@@ -16,6 +16,7 @@ COMMANDS = [
   "tokenizer train",
   "data preview",
   "data bench",
+  "data prepare",
   "bench",
   "plot",
   "finetune",
@@ -70,6 +71,14 @@ def test_every_command_has_help(command, capsys):
       "--batches 0: give at least 1",
     ),
     (["bench", "--config", "configs/tiny.py", "--steps", "0"], "--steps 0: give at least 1"),
+    (
+      ["data", "prepare", "--config", "configs/tiny.py", "--out", "o", "--process_id", "2", "--num_processes", "2"],
+      "--process_id 2 is not in 0..1 for --num_processes 2",
+    ),
+    (
+      ["data", "prepare", "--config", "configs/tiny.py", "--out", "o", "--workers", "4"],
+      "--workers goes with --process_id",
+    ),
     (["nonsense"], "invalid choice: 'nonsense'"),
   ],
 )

@@ -43,6 +43,35 @@ def _data_bench(args, overrides) -> int:
   return 0
 
 
+def _data_prepare(args, overrides) -> int:
+  import shlex
+
+  from bertjax.data import prepare
+
+  if args.workers != 1 and args.process_id is None:
+    raise BertjaxError("--workers goes with --process_id; without it, give --num_processes N for N local processes")
+  processes = prepare.Processes(args.num_processes, args.process_id, args.workers)
+  command = shlex.join(
+    ["bertjax", "data", "prepare", "--config", args.config, "--out", args.out, *(f"--config.{o}" for o in overrides)]
+  )
+  result = prepare.prepare(_loaded_config(args, overrides), args.out, processes, args.shard_mb, command)
+  m = result["manifest"]
+  if m is None:
+    print(
+      f"process {args.process_id}: its {result['mine']} shards are done ({result['made']} made now); the last "
+      f"process to finish writes {args.out}/manifest.json",
+      flush=True,
+    )
+  else:
+    print(
+      f"{args.out}: {result['shards']} shards ({result['made']} made now), {m['documents']:,} documents, "
+      f"{m['sentences']:,} sentences, {m['tokens']:,} tokens, {m['bytes'] / 1e6:.1f} MB; train from it with "
+      f"--config.data.source=prepared:{args.out}",
+      flush=True,
+    )
+  return 0
+
+
 def _prepare_devices(args, config, *, preemption: bool = False) -> None:
   """Join the multi-process job (if any) and set up the compilation cache; then devices may be used.
 
@@ -262,4 +291,5 @@ COMMANDS: dict[str, Callable] = {
   "tokenizer train": _tokenizer_train,
   "data preview": _data_preview,
   "data bench": _data_bench,
+  "data prepare": _data_prepare,
 }

@@ -105,6 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config(t)
   t.add_argument("--workdir", required=True, help="where the run's tokenizer is (trained there if missing)")
   t.add_argument("--seconds", type=float, default=10.0, help="how long to time the pipeline")
+  t = data.add_parser(
+    "prepare",
+    help="tokenise the corpus once into shards (data.source=prepared:DIR trains from them); resumable",
+    description="Tokenise data.source once into shards in DIR, with the tokenizer (data.tokenizer, or one trained "
+    "on the corpus) and a manifest; training then reads them with --config.data.source=prepared:DIR. Run the same "
+    "command again to finish a stopped one.",
+  )
+  _add_config(t)
+  t.add_argument("--out", required=True, metavar="DIR", help="the prepared folder (local path or gs://...)")
+  t.add_argument(
+    "--shard_mb",
+    type=float,
+    default=64.0,
+    metavar="MB",
+    help="input per shard, in MiB (default 64; a begun DIR keeps its own)",
+  )
+  g = t.add_argument_group("processes (default: one)")
+  g.add_argument(
+    "--num_processes",
+    type=int,
+    default=1,
+    metavar="N",
+    help="processes in all; without --process_id they are started here",
+  )
+  g.add_argument(
+    "--process_id",
+    type=int,
+    metavar="I",
+    help="this process's index in a multi-host job (every host runs the command with its own I, e.g. "
+    "launch/tpu_pod.sh prepare); process 0 writes the tokenizer and the plan, and the manifest at the end",
+  )
+  g.add_argument(
+    "--workers", type=int, default=1, metavar="W", help="with --process_id: worker processes for this process's shards"
+  )
 
   p = sub.add_parser("bench", help="time the compiled train step on synthetic batches; one JSON line per shape")
   _add_config(p)

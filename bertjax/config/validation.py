@@ -111,7 +111,12 @@ def _check_data(config) -> None:
     _fail(
       "data.vocab_size", f"{d.vocab_size} is too small", "set data.vocab_size to at least 8 (5 special tokens + pieces)"
     )
-  corpus.parse_source(d.source)
+  if corpus.parse_source(d.source)[0] == "prepared" and d.streaming:
+    _fail(
+      "data.streaming",
+      "True cannot read a prepared: source (its shards are read in place, not streamed)",
+      "set data.streaming=False",
+    )
   _choice(config, "data.tokenizer_model", ("unigram", "bpe"))
   _fraction(config, "data.pair_random_next_prob", high_open=False)
   _fraction(config, "data.mask_token_prob", high_open=False)

@@ -8,6 +8,8 @@
                      (one document per row).
     hf:NAME[:CONFIG] a Hugging Face hub dataset (split `data.hf_split`), streamed if data.streaming.
     disk:DIR         a dataset written by `datasets.Dataset.save_to_disk`.
+    prepared:DIR     a corpus `bertjax data prepare` tokenised into shards (local or gs://): training
+                     reads its tokens (`prepared.py`); its fingerprint is the one it was prepared from.
 
 A `Corpus` streams documents; nothing holds the raw text in memory. Its fingerprint keys the
 tokenised cache. Sentence splitting rules are in `sentences.py`.
@@ -17,6 +19,7 @@ import ast
 import collections
 import glob as globlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,11 +38,12 @@ _BUILTIN_VERSION = "builtin-v1"  # bump when the extraction rules change: the fi
 
 
 def parse_source(source: str) -> tuple[str, str]:
-  """`data.source` as (kind, argument): builtin, files:GLOB, hf:NAME[:CONFIG] or disk:DIR."""
+  """`data.source` as (kind, argument): builtin, files:GLOB, hf:NAME[:CONFIG], disk:DIR or prepared:DIR."""
   kind, _, arg = source.partition(":")
-  if not ((kind == "builtin" and not arg) or (kind in ("files", "hf", "disk") and arg)):
+  if not ((kind == "builtin" and not arg) or (kind in ("files", "hf", "disk", "prepared") and arg)):
     raise BertjaxError(
-      f"config data.source={source!r} is not understood; use builtin, files:GLOB, hf:NAME[:CONFIG] or disk:DIR"
+      f"config data.source={source!r} is not understood; use builtin, files:GLOB, hf:NAME[:CONFIG], disk:DIR "
+      "or prepared:DIR"
     )
   return kind, arg
 
@@ -70,8 +74,17 @@ class Corpus:
   def __repr__(self):
     return f"Corpus({self.source!r}, fingerprint={self.fingerprint})"
 
+  @property
+  def files(self) -> list[str]:
+    """A files: corpus's files, in reading order (sorted); [] for other sources."""
+    return list(self._files)
+
   # -- fingerprint --------------------------------------------------------------------------
   def _fingerprint(self) -> str:
+    if self.kind == "prepared":  # the corpus it was prepared from: the same documents, in the same order
+      from bertjax.data import prepared
+
+      return prepared.read_manifest(self._arg)["corpus"]
     h = hashlib.sha256()
     h.update(json.dumps([self.source, self.text_column, self.max_sentence_chars, sentence_rules.VERSION]).encode())
     if self.kind == "builtin":
@@ -100,6 +113,10 @@ class Corpus:
     elif self.kind == "files":
       for path in self._files:
         yield from self._file_documents(path)
+    elif self.kind == "prepared":
+      from bertjax.data import prepared
+
+      yield from prepared.decoded_documents(self._arg)
     else:
       for row in self._load_hf_dataset():
         doc = self.split_document(row[self.text_column])
@@ -123,14 +140,38 @@ class Corpus:
       pieces = [c for p in pieces for c in sentence_rules.cut_long(p, self.max_sentence_chars)]
     return pieces
 
-  def _file_documents(self, path: str):
+  def unit_documents(self, unit: dict):
+    """The documents of one unit of the corpus (`bertjax data prepare` plans them, `prepare.plan_units`):
+    a file's bytes [start, end) that begin and end at document boundaries, a whole file, rows
+    [start, end) of an hf:/disk: dataset, or the whole corpus. Units laid end to end in the plan's
+    order give `documents()`."""
+    kind = unit["kind"]
+    if kind == "bytes":
+      yield from self._file_documents(unit["path"], unit["start"], unit["end"])
+    elif kind == "file":
+      yield from self._file_documents(unit["path"])
+    elif kind == "rows":
+      texts = self._load_hf_dataset()[unit["start"] : unit["end"]][self.text_column]
+      for text in texts:
+        doc = self.split_document(text)
+        if doc:
+          yield doc
+    else:
+      yield from self.documents()
+
+  def _file_documents(self, path: str, start: int = 0, end: int | None = None):
+    """A file's documents, or those of its bytes [start, end) (read whole) when both are document boundaries."""
     if path.endswith(".parquet"):
       yield from self._parquet_documents(path)
       return
     is_jsonl = path.endswith((".jsonl", ".json"))
     doc: list[str] = []
     with epath.Path(path).open("rb") as f:
-      for lineno, raw in enumerate(f, 1):
+      lines = f
+      if end is not None:
+        f.seek(start)
+        lines = io.BytesIO(f.read(end - start))  # one read of the range; lines split as the file's are
+      for lineno, raw in enumerate(lines, 1):
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -142,11 +183,12 @@ class Corpus:
           try:
             row = json.loads(line)
           except json.JSONDecodeError as e:
-            raise BertjaxError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix or remove that line") from e
+            where = f"{path}:{lineno}" if not start else f"{path} (line {lineno} from byte {start})"
+            raise BertjaxError(f"{where} is not valid JSON ({e.msg}): fix or remove that line") from e
           if not isinstance(row, dict) or self.text_column not in row:
+            where = f"{path}:{lineno}" if not start else f"{path} (line {lineno} from byte {start})"
             raise BertjaxError(
-              f"{path}:{lineno} has no column {self.text_column!r}: set "
-              "data.text_column to the column that holds the text"
+              f"{where} has no column {self.text_column!r}: set data.text_column to the column that holds the text"
             )
           doc = self.split_document(row[self.text_column])
           if doc:

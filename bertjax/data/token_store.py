@@ -11,6 +11,9 @@ streams into an Arrow file on disk; the result is appended chunk by chunk to the
 corpus larger than RAM works. The folder is built under a temporary name and renamed when complete
 (`bertjax.atomic`). The processes of one host build it once: one holds an flock on
 `<key>.lock` beside the folder and builds, the others wait for the lock and open what it built.
+
+A corpus of `data.source=prepared:DIR` is not tokenised here: `open_token_store` returns the
+prepared shards as one store with the same interface (`prepared.open_prepared`).
 """
 
 import contextlib
@@ -24,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from bertjax import atomic
+from bertjax.data import prepared
 from bertjax.errors import BertjaxError
 
 log = logging.getLogger(__name__)
@@ -60,16 +64,19 @@ def cache_root(data_config) -> epath.Path:
   return epath.Path(base) / "bertjax"
 
 
-def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
-  """The cached tokenisation of `corpus` by `tokenizer`, built on first use.
+def open_token_store(corpus, tokenizer, root, num_proc: int = 0):
+  """The cached tokenisation of `corpus` by `tokenizer`, built on first use (a prepared corpus: its shards).
 
   Args:
     corpus: the corpus; its fingerprint and the tokenizer's name the cache folder.
     tokenizer: the run's tokenizer.
     root: the cache root (`cache_root`); the store is ROOT/tokenized/<fingerprints>.
     num_proc: tokenising processes; 0 is one per CPU.
+  Returns:
+    A `TokenStore`, or for `prepared:DIR` a `prepared.PreparedStore` (the same interface).
   Raises:
-    BertjaxError: `root` is remote (memory-mapping needs local disk).
+    BertjaxError: `root` is remote (memory-mapping needs local disk), or a prepared DIR is missing,
+      unfinished, damaged or made with another tokenizer.
   """
   root = epath.Path(root)
   if "://" in str(root):
@@ -77,6 +84,8 @@ def open_token_store(corpus, tokenizer, root, num_proc: int = 0) -> TokenStore:
       f"data.cache_dir={root} is remote: memory-mapped token arrays need a "
       "local folder; set data.cache_dir to local disk"
     )
+  if corpus.kind == "prepared":
+    return prepared.open_prepared(corpus.source.partition(":")[2], tokenizer, root, host_lock)
   key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   final = root / "tokenized" / key
   if not (final / "meta.json").exists():

@@ -332,28 +332,54 @@ def train_tokenizer(config, out_dir) -> Tokenizer:
 
 def tokenizer_for_run(config, workdir) -> Tokenizer:
   """The run's tokenizer: data.tokenizer if set (copied into WORKDIR/tokenizer), else the one in
-  WORKDIR/tokenizer, trained there on first use and reused afterwards.
+  WORKDIR/tokenizer, trained there on first use and reused afterwards. A corpus of
+  `data.source=prepared:DIR` brings its own, DIR/tokenizer, which is copied in the same way.
 
   Several processes may call this at once on a shared workdir: each writes a complete folder
   under a temporary name and renames it into place; the first rename wins and every process
   then reads that one, so all of them use the same tokenizer.
+
+  Raises:
+    BertjaxError: data.tokenizer (or a prepared corpus's tokenizer) differs from the one in
+      WORKDIR/tokenizer, or from the one the prepared corpus was made with; a prepared DIR is
+      missing or unfinished.
   """
+  wanted, named = _prepared_tokenizer(config), f"data.tokenizer={config.data.tokenizer}"
+  if wanted:
+    named = f"the tokenizer of {config.data.source}"
+  wanted = wanted or config.data.tokenizer
   target = epath.Path(workdir) / "tokenizer"
   if (target / INFO_FILE).exists():
     existing = load_tokenizer(target)
-    if config.data.tokenizer and load_tokenizer(config.data.tokenizer).fingerprint != existing.fingerprint:
+    if wanted and load_tokenizer(wanted).fingerprint != existing.fingerprint:
       raise BertjaxError(
-        f"data.tokenizer={config.data.tokenizer} differs from the tokenizer in "
-        f"{target} this workdir was trained with: use that one or a new workdir"
+        f"{named} differs from the tokenizer in {target} this workdir was trained with: use that one or a new workdir"
       )
     return existing
   with atomic.staged_folder(target, replace=False) as staging:  # another process may win: use theirs
-    if config.data.tokenizer:
-      load_tokenizer(config.data.tokenizer).save(staging)
+    if wanted:
+      load_tokenizer(wanted).save(staging)
     else:
       train_tokenizer(config, staging)
   log.info("the run's tokenizer is in %s", target)
   return load_tokenizer(target)
+
+
+def _prepared_tokenizer(config) -> str:
+  """DIR/tokenizer for `data.source=prepared:DIR` (checked against data.tokenizer), else ''."""
+  from bertjax.data import corpus, prepared  # corpus imports nothing from here; keep it lazy
+
+  kind, directory = corpus.parse_source(config.data.source)
+  if kind != "prepared":
+    return ""
+  made_with = prepared.read_manifest(directory)["tokenizer"]
+  if config.data.tokenizer and load_tokenizer(config.data.tokenizer).fingerprint != made_with:
+    raise BertjaxError(
+      f"data.tokenizer={config.data.tokenizer} is not the tokenizer {config.data.source} was made with "
+      f"({made_with}): leave data.tokenizer empty to use {directory}/{prepared.TOKENIZER_DIR}, or prepare the "
+      "corpus again with this one"
+    )
+  return str(epath.Path(directory) / prepared.TOKENIZER_DIR)
 
 
 def _strip_leading_space(text: str, start: int, end: int) -> tuple[int, int]:
