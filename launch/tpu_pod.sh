@@ -8,12 +8,22 @@
 #   launch/tpu_pod.sh --name bert-large --zone us-east5-a --type v5p-128 --queued \
 #       train -- --config configs/large.py --workdir gs://BUCKET/runs/large
 #
+# Tokenise the corpus once, every worker a share, then train from it:
+#
+#   launch/tpu_pod.sh --name bert-large --zone us-east5-a --type v5p-128 --queued \
+#       prepare -- --config configs/large.py --out gs://BUCKET/prepared/wiki --workers 32
+#   launch/tpu_pod.sh ... train -- --config configs/large.py --workdir gs://BUCKET/runs/large \
+#       --config.data.source=prepared:gs://BUCKET/prepared/wiki
+#
 # Commands:
 #   train    create (or reuse) the slice, install, start training on every worker in the
 #            background (it survives a dropped connection), then follow worker 0's log
 #   create   create (or reuse) the slice only
 #   install  copy this source tree (its tracked files, below) to every worker and
 #            pip-install it there
+#   prepare  create (or reuse) the slice, install, start `bertjax data prepare` on every worker in
+#            the background, each process I of N (its number on the slice, from the TPU VM's
+#            metadata), then follow worker 0's log; the same command again finishes one that stopped
 #   logs     follow worker 0's training log
 #   stop     SIGTERM the training on every worker: bertjax saves a checkpoint and exits
 #   delete   delete the slice (and its queued resource)
@@ -53,6 +63,15 @@ TARBALL_VARIABLE='$tarball' REMOVE_TARBALL='rm -f -- "$tarball"'
 TRAIN_LOG='~/bertjax-train.log'
 # shellcheck disable=SC2088
 TRAIN_PID='~/bertjax-train.pid'
+# shellcheck disable=SC2088
+PREPARE_LOG='~/bertjax-prepare.log'
+# shellcheck disable=SC2088
+PREPARE_PID='~/bertjax-prepare.pid'
+# The TPU VM's metadata, read on a worker: its number on its slice, and the slice's workers.
+# shellcheck disable=SC2016
+WORKER_METADATA='md() { curl -sf -H Metadata-Flavor:Google "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; '
+# shellcheck disable=SC2016
+WORKER_METADATA+='worker=$(md agent-worker-number) && workers=$(md worker-network-endpoints | tr , "\n" | grep -c .) || exit 1'
 
 die() {
   echo "launch/tpu_pod.sh: $*" >&2
@@ -162,16 +181,18 @@ wait_until_active() {
   done
 }
 
-# Every worker of every slice runs $1; slices in parallel, the first failure fails the launch.
+# Every worker of every slice runs $1, with @SLICE@ in it replaced by the slice's index; slices in
+# parallel, the first failure fails the launch.
 on_all_workers() {
-  local node pids=() pid
+  local node pids=() pid index=0
   for node in $(nodes); do
     if [[ $dry_run == 1 ]]; then
-      gcloud_tpu tpu-vm ssh "$node" --worker=all "--command=$1"
+      gcloud_tpu tpu-vm ssh "$node" --worker=all "--command=${1//@SLICE@/$index}"
     else
-      gcloud_tpu tpu-vm ssh "$node" --worker=all "--command=$1" &
+      gcloud_tpu tpu-vm ssh "$node" --worker=all "--command=${1//@SLICE@/$index}" &
       pids+=("$!")
     fi
+    index=$((index + 1))
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
@@ -249,23 +270,52 @@ cd ~/bertjax && BERTJAX_CLUSTER=tpu setsid nohup python3 -m bertjax train $train
 >> $TRAIN_LOG 2>&1 < /dev/null & echo \$! > $TRAIN_PID"
 }
 
+# Every worker prepares its share of the corpus: process slice x workers + worker of slices x workers.
+start_prepare() {
+  local prepare_args
+  prepare_args=$(shell_quote "$@")
+  on_all_workers "if [ -f $PREPARE_PID ] && kill -0 \"\$(cat $PREPARE_PID)\" 2>/dev/null; then \
+echo \"bertjax is already preparing on \$(hostname): let it finish (its log: ~/bertjax-prepare.log)\" >&2; exit 1; fi; \
+$WORKER_METADATA; cd ~/bertjax && setsid nohup python3 -m bertjax data prepare $prepare_args \
+--process_id \$((@SLICE@ * workers + worker)) --num_processes \$(($slices * workers)) \
+>> $PREPARE_LOG 2>&1 < /dev/null & echo \$! > $PREPARE_PID"
+}
+
+# Follow worker 0's log: $1 the log, $2 the file with the process id, $3 what it does.
 follow_logs() {
   local first_node
   first_node=$(nodes | head -n 1)
-  note "worker 0's log (Ctrl-C stops following, not training):"
+  note "worker 0's log (Ctrl-C stops following, not $3):"
   gcloud_tpu tpu-vm ssh "$first_node" --worker=0 \
-    "--command=tail -n 100 -F --pid=\"\$(cat $TRAIN_PID)\" $TRAIN_LOG"
+    "--command=tail -n 100 -F --pid=\"\$(cat $2)\" $1"
 }
 
-check_workdir() {
-  local previous="" arg
+# True when the arguments give flag $1 a gs:// value.
+on_gcs() {
+  local flag=$1 previous="" arg
+  shift
   for arg in "$@"; do
-    if [[ $arg == --workdir=gs://* || ($previous == --workdir && $arg == gs://*) ]]; then
+    if [[ $arg == "$flag"=gs://* || ($previous == "$flag" && $arg == gs://*) ]]; then
       return
     fi
     previous=$arg
   done
-  die "train: give --workdir gs://BUCKET/RUN after --: a pod's workers share no disk, every one reads and writes the run there"
+  return 1
+}
+
+check_workdir() {
+  on_gcs --workdir "$@" || die "train: give --workdir gs://BUCKET/RUN after --: a pod's workers share no disk, \
+every one reads and writes the run there"
+}
+
+check_out() {
+  on_gcs --out "$@" || die "prepare: give --out gs://BUCKET/DIR after --: a pod's workers share no disk, \
+every one writes its shards there"
+  local arg
+  for arg in "$@"; do
+    [[ $arg != --process_id* && $arg != --num_processes* ]] ||
+      die "prepare: leave out ${arg%%=*}: every worker's comes from the slice"
+  done
 }
 
 delete() {
@@ -294,18 +344,19 @@ while [[ $# -gt 0 ]]; do
     --dry-run) dry_run=1; shift ;;
     -h | --help) print_help "${BASH_SOURCE[0]}"; exit 0 ;;
     --) shift; break ;;
-    train | create | install | logs | stop | delete) command=$1; shift ;;
+    train | prepare | create | install | logs | stop | delete) command=$1; shift ;;
     *) die "unknown argument $1 (see launch/tpu_pod.sh --help)" ;;
   esac
 done
-[[ -n $command ]] || die "give a command: train, create, install, logs, stop or delete"
+[[ -n $command ]] || die "give a command: train, prepare, create, install, logs, stop or delete"
 [[ -n $name && -n $zone ]] || die "give --name and --zone"
 [[ $slices =~ ^[1-9][0-9]*$ ]] || die "--slices $slices: give a number of slices, 1 or more"
 ((slices == 1)) || queued=1  # multislice exists only through queued resources
-[[ $command == train || $# -eq 0 ]] || die "$command takes no arguments after --"
+[[ $command == train || $command == prepare || $# -eq 0 ]] || die "$command takes no arguments after --"
 [[ $command != train ]] || check_workdir "$@"
-[[ $command != train && $command != install ]] || check_source
-if [[ $command == train || $command == create ]]; then
+[[ $command != prepare ]] || check_out "$@"
+[[ $command != train && $command != prepare && $command != install ]] || check_source
+if [[ $command == train || $command == prepare || $command == create ]]; then
   [[ -n $accelerator_type ]] || die "$command: give --type, e.g. --type v5p-128"
   version=${version:-$(default_version)} || exit 2  # its message is already on stderr
 fi
@@ -315,11 +366,17 @@ case $command in
     create
     install
     start_training "$@"
-    follow_logs
+    follow_logs "$TRAIN_LOG" "$TRAIN_PID" training
+    ;;
+  prepare)
+    create
+    install
+    start_prepare "$@"
+    follow_logs "$PREPARE_LOG" "$PREPARE_PID" preparing
     ;;
   create) create ;;
   install) install ;;
-  logs) follow_logs ;;
+  logs) follow_logs "$TRAIN_LOG" "$TRAIN_PID" training ;;
   stop) on_all_workers "kill -TERM \"\$(cat $TRAIN_PID)\"" ;;
   delete) delete ;;
 esac

@@ -5,6 +5,7 @@ tarball it is asked to copy to the workers. The source trees it ships are small 
 """
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -346,3 +347,79 @@ def test_gpu_bench_refuses_wheels_that_would_replace_the_machines_jax(tmp_path):
 def test_gpu_bench_refuses_a_shape_it_cannot_run(tmp_path, shapes):
   result = _run([LAUNCH / "gpu_bench.sh", "--shapes", shapes, "--out", tmp_path / "out"])
   assert result.returncode == 2 and "is not SIZE:SEQ:BATCH" in result.stderr
+
+
+# -- bertjax data prepare on every host --
+
+
+def test_tpu_prepare_runs_process_slice_x_workers_plus_worker_on_each_worker(tmp_path):
+  """The printed command of slice 1 of 2, run on a fake worker 2 of a 4-worker slice: process 6 of 8."""
+  result = _run(
+    [LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "bert", "--zone", "z", "--type", "v5p-32", "--slices", "2"]
+    + ["prepare", "--", "--config", "configs/large.py", "--out", "gs://b/prepared", "--workers", "8"]
+  )
+  assert result.returncode == 0, result.stderr
+  starts = [line for line in result.stdout.splitlines() if "data prepare" in line]
+  assert [shlex.split(line)[5] for line in starts] == ["bert-0", "bert-1"]
+  assert 'tail -n 100 -F --pid="$(cat ~/bertjax-prepare.pid)" ~/bertjax-prepare.log' in result.stdout
+  command = next(a for a in shlex.split(starts[1]) if a.startswith("--command=")).removeprefix("--command=")
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "curl").write_text(
+    "#!/usr/bin/env bash\n"
+    'case ${@: -1} in */agent-worker-number) echo 2 ;; *) echo "w0:8470,w1:8470,w2:8470,w3:8470" ;; esac\n'
+  )
+  (fake / "python3").write_text(f'#!/usr/bin/env bash\necho "$@" > {tmp_path}/argv\n')
+  for tool in ("curl", "python3"):
+    (fake / tool).chmod(0o755)
+  (tmp_path / "bertjax").mkdir()
+  env = dict(os.environ, HOME=str(tmp_path), PATH=f"{fake}:{os.environ['PATH']}")
+  subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
+  deadline = time.monotonic() + 20
+  while not (tmp_path / "argv").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert (tmp_path / "argv").read_text().split() == [
+    *("-m", "bertjax", "data", "prepare", "--config", "configs/large.py", "--out", "gs://b/prepared"),
+    *("--workers", "8", "--process_id", "6", "--num_processes", "8"),
+  ]
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config", "c.py", "--out", "runs/p"], "prepare: give --out gs://BUCKET/DIR after --"),
+    (["--config", "c.py", "--out", "gs://b/p", "--process_id=1"], "prepare: leave out --process_id"),
+  ],
+)
+def test_tpu_prepare_needs_a_gcs_out_and_takes_its_process_ids_from_the_slice(args, message):
+  result = _run(
+    [LAUNCH / "tpu_pod.sh", "--dry-run", "--name", "b", "--zone", "z", "--type", "v5p-8", "prepare", "--", *args]
+  )
+  assert result.returncode == 2 and result.stdout == ""
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"launch/tpu_pod.sh: {message}"), result.stderr
+
+
+def test_slurm_prepare_runs_task_i_of_n_with_its_own_process_id(tmp_path):
+  prepare = ["bertjax", "data", "prepare", "--config", "configs/large.py", "--out", "/shared/prepared"]
+  result = _run([LAUNCH / "slurm_submit.sh", "--nodes", "4", "--tasks-per-node", "32", "--dry-run", "--", *prepare])
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [
+    "mkdir -p /shared/prepared/slurm",
+    "sbatch --nodes=4 --ntasks-per-node=32 --output=/shared/prepared/slurm/%x-%j.out "
+    f"{LAUNCH}/slurm_gpu.sbatch {shlex.join(prepare)}",
+  ]
+  result = _run([LAUNCH / "slurm_gpu.sbatch", *prepare], BERTJAX_DRY_RUN="1")
+  assert result.returncode == 0, result.stderr
+  srun = shlex.split(result.stdout)
+  assert srun[:2] == ["srun", "--kill-on-bad-exit=1"] and srun[-len(prepare) :] == prepare
+  task = subprocess.run(  # what srun starts, as task 5 of 128 (the command replaced by echo)
+    [*srun[2 : -len(prepare)], "echo", *prepare[1:]],
+    env=dict(os.environ, SLURM_PROCID="5", SLURM_NTASKS="128"),
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+  assert task.stdout.split() == [*prepare[1:], "--process_id", "5", "--num_processes", "128"]
+  no_out = _run([LAUNCH / "slurm_submit.sh", "--nodes", "1", "--tasks-per-node", "2", "--dry-run", "--", *prepare[:5]])
+  assert no_out.returncode == 2 and "the command has no --out" in no_out.stderr
