@@ -32,6 +32,7 @@ from bertjax.errors import BertjaxError
 
 REQUEST_TIMEOUT_S = 30.0  # one HTTP request to the store
 DEADLINE_S = 90.0  # one operation, retries included
+CLOSING_S = 15.0  # what a run that is ending waits for its last write to a store (the lease, metrics)
 
 
 class Conflict(Exception):
@@ -69,10 +70,10 @@ def _client():
   return storage.Client()
 
 
-def _retry():
+def _retry(deadline: float = DEADLINE_S):
   from google.cloud.storage.retry import DEFAULT_RETRY
 
-  return DEFAULT_RETRY.with_timeout(DEADLINE_S)
+  return DEFAULT_RETRY.with_timeout(deadline)
 
 
 def check_reachable(path, what: str) -> None:
@@ -161,7 +162,7 @@ def replace_if(path, data: bytes, version):
     return _local_version(os.stat(path))
 
 
-def delete_if(path, version) -> None:
+def delete_if(path, version, deadline: float = DEADLINE_S) -> None:
   """Delete `path` only if it is still `version`. Raises Conflict when it changed or is gone."""
   if str(path).startswith("gs://"):
     from google.api_core import exceptions

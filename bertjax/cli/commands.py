@@ -7,6 +7,7 @@ status; the library is imported inside, so `bertjax --help` starts without JAX.
 from collections.abc import Callable
 from pathlib import Path
 
+from bertjax.cli import stores
 from bertjax.errors import BertjaxError
 
 
@@ -14,7 +15,9 @@ def _loaded_config(args, overrides):
   """--config FILE[:ARG] with the overrides: validated here, once, and passed down as it is."""
   from bertjax.config import loading
 
-  return loading.load_config(args.config, overrides)
+  config = loading.load_config(args.config, overrides)
+  stores.prepare_stores(args, config)  # the config's gs:// paths: bucket and credentials, before any work
+  return config
 
 
 def _tokenizer_train(args, overrides) -> int:
@@ -119,7 +122,9 @@ def _run_config(args, overrides):
     return _loaded_config(args, overrides)
   if not (Path(args.workdir) / loading.CONFIG_FILENAME).exists() and "://" not in args.workdir:
     raise BertjaxError(f"--config is required: {args.workdir} holds no config.json of an earlier run")
-  return loading.load_run_config(args.workdir, overrides)
+  config = loading.load_run_config(args.workdir, overrides)
+  stores.prepare_stores(args, config)
+  return config
 
 
 def _train(args, overrides) -> int:
@@ -241,6 +246,7 @@ def _finetune(args, overrides) -> int:
   from bertjax.finetune import run as finetune_run
 
   config = finetune_run.load_config(args.config, overrides, task=args.task, init=args.init)
+  stores.prepare_stores(args, config)
   data = finetune_run.prepare(config)  # read and tokenised first: bad data stops before any write
   _prepare_devices(args, config, preemption=True)
   import jax

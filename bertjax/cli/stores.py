@@ -28,10 +28,10 @@ _CONFIG_PATH_KEYS = (
 
 
 def quiet_store_clients() -> None:
-  """gcsfs logs every retried request and fallback at INFO; google's clients likewise. Their real
-  failures reach bertjax as exceptions, which say what went wrong in one line."""
-  for name in ("gcsfs", "fsspec", "google", "google.auth", "urllib3"):
-    logging.getLogger(name).setLevel(logging.ERROR)
+  """gcsfs logs every retried request and fallback, with tracebacks, up to ERROR; google's clients
+  likewise. Their real failures reach bertjax as exceptions, which say what went wrong in one line."""
+  for name in ("gcsfs", "fsspec", "google", "urllib3"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _config_paths(config) -> list[tuple[str, str]]:

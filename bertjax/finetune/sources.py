@@ -24,10 +24,14 @@ import contextlib
 import csv
 import dataclasses
 import logging
+import os
+import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 from etils import epath
 
+from bertjax import storage
 from bertjax.errors import BertjaxError
 from bertjax.finetune import tasks
 
@@ -156,32 +160,51 @@ def _glue_folder(config, spec: tasks.TaskSpec, with_train: bool) -> Classificati
   return ClassificationData(spec, train, {name: split(file) for name, file in task.dev_files.items()})
 
 
+@contextlib.contextmanager
+def _readable_locally(path) -> Iterator[str]:
+  """`path` as a local file name for `datasets` (which, offline, reads no gs://): a remote file
+  is copied to a temporary local file first."""
+  if not storage.is_remote(path):
+    yield str(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="bertjax-data-") as folder:
+    local = os.path.join(folder, epath.Path(path).name)
+    with open(local, "wb") as f:
+      f.write(epath.Path(path).read_bytes())
+    yield local
+
+
 def _read_tsv(config, path: epath.Path, header: bool) -> _Table:
   """A GLUE TSV as google-research/bert reads it: tab-separated, no quote characters, all strings."""
-  import datasets  # heavy: only reading data needs it
-
   with path.open() as f:
     first = f.readline()
   if not first.strip():
     raise _empty(str(path))
   names = [f"c{i}" for i in range(len(first.rstrip("\r\n").split("\t")))]
   try:
-    ds = datasets.load_dataset(
-      "csv",
-      data_files=str(path),
-      split="train",
-      sep="\t",
-      quoting=csv.QUOTE_NONE,
-      header=None,
-      column_names=names,
-      features=datasets.Features({name: datasets.Value("string") for name in names}),
-      keep_default_na=False,
-      cache_dir=_datasets_cache(config),
-    )
+    with _readable_locally(path) as local:
+      ds = _load_tsv(config, local, names)
   except Exception as e:  # pandas' parser errors name the line
     raise BertjaxError(f"{path} cannot be read as a GLUE TSV ({_first_line(e)}); fix the line it names") from None
   columns = {name: ds[name][1:] if header else ds[name] for name in names}
   return _Table(str(path), columns, first_line=2 if header else 1)
+
+
+def _load_tsv(config, local: str, names: list[str]):
+  import datasets  # heavy: only reading data needs it
+
+  return datasets.load_dataset(
+    "csv",
+    data_files=local,
+    split="train",
+    sep="\t",
+    quoting=csv.QUOTE_NONE,
+    header=None,
+    column_names=names,
+    features=datasets.Features({name: datasets.Value("string") for name in names}),
+    keep_default_na=False,
+    cache_dir=_datasets_cache(config),
+  )
 
 
 # -- local files and hf: datasets -----------------------------------------------------------------
@@ -205,7 +228,8 @@ def _read_file(config, path: str, key: str) -> _Table:
   if file.stat().length == 0:
     raise _empty(path)
   try:
-    ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=_datasets_cache(config), **options)
+    with _readable_locally(path) as local:
+      ds = datasets.load_dataset(builder, data_files=local, split="train", cache_dir=_datasets_cache(config), **options)
   except Exception as e:
     raise BertjaxError(f"{path} cannot be read as {file.suffix} ({_first_line(e)}); fix the file") from None
   first_line = 2 if builder == "csv" else 1  # csv and tsv files start with their header

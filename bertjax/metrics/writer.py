@@ -13,7 +13,7 @@ TensorBoard events are written to a local folder, and a background thread upload
 object each) at most every `upload_every_s` seconds and at the end. A reader always sees whole
 lines and what was logged up to the last upload; the loop never waits on the store; a failed
 upload is retried at the next one, and closing waits for the last upload at most
-`storage.DEADLINE_S`, so exit never hangs on a store.
+`storage.CLOSING_S`, so exit never hangs on a store.
 """
 
 import errno
@@ -85,7 +85,7 @@ class _StoreMirror:
   upload puts both whole under the run's folder (one object each, so a reader sees whole lines
   and whole records). The training loop never waits on the store: `request` only wakes the
   thread; an upload that fails is logged and retried at the next one; `close` waits for the last
-  upload at most `storage.DEADLINE_S` and leaves whatever is then missing logged, not hung.
+  upload at most `storage.CLOSING_S` and leaves whatever is then missing logged, not hung.
   """
 
   def __init__(self, workdir: epath.Path, events_dir: str):
@@ -138,7 +138,7 @@ class _StoreMirror:
     """The last upload; True when it finished in time."""
     self._closing = True
     self._wake.set()
-    self._thread.join(timeout=storage.DEADLINE_S)
+    self._thread.join(timeout=storage.CLOSING_S)
     return not self._thread.is_alive()
 
 
@@ -228,7 +228,7 @@ class MetricsWriter:
           "the last metrics of this run may be missing from %s: the store did not answer within %.0f s "
           "(the checkpoints are not affected)",
           self.workdir,
-          storage.DEADLINE_S,
+          storage.CLOSING_S,
         )
       shutil.rmtree(mirror.events_dir, ignore_errors=True)
 

@@ -178,9 +178,10 @@ class Checkpoints:
     step, self._in_flight = self._in_flight, None
     try:
       self.manager.wait_until_finished()
+      written = step is not None and self.is_primary and (self.dir / str(step)).exists()
     except Exception as e:
       raise self._failure(step, e) from e
-    if step is not None and self.is_primary and (self.dir / str(step)).exists():
+    if written:
       self._sealing[step] = self._sealer.submit(manifest.write, self.dir / str(step), step)
 
   def _check_sealed(self, block: bool) -> bool:
@@ -196,7 +197,10 @@ class Checkpoints:
   def _failure(self, step: int | None, exc: BaseException, what: str = "saving checkpoint step") -> CheckpointError:
     self._failed = True
     futures.wait(self._sealing.values())  # a step whose manifest is being written is complete
-    intact = [s for s in self.steps() if s != step and is_good(self.dir / str(s)) is not False]
+    try:
+      intact = [s for s in self.steps() if s != step and is_good(self.dir / str(s)) is not False]
+    except OSError:  # an object store out of reach: the resume will find the newest good step
+      intact = None
     return CheckpointError(save_failures.describe(f"{what} {step} to {self.dir}", exc, intact))
 
   def _prune(self) -> None:

@@ -187,11 +187,11 @@ class WorkdirLock:
     """Stop the heartbeat and delete the lock file if it still names this run."""
     self._stop.set()
     if self._thread is not None:
-      self._thread.join(timeout=storage.DEADLINE_S + self.heartbeat_s)
+      self._thread.join(timeout=storage.CLOSING_S)  # a daemon: one stuck on a store dies at exit
       self._thread = None
     if self.lost is None and self.version is not None:
       try:
-        storage.delete_if(self.path, self.version)
+        storage.delete_if(self.path, self.version, deadline=storage.CLOSING_S)
       except Exception as e:  # taken over, or the store is gone: the lease goes stale by itself
         log.warning("could not remove the workdir lock %s (%s); it goes stale by itself", self.path, e)
 

@@ -35,6 +35,12 @@ FIXES = {
   errno.EACCES: "give this user write permission there",
   errno.EPERM: "give this user write permission there",
   errno.EROFS: "make the file system writable",
+  # An object store (gs://) that went away or does not answer.
+  errno.ECONNREFUSED: "check that the store is reachable",
+  errno.ECONNRESET: "check that the store is reachable",
+  errno.ETIMEDOUT: "check that the store is reachable",
+  errno.EHOSTUNREACH: "check that the store is reachable",
+  errno.ENETUNREACH: "check the network",
 }
 
 
@@ -69,7 +75,8 @@ def describe(what: str, exc: BaseException, intact: list[int]) -> str:
   Args:
     what: the failed operation and its target (`saving checkpoint step 10 to DIR`).
     exc: the exception; its errno (`bertjax.atomic.os_errno`: its chain or its text) picks the reason and fix.
-    intact: the complete steps left, oldest first; the last is where the run resumes.
+    intact: the complete steps left, oldest first; the last is where the run resumes. None when
+      they cannot be listed (the store is out of reach).
   """
   code = os_errno(exc, FIXES)
   if code is None:
@@ -77,8 +84,11 @@ def describe(what: str, exc: BaseException, intact: list[int]) -> str:
   else:  # an OSError's own words (the OS's, or the free-space check's), else the OS's for its code
     said = exc.strerror if isinstance(exc, OSError) and exc.errno == code and exc.strerror else os.strerror(code)
     reason = f"{said} ({errno.errorcode.get(code, code)})"
-  kept = f"checkpoints {', '.join(map(str, intact))} are intact" if intact else "no earlier checkpoint is complete"
-  resume = f" from step {intact[-1]}" if intact else ""
+  if intact is None:
+    kept = "the checkpoints cannot be listed now"
+  else:
+    kept = f"checkpoints {', '.join(map(str, intact))} are intact" if intact else "no earlier checkpoint is complete"
+  resume = f" from step {intact[-1]}" if intact else " from the newest complete step" if intact is None else ""
   return (
     f"{what} failed: {reason}; {kept}; the run stops rather than go on without checkpoints: "
     f"{FIXES.get(code, 'fix what stopped it')}, then run the same command to resume{resume}"

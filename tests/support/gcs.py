@@ -21,6 +21,7 @@ import urllib.request
 
 import pytest
 
+from bertjax import storage
 from tests.support.runs import free_port
 
 PROJECT = "bertjax-tests"
@@ -106,6 +107,7 @@ def gcs(tmp_path_factory):
   server.start()
   saved = {k: os.environ.get(k) for k in client_environment(server.url)}
   os.environ.update(client_environment(server.url))
+  storage.configure_gcsfs()  # as the CLI does: listings read fresh, since launched runs write too
   yield server
   server.stop()
   for key, value in saved.items():
