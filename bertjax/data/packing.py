@@ -45,8 +45,8 @@ _CHECK_EVERY = 256  # pairs between two calls of `pack`'s should_stop
 class Packing:
   """Which pairs each row holds: row r is pairs[row_start[r]:row_start[r + 1]], in slot order."""
 
-  row_start: np.ndarray  # int64 [R + 1]
-  pairs: np.ndarray  # int64 [P]: indices into the pair index, row by row
+  row_start: np.ndarray  # int32 [R + 1] (int64 from 2**31 pairs)
+  pairs: np.ndarray  # int32 [P]: indices into the pair index, row by row
 
   @property
   def num_rows(self) -> int:
@@ -79,8 +79,12 @@ class RowLayout:
     """The packing of a shuffled pair stream (None without packing); `should_stop` as `pack`'s."""
     if self.max_pairs is None:
       return None
-    lengths = pair_lengths(pair_index)
-    budgets = masking.prediction_budget(lengths, self.spec)
+    n = len(pair_index)
+    dtype = pairs_lib.length_dtype(self.seq_len)  # a budget is at most the pair's length
+    lengths, budgets = np.empty(n, dtype), np.empty(n, dtype)
+    for c in range(0, n, _CHUNK):  # compact arrays, filled a chunk at a time
+      part = pair_lengths(pair_index.take(slice(c, c + _CHUNK)))
+      lengths[c : c + _CHUNK], budgets[c : c + _CHUNK] = part, masking.prediction_budget(part, self.spec)
     return pack(lengths, budgets, self.seq_len, self.max_pairs, self.spec.max_predictions, should_stop)
 
   @staticmethod
@@ -127,7 +131,9 @@ def pack(
   Raises:
     pairs.Cancelled: `should_stop` returned True.
   """
-  row_of = np.empty(len(lengths), np.int64)
+  n = len(lengths)
+  index_dtype = np.int32 if n < 2**31 else np.int64
+  row_of, slot_of = np.empty(n, index_dtype), np.empty(n, np.int16 if max_pairs < 2**15 else np.int32)
   open_rows: list[list[int]] = []  # [row, free tokens, free predictions, pairs], oldest first
   rows = 0
   longest_fit = seq_len - MIN_PAIR_TOKENS  # an open row holds a pair already: no more room
@@ -141,7 +147,7 @@ def pack(
     if opened:
       entry = [rows, seq_len, max_predictions, 0]
       rows += 1
-    row_of[p] = entry[0]
+    row_of[p], slot_of[p] = entry[0], entry[3]
     entry[1] -= length
     entry[2] -= budget
     entry[3] += 1
@@ -152,9 +158,14 @@ def pack(
       open_rows.append(entry)
       if len(open_rows) > OPEN_ROWS:
         del open_rows[0]  # the oldest open row is closed as it stands
-  order = np.argsort(row_of, kind="stable")  # row by row; within a row, in stream order
-  row_start = np.concatenate([[0], np.cumsum(np.bincount(row_of, minlength=rows))]).astype(np.int64)
-  return Packing(row_start, order.astype(np.int64))
+  # Row by row, within a row in stream order: pair p goes to its row's start plus its slot (the
+  # stable argsort of row_of, without sorting).
+  row_start = np.zeros(rows + 1, index_dtype)
+  np.cumsum(np.bincount(row_of, minlength=rows), out=row_start[1:], dtype=index_dtype)
+  order = np.empty(n, index_dtype)
+  for c in range(0, n, _CHUNK):
+    order[row_start[row_of[c : c + _CHUNK]] + slot_of[c : c + _CHUNK]] = np.arange(c, min(c + _CHUNK, n))
+  return Packing(row_start, order)
 
 
 def _pairs(lengths: np.ndarray, budgets: np.ndarray):

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 # Pairs are built and shuffled in chunks of this many: what the vectorised steps hold at once.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 16
 # The build loop asks `should_stop` every this many documents (about 0.4 ms of work).
 _CHECK_EVERY = 16
 

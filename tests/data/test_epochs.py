@@ -179,6 +179,7 @@ def test_epochs_built_ahead_are_the_straightforward_ones(make_pipeline, data):
       ref_packed = p.layout.pack(ref)
       np.testing.assert_array_equal(packed.row_start, ref_packed.row_start)
       np.testing.assert_array_equal(packed.pairs, ref_packed.pairs)
+      assert packed.pairs.dtype == packed.row_start.dtype == np.int32  # 4 bytes a pair and a row
     else:
       assert packed is None
     step = p._epochs.locate(np.array([sum(p._epoch_size(k) for k in range(e))]))[0][0]
