@@ -26,6 +26,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import multiprocessing
@@ -221,17 +222,20 @@ def plan_units(corpus: Corpus, shard_bytes: int) -> list[dict]:
 
 
 def _cuts(path: str, size: int, shard_bytes: int, blank_lines: bool) -> list[int]:
-  """[0, document boundaries about `shard_bytes` apart, size]."""
-  cuts = [0]
-  if size > shard_bytes:
-    with epath.Path(path).open("rb") as f:
-      for x in range(shard_bytes, size, shard_bytes):
-        if x <= cuts[-1]:  # a document longer than a unit: the next cut is past x
-          continue
-        cut = _boundary(f, x, blank_lines)
-        if cut >= size:
-          break
-        cuts.append(cut)
+  """[0, the document boundaries at or after k x size / n for k = 1..n-1, size]: n units of about
+  `shard_bytes` each (n = size / shard_bytes, rounded), as even as the documents allow."""
+  cuts, units = [0], max(1, round(size / shard_bytes))
+  if units == 1:
+    return [0, size]
+  with epath.Path(path).open("rb") as f:
+    for k in range(1, units):
+      x = k * size // units
+      if x <= cuts[-1]:  # a document longer than a unit: the cut before was past x
+        continue
+      cut = _boundary(f, x, blank_lines)
+      if cut >= size:
+        break
+      cuts.append(cut)
   return cuts + [size]
 
 
@@ -265,32 +269,32 @@ def share(sizes: list[int], process_id: int, num_processes: int) -> list[int]:
 def make_shard(corpus: Corpus, tokenizer, out: epath.Path, index: int, unit: dict) -> dict:
   """Unit `index` read, split, tokenised and written as shard `index`; returns its .json."""
   corpus.warnings.clear()
-  parts, batch = [], []
-  for doc in corpus.unit_documents(unit):
-    batch.append(doc)
-    if len(batch) == _DOCS_PER_BATCH:
-      parts.append(tokenise_documents(corpus, tokenizer, batch)[:3])
-      batch = []
-  if batch or not parts:
-    parts.append(tokenise_documents(corpus, tokenizer, batch)[:3])
+  dtype, parts, documents = prepared.token_dtype(tokenizer.vocab_size), [], corpus.unit_documents(unit)
+  while True:
+    batch = list(itertools.islice(documents, _DOCS_PER_BATCH))
+    tokens, lengths, per_doc = tokenise_documents(corpus, tokenizer, batch)[:3]
+    parts.append((tokens.astype(dtype), lengths, per_doc))  # the shard's dtype at once: half of int32's memory
+    if len(batch) < _DOCS_PER_BATCH:
+      break
   tokens, lengths, per_doc = (np.concatenate([p[i] for p in parts]) for i in range(3))
+  parts.clear()
   arrays = {
-    "tokens.bin": tokens.astype(prepared.token_dtype(tokenizer.vocab_size)).tobytes(),
-    "sent_start.bin": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tobytes(),
-    "doc_start.bin": np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64).tobytes(),
+    "tokens.bin": tokens,
+    "sent_start.bin": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    "doc_start.bin": np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64),
   }
   name = prepared.shard_name(index)
   with atomic.staged_folder(out / prepared.SHARDS / name, replace=True) as staging:
     for file, data in arrays.items():
-      (staging / file).write_bytes(data)
+      (staging / file).write_bytes(memoryview(data).cast("B"))  # the array's bytes, not a copy
   marker = {
     "index": index,
     "unit": unit,
     "documents": len(per_doc),
     "sentences": len(lengths),
     "tokens": len(tokens),
-    "bytes": {file: len(data) for file, data in arrays.items()},
-    "sha256": {file: hashlib.sha256(data).hexdigest() for file, data in arrays.items()},
+    "bytes": {file: data.nbytes for file, data in arrays.items()},
+    "sha256": {file: hashlib.sha256(memoryview(data).cast("B")).hexdigest() for file, data in arrays.items()},
     "warnings": dict(sorted(corpus.warnings.items())),
   }
   atomic.write_text(out / prepared.SHARDS / f"{name}.json", json.dumps(marker, indent=1) + "\n")  # it is complete

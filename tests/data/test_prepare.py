@@ -82,6 +82,20 @@ def _job(config, out, n):
   return results
 
 
+def test_units_cut_at_document_boundaries_and_give_the_corpus_back(tmp_path):
+  docs = numbered_documents(30, seed=5)
+  write_bert_text(tmp_path / "a.txt", [[s for d in docs[:10] for s in d]] + docs[10:20])  # a document of many units
+  (tmp_path / "a.txt").write_bytes((tmp_path / "a.txt").read_bytes().rstrip(b"\n"))  # and no newline at the end
+  (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": "\n".join(d)}) + "\n\n" for d in docs[20:]))
+  corpus = Corpus(f"files:{tmp_path}/*")
+  whole = list(corpus.documents())
+  for shard_bytes in (1, 300, 2000, 1 << 30):
+    units = prepare_lib.plan_units(corpus, shard_bytes)
+    assert [d for u in units for d in corpus.unit_documents(u)] == whole, shard_bytes
+  assert len(units) == 2 and len(prepare_lib.plan_units(corpus, 300)) > 20
+  assert prepare_lib.plan_units(corpus, 300)[0]["bytes"] > 3000  # the long document is one unit
+
+
 @pytest.fixture(scope="module")
 def prepared_once(corpus, micro_tokenizer):
   """The corpus prepared by 1 process, by a job of 2, and by 3 local (spawned) processes."""
