@@ -169,7 +169,8 @@ def delete_if(path, version, deadline: float = DEADLINE_S) -> None:
 
     bucket, name = _split_gs(path)
     try:
-      _client().bucket(bucket).blob(name).delete(if_generation_match=version, timeout=REQUEST_TIMEOUT_S, retry=_retry())
+      blob = _client().bucket(bucket).blob(name)
+      blob.delete(if_generation_match=version, timeout=min(REQUEST_TIMEOUT_S, deadline), retry=_retry(deadline))
     except (exceptions.NotFound, exceptions.PreconditionFailed):
       raise Conflict(str(path)) from None
     return

@@ -6,6 +6,8 @@ else is printed, no traceback.
 
 import os
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -14,9 +16,32 @@ from bertjax.cli import parser as parser_lib
 from bertjax.errors import BertjaxError
 
 EXIT_USER_ERROR = 2
+# At exit Python joins every non-daemon thread. Libraries start some (orbax's commit threads,
+# concurrent.futures workers) that, when an object store stopped answering, keep retrying for
+# many minutes after bertjax has already reported the failure and released what it holds.
+EXIT_GRACE_S = 30.0
+
+
+def _exit_within(seconds: float, code: int) -> None:
+  """End the process with `code` if the interpreter's own exit has not finished in `seconds`."""
+
+  def end():
+    time.sleep(seconds)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+  threading.Thread(target=end, name="bertjax-exit-watchdog", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  code = _main(argv)
+  if threading.active_count() > 1:  # threads left behind: the exit must not wait on them forever
+    _exit_within(EXIT_GRACE_S, code)
+  return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers (export's tokenizer converter) announces at import that torch is absent.
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -228,20 +228,27 @@ def test_a_missing_bucket_is_one_line_before_any_work(gs_run):
 
 
 def test_the_store_going_away_mid_save_loses_nothing(gs_run, gcs):
-  """The server stops while step 8 is being written: the run fails with one line; with the
-  server back, the same command resumes from the last complete step with the reference losses."""
+  """The server stops while step 8 is being written and comes back a few seconds later (the
+  data stays): the run's retries ride the outage out, or the run fails with one line and the
+  same command resumes; either way every logged loss equals the reference's. (A store that stays
+  away fails the save with one line after the clients' retries, minutes later: docs/scaling.md.)"""
   workdir = gs_run.bucket / "outage"
   run = launch(gs_run.args(workdir), devices=1)
   try:
     _wait_for(lambda: any((workdir / "checkpoints").glob(f"{STEPS}*")), proc=run, seconds=300)
     gcs.stop()
+    time.sleep(5)
+    gcs.start()
     out, _ = run.communicate(timeout=400)
   finally:
     run.kill()
     if gcs._process is None:
       gcs.start()
-  if run.returncode != 0:  # the save failed: one line, naming it
+  if run.returncode != 0:  # the save failed: one line, naming it, and the same command resumes
     line = _error_line(out)
     assert run.returncode == 2 and f"saving checkpoint step {STEPS}" in line, line
-  out = _completed(gs_run.args(workdir))
+    _completed(gs_run.args(workdir))
+  else:
+    assert "Traceback" not in out, out[-3000:]
   gs_run.assert_reference_losses(workdir)
+  assert str(STEPS) in [p.name for p in (workdir / "checkpoints").iterdir()]
