@@ -252,3 +252,22 @@ def test_the_store_going_away_mid_save_loses_nothing(gs_run, gcs):
     assert "Traceback" not in out, out[-3000:]
   gs_run.assert_reference_losses(workdir)
   assert str(STEPS) in [p.name for p in (workdir / "checkpoints").iterdir()]
+
+
+def test_the_other_commands_take_gcs_folders(gs_run, tmp_path):
+  """tokenizer train, data preview and bench, and the dry run, with their folders on gs://."""
+  corpus = ["--config", "configs/tiny.py", *(f"--config.{o}" for o in MICRO_OVERRIDES)]
+  corpus.append(f"--config.data.source=files:{gs_run.corpus}")
+  tokenizer = gs_run.bucket / "tokenizer-trained"
+  _completed(["tokenizer", "train", *corpus, "--out", str(tokenizer)])
+  assert (tokenizer / "spm.model").exists()
+  with_tokenizer = [*corpus, f"--config.data.tokenizer={tokenizer}"]
+  preview = tmp_path / "preview.npz"
+  work = gs_run.bucket / "data-work"
+  _completed(["data", "preview", *with_tokenizer, "--workdir", str(work), "--batches", "1", "--out", str(preview)])
+  assert np.load(preview)["input_ids"].shape[1] == 32
+  out = _completed(["data", "bench", *with_tokenizer, "--workdir", str(work), "--seconds", "1"])
+  assert json.loads(out.strip().splitlines()[-1])["pipeline_tokens_per_s"] > 0
+  out = _completed(["train", *with_tokenizer, "--workdir", str(gs_run.bucket / "planned"), "--dry-run"])
+  assert "step time" in out
+  assert not (gs_run.bucket / "planned").exists()  # a plan writes nothing
