@@ -99,6 +99,7 @@ class _StoreMirror:
     self._uploaded: dict[str, bytes] = {str(self.jsonl_path): existing.encode()}
     self._wake = threading.Event()
     self._closing = False
+    self._abandoned = False
     self._warned = False
     self._thread = threading.Thread(target=self._run, name="bertjax-metrics-upload", daemon=True)
     self._thread.start()
@@ -118,6 +119,8 @@ class _StoreMirror:
         self._upload_changed()
         self._warned = False
       except Exception as e:  # the store is away for a while: what was logged stays for the next upload
+        if self._abandoned:  # `close` gave up on this upload and said so already
+          return
         if closing or not self._warned:
           log.warning("could not upload the metrics to %s (%s); retrying at the next log step", self.jsonl_path, e)
           self._warned = True
@@ -139,7 +142,8 @@ class _StoreMirror:
     self._closing = True
     self._wake.set()
     self._thread.join(timeout=storage.CLOSING_S)
-    return not self._thread.is_alive()
+    self._abandoned = self._thread.is_alive()
+    return not self._abandoned
 
 
 class MetricsWriter:
