@@ -208,8 +208,11 @@ class MetricsWriter:
       events_dir = str(self.workdir / TENSORBOARD_DIRNAME)
     # A resumed run starts a new events file beside the old ones, and TensorBoard reads them in
     # name order: the nanosecond suffix keeps two writers of one second apart and in order.
+    # tensorboardX writes events from its own thread and puts them on disk every `flush_secs`;
+    # on a store, each upload takes what is on disk by then.
+    flush_secs = max(1.0, self.upload_every_s) if self._mirror is not None else 3600
     self._events = _summary_writer_class()(
-      events_dir, flush_secs=3600, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
+      events_dir, flush_secs=flush_secs, filename_suffix=f".{time.time_ns()}.{os.getpid()}"
     )
 
   def flush(self) -> None:

@@ -79,17 +79,19 @@ def test_on_gcs_readers_see_whole_lines_and_tensorboard_while_the_run_writes(gcs
     writer.write(10, {"loss": 7.5})
     writer.write(20, {"loss": 7.0})
     assert _eventually(steps, [10, 20]) == [10, 20]  # before the writer closes
-    read_tb = lambda: _scalars(workdir / "tb", "train/loss", tmp_path / "tb") if (workdir / "tb").exists() else []
+    time.sleep(1.5)  # tensorboardX puts its events on disk every second here: the next upload takes them
+    writer.write(25, {"loss": 6.8})
+    read_tb = lambda: _scalars(workdir / "tb", "train/loss", tmp_path / "tb")[:2] if (workdir / "tb").exists() else []
     assert _eventually(read_tb, [(10, 7.5), (20, 7.0)]) == [(10, 7.5), (20, 7.0)]
   (workdir / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text() + '{"step": 21, "spl')  # cut
   with metrics.MetricsWriter(workdir, upload_every_s=3600) as writer:  # a resumed run
     writer.write(30, {"loss": 6.5})  # the first upload goes at once
-    assert _eventually(steps, [10, 20, 30]) == [10, 20, 30]
+    assert _eventually(steps, [10, 20, 25, 30]) == [10, 20, 25, 30]
     writer.write(40, {"loss": 6.0})  # this one waits for the next upload, here the close
     time.sleep(0.5)
-    assert steps() == [10, 20, 30]
+    assert steps() == [10, 20, 25, 30]
   text = (workdir / "metrics.jsonl").read_text()
-  assert [json.loads(line)["step"] for line in text.splitlines()] == [10, 20, 30, 40]
+  assert [json.loads(line)["step"] for line in text.splitlines()] == [10, 20, 25, 30, 40]
 
 
 def test_on_gcs_a_store_that_goes_away_loses_no_line_and_never_hangs(gcs, gcs_bucket, caplog):
