@@ -104,6 +104,7 @@ VALIDATION_ERRORS = [
   ({"data.seq_len": 128}, "data.seq_len=128 exceeds model.max_position_embeddings=64"),
   ({"data.max_predictions": 40}, "data.max_predictions=40 exceeds data.seq_len=32"),
   ({"model.hidden_size": 0}, "model.hidden_size=0 must be positive"),
+  ({"metrics.upload_every_s": -1.0}, "metrics.upload_every_s=-1.0 is negative"),
   ({"model.num_layers": -2}, "model.num_layers=-2 must be positive"),
   ({"data.seq_len": 0}, "data.seq_len=0 must be positive"),
   ({"train.batch_size": 0}, "train.batch_size=0 must be positive"),
