@@ -156,8 +156,9 @@ def _check_train(config) -> None:
   _positive(config, "train.batch_size", "train.steps", "train.grad_accum", "train.log_every", "train.eval_every")
   if t.eval_batches < 0:
     _fail("train.eval_batches", f"{t.eval_batches} is negative", "set it to 0 (no evaluation) or more")
-  if config.metrics.upload_every_s < 0:
-    _fail("metrics.upload_every_s", f"{config.metrics.upload_every_s} is negative", "set it to 0 (every log step) or more")
+  upload_every_s = config.metrics.upload_every_s
+  if upload_every_s < 0:
+    _fail("metrics.upload_every_s", f"{upload_every_s} is negative", "set it to 0 (every log step) or more")
   if t.batch_size % t.grad_accum:
     _fail(
       "train.batch_size",
