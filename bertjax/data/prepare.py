@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SHARD_MB = 64.0
 _POLL_S = 2.0  # how often a waiting process looks for the plan or the other processes' shards
 _REPORT_S = 60.0  # how often it says what it waits for
+# Process 0's refusal of a job, for the processes waiting for its plan (`_wait_for_plan`).
+REFUSED = "refused.json"
+_CLOCK_SLACK_S = 300.0  # a refusal this much older than a waiting process's start is an earlier job's
 _DOCS_PER_BATCH = 256  # documents tokenised per encode call
 
 
@@ -97,9 +100,16 @@ def prepare(config, out, processes: Processes = Processes(), shard_mb: float = D
     )
   job = processes.process_id is not None
   if not job or processes.process_id == 0:
-    tokenizer, plan = _set_up(config, corpus, out, max(1, int(shard_mb * 2**20)), command)
+    if job and (out / REFUSED).exists():  # an earlier job's
+      (out / REFUSED).unlink()
+    try:
+      tokenizer, plan = _set_up(config, corpus, out, max(1, int(shard_mb * 2**20)), command)
+    except BertjaxError as e:  # a job's other processes wait for the plan: they stop with this reason
+      if job:
+        atomic.write_text(out / REFUSED, json.dumps({"time": time.time(), "error": str(e)}))
+      raise
   else:
-    tokenizer, plan = _wait_for_plan(config, corpus, out)
+    tokenizer, plan = _wait_for_plan(config, corpus, out, started=time.time())
   units = plan["units"]
   if job:
     mine = share([u["bytes"] for u in units], processes.process_id, processes.num_processes)
@@ -174,10 +184,21 @@ def _check_plan(plan: dict, corpus: Corpus, tokenizer, out: epath.Path) -> None:
     )
 
 
-def _wait_for_plan(config, corpus: Corpus, out: epath.Path):
-  """Processes other than 0: wait for process 0's tokenizer and plan, then check them."""
+def _wait_for_plan(config, corpus: Corpus, out: epath.Path, started: float):
+  """Processes other than 0: wait for process 0's tokenizer and plan, then check them. When
+  process 0 refused the job (REFUSED, written since `started`, give or take the hosts' clocks),
+  stop with its reason rather than wait for a plan that will not come."""
   path = out / prepared.PLAN
-  _wait_until(lambda: [] if path.exists() else [path], "process 0's tokenizer and plan")
+
+  def missing():
+    refused = out / REFUSED
+    if refused.exists():
+      said = json.loads(refused.read_text())
+      if said.get("time", 0) > started - _CLOCK_SLACK_S:
+        raise BertjaxError(f"process 0 of this job stopped: {said.get('error')}")
+    return [] if path.exists() else [path]
+
+  _wait_until(missing, "process 0's tokenizer and plan")
   plan = json.loads(path.read_text())
   tokenizer = _checked_tokenizer(config, out)
   _check_plan(plan, corpus, tokenizer, out)

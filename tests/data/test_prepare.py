@@ -200,6 +200,29 @@ def test_another_tokenizer_or_corpus_is_refused_and_nothing_is_written(
     _open(f"prepared:{corpus}/one", other, tmp_path / "cache")
 
 
+def test_when_process_0_refuses_a_job_the_others_stop_with_its_reason(corpus, prepared_once, other_tokenizer):
+  """Process 0 alone checks the tokenizer against the folder; the others would wait for its plan."""
+  config = _config(corpus, tokenizer=str(other_tokenizer))
+  begun = corpus / "begun"  # a folder whose tokenizer is written, but not its plan yet
+  shutil.copytree(corpus / "one" / "tokenizer", begun / "tokenizer")
+  errors = {}
+
+  def run(i):
+    try:
+      prepare_lib.prepare(config, begun, prepare_lib.Processes(2, i), SHARD_MB)
+    except BertjaxError as e:
+      errors[i] = str(e)
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in (1, 0)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert not any(t.is_alive() for t in threads)
+  assert "holds shards of tokenizer" in errors[0]
+  assert errors[1] == f"process 0 of this job stopped: {errors[0]}"
+
+
 def test_missing_unfinished_and_streamed_prepared_sources_are_refused(corpus, tmp_path):
   from bertjax.config import validation
 
