@@ -35,6 +35,11 @@ pytest_plugins = [
 ]
 
 
+def pytest_configure(config):
+  # Declared here too, so that `-p no:xdist` (one process, no plugin) accepts the marks below.
+  config.addinivalue_line("markers", "xdist_group(name): tests that share a worker under pytest-xdist")
+
+
 def pytest_collection_modifyitems(config, items):
   """With pytest-xdist (`make test` runs two workers): tests go to whichever worker is free, but
   a file that builds module-scoped fixtures keeps its tests on one worker, so each is built once,
