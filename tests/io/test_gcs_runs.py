@@ -271,3 +271,18 @@ def test_the_other_commands_take_gcs_folders(gs_run, tmp_path):
   out = _completed(["train", *with_tokenizer, "--workdir", str(gs_run.bucket / "planned"), "--dry-run"])
   assert "step time" in out
   assert not (gs_run.bucket / "planned").exists()  # a plan writes nothing
+
+
+def test_glue_with_its_data_init_and_runs_on_gcs(gs_run, tmp_path):
+  from tests.support.finetune import write_learnable_glue
+
+  write_learnable_glue(
+    tmp_path / "glue", "river mill children play weather markets songs people".split(), "sst2", 32, 16
+  )
+  _upload(tmp_path / "glue", gs_run.bucket / "glue")
+  suite = gs_run.bucket / "suite"
+  overrides = ["finetune.epochs=1", "finetune.max_seq_len=16", "train.batch_size=16", "metrics.upload_every_s=0"]
+  args = ["glue", "--init", str(gs_run.workdir), "--data", str(gs_run.bucket / "glue"), "--workdir", str(suite)]
+  _completed([*args, "--tasks", "sst2", "--seeds", "1", *(f"--config.{o}" for o in overrides)])
+  results = json.loads((suite / "glue_results.json").read_text())
+  assert "sst2" in json.dumps(results)
