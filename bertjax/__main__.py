@@ -1,8 +1,6 @@
 """`python -m bertjax` is the `bertjax` command."""
 
-import sys
-
-from bertjax.cli.main import main
+from bertjax.cli.main import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -34,14 +34,15 @@ def _exit_within(seconds: float, code: int) -> None:
   threading.Thread(target=end, name="bertjax-exit-watchdog", daemon=True).start()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  code = _main(argv)
+def run() -> None:
+  """The program (`bertjax`, `python -m bertjax`): `main`, then an exit that cannot hang."""
+  code = main()
   if threading.active_count() > 1:  # threads left behind: the exit must not wait on them forever
     _exit_within(EXIT_GRACE_S, code)
-  return code
+  sys.exit(code)
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   # transformers (export's tokenizer converter) announces at import that torch is absent.
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
