@@ -145,7 +145,8 @@ def _loop(run: run_lib.Run, state, start: int, saver: saving.Saver, guard, stack
   window = _Window(time.perf_counter())
   pending, final, answered = None, {}, {}
   for step in range(start, total):
-    state, step_metrics = run.steps.train(state, run.train_batch(step))
+    with jax.profiler.StepTraceAnnotation("finetune", step_num=step):  # a profile shows each step
+      state, step_metrics = run.steps.train(state, run.train_batch(step))
     if pending is not None:
       _after_step(run, *pending, writer, progress, window, saver)
     pending = (step, step_metrics)

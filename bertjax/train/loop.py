@@ -178,7 +178,8 @@ def _loop(run: Run, state, start: int, data_position, saver: saving.Saver, guard
     batch_step, local = next(batches)
     assert batch_step == step, (batch_step, step)
     profiler.before(step)
-    state, step_metrics = run.steps.train(state, run.global_batch(local))
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):  # a profile shows each step
+      state, step_metrics = run.steps.train(state, run.global_batch(local))
     profiler.after(step, state)
     if pending is not None:
       _after_step(run, *pending, out)

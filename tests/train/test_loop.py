@@ -76,6 +76,8 @@ def test_the_profiler_window_writes_a_trace(tmp_path, corpus_and_tokenizer):
   loop.train(config, tmp_path / "run")
   traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
   assert traces, list((tmp_path / "run").rglob("*"))
+  # The steps are annotated (StepTraceAnnotation): their events carry a step_num stat.
+  assert b"step_num" in b"".join(t.read_bytes() for t in traces)
 
 
 def test_a_bad_profile_window_is_one_line(corpus_and_tokenizer):

@@ -193,3 +193,18 @@ def test_packed_eval_sums_and_baselines_count_pairs(packed_and_alone):
     np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=key)
   assert losses.from_sums(got)["nsp_accuracy"] == pytest.approx(float(losses.from_sums(want)["nsp_accuracy"]))
   assert baselines([packed]) == baselines([alone])
+
+
+def test_a_train_step_makes_no_implicit_host_transfer():
+  """Under transfer_guard("disallow"), as the loop feeds it (batches placed explicitly, metrics
+  read explicitly), two steps run; a host array slipped into the step is refused."""
+  steps = _steps((2, 2, 2))
+  state = steps.init(0)
+  local = {k: np.asarray(v) for k, v in synthetic_batch(8).items()}
+  batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, v, v.shape) for k, v in local.items()}
+  with jax.transfer_guard("disallow"):
+    for _ in range(2):
+      state, metrics = steps.train(state, batch)
+    assert np.isfinite(jax.device_get(metrics)["loss"])
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+      steps.train(state, local)
