@@ -25,7 +25,8 @@
 #            the background, each process I of N (its number on the slice, from the TPU VM's
 #            metadata), then follow worker 0's log; the same command again finishes one that stopped
 #   logs     follow worker 0's training log
-#   stop     SIGTERM the training on every worker: bertjax saves a checkpoint and exits
+#   stop     SIGTERM the training (and a prepare) on every worker: a training saves a checkpoint
+#            and exits; a prepare stops, and the same `prepare` command finishes it
 #   delete   delete the slice (and its queued resource)
 #
 # Options:
@@ -377,6 +378,6 @@ case $command in
   create) create ;;
   install) install ;;
   logs) follow_logs "$TRAIN_LOG" "$TRAIN_PID" training ;;
-  stop) on_all_workers "kill -TERM \"\$(cat $TRAIN_PID)\"" ;;
+  stop) on_all_workers "for pid in $TRAIN_PID $PREPARE_PID; do [ -f \"\$pid\" ] && kill -TERM \"\$(cat \"\$pid\")\"; done; true" ;;
   delete) delete ;;
 esac

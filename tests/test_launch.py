@@ -402,8 +402,8 @@ def test_tpu_multislice_goes_through_one_queued_resource():
     (
       ["stop"],
       [
-        "gcloud compute tpus tpu-vm ssh bert --worker=all '--command=kill -TERM \"$(cat ~/bertjax-train.pid)\"' "
-        "--zone=z"
+        "gcloud compute tpus tpu-vm ssh bert --worker=all '--command=for pid in ~/bertjax-train.pid "
+        '~/bertjax-prepare.pid; do [ -f "$pid" ] && kill -TERM "$(cat "$pid")"; done; true\' --zone=z'
       ],
     ),
     (
