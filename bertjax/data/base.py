@@ -20,6 +20,11 @@ from bertjax.errors import BertjaxError
 
 STATE_VERSION = 1
 TRAIN_STREAM, EVAL_STREAM = 0, 1  # pair-index streams of the keyed generators
+# Salts of the keyed draws, named once: they are part of the data order that a resumed run must
+# see again bit for bit, so changing one changes every run's batches.
+PAIRS_SALT = 0x9A1  # an epoch's (or window's) NSP pairs
+SHUFFLE_SALT = 0x5F1  # the order of an epoch's (or window's) pairs
+EVAL_SALT = 0xE7A1  # the held-out documents, and the eval rows' masking keys
 
 
 class Pipeline(Protocol):

@@ -27,6 +27,7 @@ import numpy as np
 from bertjax.data import keyed_random, masking, packing
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import (
+  EVAL_SALT,
   EVAL_STREAM,
   STATE_VERSION,
   BatchIterator,
@@ -167,7 +168,7 @@ class CachedPipeline:
     with self._epochs.making_batch():  # a build ahead pauses meanwhile
       for k in range(int(self.config.train.eval_batches)):
         pos = (k * self.batch_size + rows) % self.layout.count(*self._eval)  # wraps when the split is small
-        keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
+        keys_of = lambda i: keyed_random.row_keys(self.seed ^ EVAL_SALT, 0, i)
         out.append(self.layout.examples(self.store.tokens, *self._eval, pos, keys_of))
     return out
 
@@ -257,5 +258,5 @@ def _split_documents(n_docs: int, fraction: float, seed: int, source: str):
     if n_docs - n_eval < 2:
       log.warning("corpus %s: %d documents are too few to hold out an eval split", source, n_docs)
       n_eval = 0
-  perm = keyed_generator(seed, 0xE7A1).permutation(n_docs)
+  perm = keyed_generator(seed, EVAL_SALT).permutation(n_docs)
   return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])

@@ -28,7 +28,7 @@ import numpy as np
 
 from bertjax.data import packing
 from bertjax.data import pairs as pairs_lib
-from bertjax.data.base import TRAIN_STREAM, keyed_generator
+from bertjax.data.base import PAIRS_SALT, SHUFFLE_SALT, TRAIN_STREAM, keyed_generator
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class EpochRecipe:
       self.seq_len,
       self.short_seq_prob,
       self.random_next_prob,
-      keyed_generator(self.seed, epoch, split, 0x9A1),
+      keyed_generator(self.seed, epoch, split, PAIRS_SALT),
       should_stop,
     )
 
@@ -65,7 +65,7 @@ class EpochRecipe:
     """Training epoch `epoch`: its pairs shuffled in place (the peak is the index, the order and
     one array), and their packing."""
     index = self.pairs(self.train_docs, epoch, TRAIN_STREAM, should_stop)
-    index.permute(pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, 0x5F1), len(index)))
+    index.permute(pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, SHUFFLE_SALT), len(index)))
     return index, self.layout.pack(index, should_stop)
 
 

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from bertjax.data import pairs as pairs_lib
-from bertjax.data.base import TRAIN_STREAM, keyed_generator
+from bertjax.data.base import PAIRS_SALT, SHUFFLE_SALT, TRAIN_STREAM, keyed_generator
 from bertjax.data.document_stream import DocumentStream
 from bertjax.errors import BertjaxError
 
@@ -204,9 +204,9 @@ class WindowTable:
     n_docs = len(doc_start) - 1
     if n_docs < 2:  # every document tokenised to nothing: a window without examples
       return tokens, _NO_PAIRS, self.layout.pack(_NO_PAIRS)
-    pair_index = self.pairs(sent_start, doc_start, keyed_generator(self.seed, epoch, index, TRAIN_STREAM, 0x9A1))
+    pair_index = self.pairs(sent_start, doc_start, keyed_generator(self.seed, epoch, index, TRAIN_STREAM, PAIRS_SALT))
     shuffled = pair_index.permute(
-      pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, index, 0x5F1), len(pair_index))
+      pairs_lib.shuffle_order(keyed_generator(self.seed, epoch, index, SHUFFLE_SALT), len(pair_index))
     )
     return tokens, shuffled, self.layout.pack(shuffled)
 

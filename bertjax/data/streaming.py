@@ -31,7 +31,9 @@ import numpy as np
 
 from bertjax.data import keyed_random, masking, packing
 from bertjax.data.base import (
+  EVAL_SALT,
   EVAL_STREAM,
+  PAIRS_SALT,
   STATE_VERSION,
   BatchIterator,
   check_packing_state,
@@ -142,13 +144,13 @@ class StreamingPipeline:
           f"corpus {self.corpus.source}: the held-out documents hold fewer than "
           "two with text; raise data.streaming_eval_documents"
         )
-      index = self.windows.pairs(sent_start, doc_start, keyed_generator(self.seed, 0, EVAL_STREAM, 0x9A1))
+      index = self.windows.pairs(sent_start, doc_start, keyed_generator(self.seed, 0, EVAL_STREAM, PAIRS_SALT))
       self._eval = (tokens, index, self.layout.pack(index))
     rows = check_rows(rows, self.batch_size)
     out = []
     for k in range(int(self.config.train.eval_batches)):
       pos = (k * self.batch_size + rows) % self.layout.count(*self._eval[1:])  # wraps when the split is small
-      keys_of = lambda i: keyed_random.row_keys(self.seed ^ 0xE7A1, 0, i)
+      keys_of = lambda i: keyed_random.row_keys(self.seed ^ EVAL_SALT, 0, i)
       out.append(self.layout.examples(*self._eval, pos, keys_of))
     return out
 
