@@ -1,6 +1,7 @@
 """Object stores (gs://) next to local disk: what differs, in one place.
 
     is_remote(path)                 a path of an object store (gs://, s3://, ...), not local disk
+    bucket_of(path)                 the bucket of a gs:// path
     check_reachable(path, what)     a gs:// path's bucket exists and the credentials reach it,
                                     else one BertjaxError line naming `what`, the path and the fix
     configure_gcsfs()               bounded requests and no stale listings for etils.epath's gs://
@@ -46,6 +47,11 @@ def is_remote(path) -> bool:
 def _split_gs(path) -> tuple[str, str]:
   bucket, _, name = str(path).removeprefix("gs://").partition("/")
   return bucket, name
+
+
+def bucket_of(path) -> str:
+  """The bucket of a gs:// path."""
+  return _split_gs(path)[0]
 
 
 def configure_gcsfs() -> None:

@@ -16,7 +16,7 @@ def _loaded_config(args, overrides):
   from bertjax.config import loading
 
   config = loading.load_config(args.config, overrides)
-  stores.prepare_stores(args, config)  # the config's gs:// paths: bucket and credentials, before any work
+  stores.check_config(config)  # the config's gs:// paths: bucket and credentials, before any work
   return config
 
 
@@ -111,6 +111,10 @@ def setup_logging() -> None:
   # meta alone on purpose); its real failures reach bertjax as exceptions.
   for quiet in ("absl", "orbax"):
     logging.getLogger(quiet).setLevel(logging.ERROR)
+  # gcsfs logs every retried request and fallback, with tracebacks, up to ERROR; google's clients
+  # likewise. Their real failures reach bertjax as exceptions, which say what went wrong in one line.
+  for silent in ("gcsfs", "fsspec", "google", "urllib3"):
+    logging.getLogger(silent).setLevel(logging.CRITICAL)
 
 
 def _run_config(args, overrides):
@@ -123,7 +127,7 @@ def _run_config(args, overrides):
   if not (Path(args.workdir) / loading.CONFIG_FILENAME).exists() and "://" not in args.workdir:
     raise BertjaxError(f"--config is required: {args.workdir} holds no config.json of an earlier run")
   config = loading.load_run_config(args.workdir, overrides)
-  stores.prepare_stores(args, config)
+  stores.check_config(config)
   return config
 
 
@@ -246,7 +250,7 @@ def _finetune(args, overrides) -> int:
   from bertjax.finetune import run as finetune_run
 
   config = finetune_run.load_config(args.config, overrides, task=args.task, init=args.init)
-  stores.prepare_stores(args, config)
+  stores.check_config(config)
   data = finetune_run.prepare(config)  # read and tokenised first: bad data stops before any write
   _prepare_devices(args, config, preemption=True)
   import jax

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides and "config" not in vars(args):
       raise BertjaxError(f"{name}: takes no --config.KEY=VALUE overrides")
     commands.setup_logging()
-    stores.prepare_stores(args)  # gs:// flags: bucket and credentials, before any work
+    stores.check_flags(args)  # gs:// flags: bucket and credentials, before any work
     return commands.COMMANDS[name](args, overrides) or 0
   except BertjaxError as e:
     print(f"bertjax: error: {e}", file=sys.stderr)

@@ -61,20 +61,24 @@ def _is_record(text: str) -> bool:
     return False
 
 
-def _open_for_append(path: epath.Path):
-  """A text handle that appends to local `path`, kept open for the run.
-
-  A last line without its newline is what a run killed mid-write left. A fragment is cut off, so
-  the file holds whole JSON lines again; a whole record gets its newline.
-  """
-  existing = path.read_text() if path.exists() else ""
+def _whole_lines(existing: str) -> str:
+  """What a resumed writer keeps of metrics.jsonl: its whole lines. A last line without its
+  newline is what a run killed mid-write left: a fragment is cut off, a whole record gets its
+  newline."""
   whole = existing[: existing.rfind("\n") + 1]
   tail = existing[len(whole) :]
-  end = tail + "\n" if tail and _is_record(tail) else ""
+  return whole + (tail + "\n" if tail and _is_record(tail) else "")
+
+
+def _open_for_append(path: epath.Path):
+  """A text handle that appends to local `path`, kept open for the run, after `_whole_lines`."""
+  existing = path.read_text() if path.exists() else ""
+  kept = _whole_lines(existing)
   handle = path.open("a")
-  if tail:
+  if kept != existing:
+    whole = existing[: existing.rfind("\n") + 1]
     handle.truncate(len(whole.encode()))
-    handle.write(end)
+    handle.write(kept[len(whole) :])
   return handle
 
 
@@ -93,9 +97,7 @@ class _StoreMirror:
     self.events_remote = workdir / TENSORBOARD_DIRNAME
     self.events_dir = events_dir
     existing = self.jsonl_path.read_text() if self.jsonl_path.exists() else ""
-    whole = existing[: existing.rfind("\n") + 1]
-    tail = existing[len(whole) :]
-    self.text = whole + (tail + "\n" if tail and _is_record(tail) else "")
+    self.text = _whole_lines(existing)
     self._uploaded: dict[str, bytes] = {str(self.jsonl_path): existing.encode()}
     self._wake = threading.Event()
     self._closing = False
