@@ -51,8 +51,6 @@ def _data_prepare(args, overrides) -> int:
 
   from bertjax.data import prepare
 
-  if args.workers != 1 and args.process_id is None:
-    raise BertjaxError("--workers goes with --process_id; without it, give --num_processes N for N local processes")
   processes = prepare.Processes(args.num_processes, args.process_id, args.workers)
   command = shlex.join(
     ["bertjax", "data", "prepare", "--config", args.config, "--out", args.out, *(f"--config.{o}" for o in overrides)]

@@ -71,6 +71,8 @@ class Processes:
       )
     if self.workers < 1:
       raise BertjaxError(f"--workers {self.workers}: give 1 or more")
+    if self.workers != 1 and self.process_id is None:
+      raise BertjaxError("--workers goes with --process_id; without it, give --num_processes N for N local processes")
 
 
 def prepare(config, out, processes: Processes = Processes(), shard_mb: float = DEFAULT_SHARD_MB, command="") -> dict:

@@ -183,8 +183,7 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
     new_fingerprint=f"tok-{key}",
     desc="tokenising",
   )
-  vocab = tokenizer.vocab_size
-  dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
+  dtype = prepared.token_dtype(tokenizer.vocab_size)
   n_tokens = n_sents = n_docs = 0
   with (
     open(tmp / "tokens.bin", "wb") as f_tok,
