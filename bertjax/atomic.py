@@ -6,6 +6,7 @@ full disk or a concurrent process therefore leaves the old version or the new on
 and a failed write leaves no temporary behind.
 
     write_text(path, text), write_bytes(path, data)   one file, replaced whole
+    staging_prefix(name), is_staged(name)             the staged copies' names, to tell leftovers apart
     staged_folder(target, replace=True)               a folder built aside, then renamed in
     os_errno(exc)                                     why a write failed, as the OS said (errno)
 
@@ -30,7 +31,17 @@ from bertjax import storage
 
 def _staging_name(target: epath.Path) -> epath.Path:
   # Host, process and a random part: processes of one job may stage the same target at once.
-  return target.parent / f".{target.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  return target.parent / f"{staging_prefix(target.name)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def staging_prefix(name: str) -> str:
+  """How the staged copy of `name` begins: `.NAME.partial-`."""
+  return f".{name}.partial-"
+
+
+def is_staged(name: str) -> bool:
+  """Whether a file or folder name is a staged copy this module writes (a killed writer's leftover)."""
+  return name.startswith(".") and ".partial-" in name
 
 
 def write_bytes(path, data: bytes) -> epath.Path:

@@ -374,5 +374,5 @@ def _remove_partials(out: epath.Path) -> None:
   """What killed writers left: staged shard folders and files never renamed into place."""
   folder = out / prepared.SHARDS
   if folder.exists():
-    for leftover in folder.glob(".*.partial-*"):
+    for leftover in (p for p in folder.iterdir() if atomic.is_staged(p.name)):
       leftover.rmtree() if leftover.is_dir() else leftover.unlink()

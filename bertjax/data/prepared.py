@@ -339,7 +339,8 @@ def decoded_documents(directory):
 
 
 def _decoder(folder: epath.Path):
-  """Decoding of the files `Tokenizer.save` wrote (tokenizer.py imports this module, so not through it)."""
+  """Decoding of the files `Tokenizer.save` wrote. tokenizer.py imports this module (inside a
+  function), and imports go one way, so this is not `load_tokenizer(folder).decode`."""
   if (folder / "spm.model").exists():
     import sentencepiece as spm
 

@@ -25,7 +25,7 @@ from etils import epath
 from bertjax import atomic
 
 MANIFEST = "bertjax_manifest.json"
-_STAGING_PREFIX = f".{MANIFEST}.partial-"  # bertjax.atomic's name for a manifest being written
+_STAGING_PREFIX = atomic.staging_prefix(MANIFEST)  # a manifest being written
 _CHUNK = 4 * 2**20
 # Reading and hashing release the GIL: a restore checks several files at once.
 _RESTORE_WORKERS = min(8, os.cpu_count() or 1)
