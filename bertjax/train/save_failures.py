@@ -44,12 +44,39 @@ FIXES = {
 }
 
 
+_PROBE_PREFIX = ".write-probe-"
+
+
+def _remove_dead_probes(folder: epath.Path) -> None:
+  """The probe files of this host's processes that died mid-probe (kill -9): they would stay in
+  the checkpoints folder for good. Local folders only (a listing per save costs little there)."""
+  if "://" in str(folder) or not folder.exists():
+    return
+  mine = f"{_PROBE_PREFIX}{socket.gethostname()}-"
+  for leftover in folder.iterdir():
+    pid = leftover.name.removeprefix(mine)
+    if leftover.name.startswith(mine) and pid.isdigit() and not _alive(int(pid)):
+      with contextlib.suppress(FileNotFoundError):
+        leftover.unlink()
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def probe(folder: epath.Path, needed_bytes: int) -> OSError | None:
   """Why this process cannot write a checkpoint of `needed_bytes` into `folder` (a lost
   permission, a read-only file system, a full disk), or None."""
   folder = epath.Path(folder)
-  path = folder / f".write-probe-{socket.gethostname()}-{os.getpid()}"
+  path = folder / f"{_PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
   try:
+    _remove_dead_probes(folder)
     path.write_text("ok")
     path.unlink()
     free = shutil.disk_usage(os.fspath(folder)).free if "://" not in str(folder) else None

@@ -545,3 +545,22 @@ def test_eval_reads_any_step_and_the_cli_prints_one_json_line(tmp_path, corpus_a
   line = json.loads(out.stdout.strip().splitlines()[-1])
   assert line["step"] == 2 and {"mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"} <= set(line)
   assert line["mlm_loss"] == pytest.approx(at_2["mlm_loss"], rel=1e-6)
+
+
+def test_a_probe_left_by_a_process_killed_mid_probe_is_removed_by_the_next(tmp_path):
+  import socket
+
+  gone = subprocess.Popen(["true"])
+  gone.wait()
+  with subprocess.Popen(["sleep", "30"]) as alive:
+    try:
+      host = socket.gethostname()
+      dead_probe = tmp_path / f".write-probe-{host}-{gone.pid}"
+      live_probe = tmp_path / f".write-probe-{host}-{alive.pid}"
+      dead_probe.write_text("ok")
+      live_probe.write_text("ok")
+      assert save_failures.probe(epath.Path(tmp_path), needed_bytes=0) is None
+      assert not dead_probe.exists() and live_probe.exists()  # a live process's probe is its own
+      assert sorted(p.name for p in tmp_path.iterdir()) == [live_probe.name]
+    finally:
+      alive.kill()
