@@ -10,7 +10,8 @@ write ...: No space left on device [os_error_code='28']"): `bertjax.atomic.os_er
 errno from there or from an OSError in the chain. When orbax cannot create a step folder, it
 raises, but threads it started wait for that folder for its 5-minute coordination timeout and
 hold the process at exit; and a disk that fills during a save fails it half-way. So every save
-first writes a small file there and, on a local disk, compares the free space with its size.
+first writes a small file there (on gs://, beside the checkpoints folder) and, on a local disk,
+compares the free space with its size.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 import jax
 from etils import epath
 
+from bertjax import storage
 from bertjax.atomic import os_errno
 from bertjax.errors import BertjaxError
 
@@ -74,7 +76,12 @@ def probe(folder: epath.Path, needed_bytes: int) -> OSError | None:
   """Why this process cannot write a checkpoint of `needed_bytes` into `folder` (a lost
   permission, a read-only file system, a full disk), or None."""
   folder = epath.Path(folder)
-  path = folder / f"{_PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+  # On an object store a folder is the objects under its prefix, and others list the checkpoints
+  # folder while this process probes (orbax's start-up cleanup thread, the job's process 0): one
+  # that found the probe, then an empty prefix once it was deleted, fails (gcsfs reads the emptied
+  # prefix as a missing object). Write access there is the bucket's, so beside it tests the same.
+  where = folder.parent if storage.is_remote(folder) else folder
+  path = where / f"{_PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
   try:
     _remove_dead_probes(folder)
     path.write_text("ok")

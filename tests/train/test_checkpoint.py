@@ -564,3 +564,35 @@ def test_a_probe_left_by_a_process_killed_mid_probe_is_removed_by_the_next(tmp_p
       assert sorted(p.name for p in tmp_path.iterdir()) == [live_probe.name]
     finally:
       alive.kill()
+
+
+def test_a_probe_on_gcs_never_empties_a_folder_that_others_list(gcs_bucket):
+  """On an object store a folder is the objects under its prefix. orbax's start-up cleanup (a
+  background thread) and the other processes of a job list the checkpoints folder while this
+  process probes; a listing that found the probe, then an empty prefix once it was deleted, failed
+  (gcsfs reads the emptied prefix as a missing object)."""
+  import threading
+
+  folder = epath.Path(f"{gcs_bucket}/probed/checkpoints")
+  (folder.parent / "config.json").write_text("{}")  # what a workdir holds before its first checkpoint
+  errors, done = [], threading.Event()
+
+  def list_like_orbax():
+    while not done.is_set():
+      try:
+        if folder.exists():
+          list(folder.iterdir())
+      except OSError as e:
+        errors.append(e)
+
+  lister = threading.Thread(target=list_like_orbax)
+  lister.start()
+  try:
+    for _ in range(20):
+      assert save_failures.probe(folder, needed_bytes=0) is None
+  finally:
+    done.set()
+    lister.join()
+  assert errors == []
+  assert not folder.exists()  # the probe left nothing in the folder, or beside it
+  assert [p.name for p in folder.parent.iterdir()] == ["config.json"]
