@@ -1,7 +1,7 @@
 """The per-chip batch that fits a TPU chip, and XLA's step time there: docs/scaling.md's table.
 
     python benchmarks/tpu_fit_table.py OUT_DIR [--models base,large] [--phases 1,2]
-        [--chips v5e,v5p,v6e] [--remat none,full] [--report]
+        [--chips v5e,v5p,v6e] [--remat none,full] [--scan] [--report]
 
 Every figure comes from `bertjax train --dry-run --compile --json` (libtpu, no TPU needed), run
 as a subprocess on a 4-chip data-parallel slice of each generation; per-chip memory under data
@@ -14,6 +14,12 @@ with rematerialisation); each next chip starts from the last one's batch times t
 doubled. Every compile reports XLA's estimates too (for the unrolled layers of `configs/base.py`
 and `large.py` they come from the compiled program itself, at no extra cost), so the row's
 figures are those of its largest fitting compile.
+
+`--remat` takes any of `model.remat`'s policies (bertjax.model.config.REMAT_POLICIES). `--scan`
+compiles the layers scanned (`model.scan_layers=true`): one traced layer, so a compile takes a
+fraction of the unrolled one's time. The search then compiles without estimates
+(`--no-estimate`, memory only), and the largest fitting batch once more with them, which
+compiles the 3- and 4-layer unrolled programs the scanned step's time is scaled from.
 
 Each command's JSON line, tagged with `RECORDS`, is appended to OUT_DIR/runs.jsonl, so an
 interrupted table resumes where it stopped; lines with another tag are compiled again. The
@@ -37,15 +43,26 @@ CONFIGS = {"base": "configs/base.py", "large": "configs/large.py"}
 FIRST_GUESS = {128: 256, 512: 32}  # per chip on the smallest chip (v5e), by sequence length: near the limit
 # Full rematerialisation keeps one activation a layer instead of a dozen: its search starts this
 # many times higher (a guess too high costs a failed compile, seconds; one too low, a fitting one).
-REMAT_HEADROOM = {"none": 1, "full": 16}
+# The policies between them keep some of a layer's activations: in between.
+REMAT_HEADROOM = {
+  "none": 1,
+  "dots": 2,
+  "dots_except_mlp_wide": 2,
+  "attention_out_mlp_in": 8,
+  "offload_dots": 16,
+  "full": 16,
+}
 MAX_PER_CHIP = 4096
 # The tag of runs.jsonl's lines: a change to what a step compiles to (its memory or its cost)
 # changes it, so that older lines are compiled again.
 RECORDS = "hash masks, hand-written attention backward, two estimates"
 
 
-def command(model: str, phase: str, chip: str, remat: str, per_chip: int) -> list[str]:
+def command(
+  model: str, phase: str, chip: str, remat: str, per_chip: int, scan: bool = False, estimate=True
+) -> list[str]:
   """The `bertjax train --dry-run --compile --json` command of one table cell."""
+  scanned = ["--config.model.scan_layers=true"] + ([] if estimate else ["--no-estimate"])
   return [
     "bertjax",
     "train",
@@ -60,6 +77,7 @@ def command(model: str, phase: str, chip: str, remat: str, per_chip: int) -> lis
     "--json",
     f"--config.train.batch_size={per_chip * CHIPS}",
     f"--config.model.remat={remat}",
+    *(scanned if scan else []),
   ]
 
 
@@ -98,11 +116,13 @@ class Runs:
     return self.done[key]
 
 
-def largest_fitting(runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int) -> int | None:
+def largest_fitting(
+  runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int, scan: bool = False
+) -> int | None:
   """The largest power-of-two batch per chip that fits: halving from `guess`, doubling if `guess` fits."""
 
   def fits(per_chip: int) -> bool:
-    return runs.get(command(model, phase, chip, remat, per_chip))["fits"]
+    return runs.get(command(model, phase, chip, remat, per_chip, scan, estimate=not scan))["fits"]
 
   per_chip = guess
   if fits(per_chip):
@@ -131,7 +151,8 @@ def table(runs: Runs, args) -> str:
         for i, chip in enumerate(chips):
           cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
           try:
-            per_chip = largest_fitting(runs, model, phase, chip, remat, guess)
+            per_chip = largest_fitting(runs, model, phase, chip, remat, guess, args.scan)
+            f = None if per_chip is None else runs.get(command(model, phase, chip, remat, per_chip, args.scan))
           except NotCompiled:  # and the next chips' searches start from this one's result
             rows.extend(
               f"| {model} | {phase} ({seq}) | {c} | {remat} | not compiled yet | | | | | | |" for c in chips[i:]
@@ -140,7 +161,6 @@ def table(runs: Runs, args) -> str:
           if per_chip is None:
             rows.append(f"{cell} none fits | | | | | | |")
             continue
-          f = runs.get(command(model, phase, chip, remat, per_chip))
           batch = f"≥ {per_chip}" if per_chip == MAX_PER_CHIP else str(per_chip)  # the search's cap fits
           rows.append(
             f"{cell} {batch} | {f['memory_per_device_gib']:.1f} / {f['hbm_gib']:.1f} GiB | "
@@ -172,6 +192,7 @@ def main():
   parser.add_argument("--phases", default="1,2")
   parser.add_argument("--chips", default="v5e,v5p,v6e")
   parser.add_argument("--remat", default="none,full")
+  parser.add_argument("--scan", action="store_true", help="layers scanned (model.scan_layers=true): faster compiles")
   parser.add_argument("--report", action="store_true", help="the table of OUT_DIR/runs.jsonl alone: compile nothing")
   args = parser.parse_args()
   for key in ("models", "phases", "chips", "remat"):

@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # auto: on GPUs the fused kernel with attention dropout inside (pallas), or cuDNN without
   # attention dropout; XLA elsewhere. auto | xla | cudnn | pallas
   c.model.attention_impl = "auto"
-  c.model.remat = "none"  # none | full | dots
+  # What a layer keeps for its backward pass: none | dots | dots_except_mlp_wide |
+  # attention_out_mlp_in | offload_dots | full (bertjax.model.config.REMAT_POLICIES).
+  c.model.remat = "none"
   # One traced layer under lax.scan (compile time flat in depth) or the layers unrolled (faster
   # steps on GPU and TPU, longer compiles); configs/base.py and large.py unroll.
   c.model.scan_layers = True

@@ -59,7 +59,19 @@ def fused_attention_fits(seq_len: int, head_dim: int) -> str | None:
   return None
 
 
-REMAT_POLICIES = ("none", "full", "dots")
+# The activations of an encoder layer that a rematerialisation policy can keep, by the
+# `checkpoint_name` bertjax.model.layers gives them: the QKV projection [B, L, 3, N, D], the
+# attention context [B, L, N, D], the attention block's output, the MLP's input and output
+# [B, L, E], and the MLP's wide activation before its GELU [B, L, M].
+REMAT_POINTS = ("qkv", "context", "attention_out", "mlp_in", "mlp_wide", "mlp_out")
+# From keeping everything to keeping only each layer's input (bertjax.model.layers._REMAT):
+#   none                  no rematerialisation
+#   dots                  the outputs of matmuls without batch dimensions (the four projections)
+#   dots_except_mlp_wide  every point but mlp_wide
+#   attention_out_mlp_in  the attention block's output and the MLP's input
+#   offload_dots          every point, in host memory (TPUs); nothing kept on the device
+#   full                  nothing
+REMAT_POLICIES = ("none", "dots", "dots_except_mlp_wide", "attention_out_mlp_in", "offload_dots", "full")
 DROPOUT_IMPLS = ("auto", "threefry", "hash")  # bertjax.model.dropout; auto: hash on GPUs and TPUs
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bertjax.model import fused_attention
 from bertjax.model.config import BertConfig
@@ -99,6 +100,7 @@ class SelfAttention(nnx.Module):
     """
     dt = self.dtype
     qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
+    qkv = checkpoint_name(qkv, "qkv")
     axes = ("act_batch", "act_length", "act_heads", "act_kv")
     q, k, v = (constrain(qkv[:, :, i], axes) for i in range(3))
     # Every path applies `mask_Bx1xLxL` (a token sees the real tokens of its own pair) or, with one
@@ -119,9 +121,9 @@ class SelfAttention(nnx.Module):
       # cuDNN no segment ids or per-pair lengths, only this block-diagonal mask, which it adds to
       # the logits as a [B, 1, L, L] bias.
       ctx = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, implementation=self.impl)
-    ctx = constrain(ctx, axes)
+    ctx = checkpoint_name(constrain(ctx, axes), "context")
     out = jnp.einsum("blhd,hde->ble", ctx, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
-    return constrain(out, ("act_batch", "act_length", "act_embed"))
+    return checkpoint_name(constrain(out, ("act_batch", "act_length", "act_embed")), "attention_out")
 
 
 def written_out_attention(q_BxLxNxD, k_BxLxNxD, v_BxLxNxD, mask_Bx1xLxL, key, rate: float, impl: str):
@@ -193,10 +195,11 @@ class FeedForward(nnx.Module):
   def __call__(self, x_BxLxE):
     dt = self.dtype
     h = jnp.einsum("ble,em->blm", x_BxLxE, self.in_kernel[...].astype(dt)) + self.in_bias[...].astype(dt)
+    h = checkpoint_name(h, "mlp_wide")
     # BERT's GELU is exact; jax.nn.gelu defaults to the tanh approximation.
     h = constrain(jax.nn.gelu(h, approximate=False), ("act_batch", "act_length", "act_mlp"))
     out = jnp.einsum("blm,me->ble", h, self.out_kernel[...].astype(dt)) + self.out_bias[...].astype(dt)
-    return constrain(out, ("act_batch", "act_length", "act_embed"))
+    return checkpoint_name(constrain(out, ("act_batch", "act_length", "act_embed")), "mlp_out")
 
 
 class EncoderLayer(nnx.Module):
@@ -213,14 +216,30 @@ class EncoderLayer(nnx.Module):
   def __call__(self, x, mask, kv_lengths, dropout_key=None, *, pair_ids=None):
     attn_key, attn_out_key, ffn_out_key = _split(dropout_key, 3)
     a = self.attention(x, mask, kv_lengths, attn_key, pair_ids_BxL=pair_ids)
-    x = self.attention_norm(x + dropout(a, self.rate, attn_out_key, self.dropout_impl))
+    x = checkpoint_name(self.attention_norm(x + dropout(a, self.rate, attn_out_key, self.dropout_impl)), "mlp_in")
     f = self.feed_forward(x)
     return self.output_norm(x + dropout(f, self.rate, ffn_out_key, self.dropout_impl))
 
 
+# What each `model.remat` policy keeps for a layer's backward pass, by the `checkpoint_name`s
+# above (`bertjax.model.config.REMAT_POINTS`); the rest is computed again from the layer's input.
+# `none` keeps everything: no checkpoint at all.
 _REMAT = {
-  "full": dict(policy=None),
-  "dots": dict(policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+  "full": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  # The two [B, L, E] block outputs: the MLP's backward needs no attention recomputed first.
+  "attention_out_mlp_in": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_in"),
+  # Every named point but the [B, L, M] wide activation, four times wider than the others.
+  "dots_except_mlp_wide": jax.checkpoint_policies.save_only_these_names(
+    "qkv", "context", "attention_out", "mlp_in", "mlp_out"
+  ),
+  # Every named point kept in host memory (a TPU's pinned host memory), none on the device.
+  "offload_dots": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(),
+    names_which_can_be_offloaded=("qkv", "context", "attention_out", "mlp_in", "mlp_wide", "mlp_out"),
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
 
 
@@ -248,7 +267,7 @@ class Encoder(nnx.Module):
       return nnx.merge(graphdef, layer_state)(h, mask, kv_lengths, key, pair_ids=pair_ids), None
 
     if self.remat != "none":
-      apply_layer = jax.checkpoint(apply_layer, prevent_cse=not self.scan, **_REMAT[self.remat])
+      apply_layer = jax.checkpoint(apply_layer, prevent_cse=not self.scan, policy=_REMAT[self.remat])
     if self.scan:
       # One traced layer whatever the depth: compile time stays flat.
       x, _ = jax.lax.scan(apply_layer, x, (stacked, keys))
