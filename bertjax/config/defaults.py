@@ -7,6 +7,8 @@ are BERT-base's recipe; `configs/` holds the experiments, each changing only wha
 
 from ml_collections import config_dict
 
+from bertjax.parallel import layout
+
 
 def parse_arg(arg: str | None) -> dict[str, str]:
   """`"phase=2,foo=bar"` (the part after `FILE:` on the command line) as a dict."""
@@ -120,6 +122,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # size, fsdp takes the rest); "" uses mesh.data/fsdp/tensor as given.
   c.mesh.parallelism = ""
   c.mesh.dcn_data = 1  # slices (TPU multislice) or nodes (GPU): data-parallel across the slow network
+  # Where each logical axis of the model lands on the mesh: LOGICAL=MESH[+MESH] entries, comma-
+  # separated; LOGICAL= replicates, and an axis left out keeps this default (docs/scaling.md,
+  # "Sharding rules"). E.g. --config.mesh.rules='mlp=fsdp+tensor,act_batch=data'.
+  c.mesh.rules = layout.format_rules(layout.RULES)
 
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every_steps = 1000

@@ -34,6 +34,7 @@ def validate(config: config_dict.ConfigDict) -> None:
       "checkpoint.keep_period", f"{config.checkpoint.keep_period} is negative", "set it to 0 (off) or a step interval"
     )
   layout.check_mesh_config(config.mesh)
+  layout.parse_rules(config.mesh.rules)  # an unknown logical or mesh axis in mesh.rules
   if config.finetune.task:
     _check_finetune(config)
 

@@ -137,3 +137,70 @@ def check_batch_split(batch_size: int, grad_accum: int, mesh: tuple[int, int, in
       f"config train.batch_size={batch_size} does not split over mesh data*fsdp={data * fsdp} "
       f"x grad_accum={grad_accum}; make the global batch a multiple of data*fsdp*grad_accum"
     )
+
+
+# The logical axes the model names its parameters and activations with (docs/architecture.md,
+# "Logical axes"), and the mesh axes each lands on: the default of `mesh.rules`, the one table.
+# Parameters (no `act_` prefix) and activations (`act_`) have separate names so that the
+# placement of one never constrains the other. An empty tuple replicates.
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+RULES: Rules = (
+  ("layers", ()),
+  ("vocab", ("tensor",)),
+  ("embed", ("fsdp",)),
+  ("embed_out", ("tensor",)),  # the output side of square [embed, embed] kernels (pooler, MLM transform)
+  ("position", ()),
+  ("segment", ()),
+  ("qkv", ()),
+  ("heads", ("tensor",)),
+  ("kv", ()),
+  ("mlp", ("tensor",)),
+  ("classes", ()),
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", ()),
+  ("act_embed", ()),
+  ("act_heads", ("tensor",)),
+  ("act_kv", ()),
+  ("act_mlp", ("tensor",)),
+  ("act_vocab", ("tensor",)),
+  ("act_predictions", ()),
+)
+LOGICAL_AXES = tuple(name for name, _ in RULES)
+
+
+def format_rules(rules: Rules) -> str:
+  """`mesh.rules`'s text for a table: `vocab=tensor,embed=fsdp,act_batch=data+fsdp,layers=,...`."""
+  return ",".join(f"{name}={'+'.join(axes)}" for name, axes in rules)
+
+
+def parse_rules(text: str) -> Rules:
+  """The rules table `mesh.rules` asks for: its entries over the default table's.
+
+  `text` is comma-separated `LOGICAL=MESH[+MESH...]` entries; `LOGICAL=` replicates that axis,
+  and a logical axis it does not name keeps its entry in `RULES`. A problem is a BertjaxError of
+  one line naming `mesh.rules` and the fix.
+  """
+  given: dict[str, tuple[str, ...]] = {}
+  for entry in filter(None, (e.strip() for e in text.split(","))):
+    name, sep, target = (part.strip() for part in entry.partition("="))
+    if not sep:
+      _bad_rule(f"{entry!r} has no '='", "write LOGICAL=MESH entries, e.g. embed=fsdp, or embed= to replicate")
+    if name not in LOGICAL_AXES:
+      _bad_rule(f"{name!r} is not a logical axis", f"use one of {', '.join(LOGICAL_AXES)}")
+    if name in given:
+      _bad_rule(f"{name} is given twice", f"keep one {name}= entry")
+    axes = tuple(a.strip() for a in target.split("+")) if target else ()
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+      _bad_rule(
+        f"{entry} names mesh axis {unknown[0]!r}",
+        f"map {name} to {', '.join(MESH_AXES)} joined by + (e.g. {name}=fsdp+tensor), or to nothing ({name}=)",
+      )
+    if len(set(axes)) < len(axes):
+      _bad_rule(f"{entry} names a mesh axis twice", f"name each mesh axis once in {name}=")
+    given[name] = axes
+  return tuple((name, given.get(name, axes)) for name, axes in RULES)
+
+
+def _bad_rule(problem: str, fix: str):
+  raise BertjaxError(f"config mesh.rules: {problem}; {fix}")

@@ -74,6 +74,33 @@ def test_bad_overrides_name_the_key(override, message):
     config_lib.load_config("configs/tiny.py", [override])
 
 
+def test_mesh_rules_from_a_config_file_and_the_command_line(tmp_path):
+  default = config_lib.load_config("configs/tiny.py").mesh.rules
+  assert default.startswith("layers=,vocab=tensor,embed=fsdp,") and "act_batch=data+fsdp" in default
+  c = config_lib.load_config("configs/tiny.py", ["mesh.rules=mlp=fsdp+tensor, embed="])
+  assert c.mesh.rules == "mlp=fsdp+tensor, embed="
+  delta = tmp_path / "rules.py"
+  delta.write_text(
+    "from configs import common\n\n\n"
+    "def get_config(arg=None):\n  c = common.get_config()\n  c.mesh.rules = 'act_batch=data'\n  return c\n"
+  )
+  assert config_lib.load_config(str(delta)).mesh.rules == "act_batch=data"
+
+
+def test_a_bad_mesh_rule_is_one_line_and_exit_status_2(capsys):
+  from bertjax.cli import main
+
+  status = main.main(
+    ["train", "--config", "configs/tiny.py", "--workdir", "/tmp/unused", "--config.mesh.rules=embed=fdsp"]
+  )
+  err = capsys.readouterr().err
+  assert status == 2
+  assert err == (
+    "bertjax: error: config mesh.rules: embed=fdsp names mesh axis 'fdsp'; map embed to data, fsdp, tensor "
+    "joined by + (e.g. embed=fsdp+tensor), or to nothing (embed=)\n"
+  )
+
+
 def test_a_config_file_cannot_add_keys(tmp_path):
   bad = tmp_path / "bad.py"
   bad.write_text(
@@ -113,7 +140,9 @@ VALIDATION_ERRORS = [
   ({"train.grad_accum": 3}, "train.batch_size=8 is not divisible by train.grad_accum=3"),
   ({"model.dropout": 1.0}, "model.dropout=1.0 is out of range"),
   ({"model.dtype": "float64"}, "model.dtype='float64' is not supported"),
-  ({"model.remat": "some"}, "model.remat='some' is not supported; choose one of none, full, dots"),
+  ({"model.remat": "some"}, "model.remat='some' is not supported; choose one of none, dots, dots_except_mlp_wide,"),
+  ({"mesh.rules": "embedd=fsdp"}, "mesh.rules: 'embedd' is not a logical axis; use one of layers, vocab, embed,"),
+  ({"mesh.rules": "embed=fdsp"}, "mesh.rules: embed=fdsp names mesh axis 'fdsp'; map embed to data, fsdp, tensor"),
   ({"model.attention_impl": "cudnn"}, "needs model.attention_dropout=0"),
   ({"model.attention_impl": "pallas", "data.seq_len": 24}, "'pallas' cannot run here: sequence length 24"),
   ({"model.attention_impl": "pallas", "model.num_heads": 4}, "'pallas' cannot run here: head size 8"),
