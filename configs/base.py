@@ -24,18 +24,13 @@ BERT_VOCAB_SIZE = 30_522  # bert-base-uncased's WordPiece vocabulary
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg)
-  phase = args.pop("phase", "1")
-  if args:
-    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes phase=1 or phase=2")
-  if phase not in ("1", "2"):
-    raise ValueError(f"phase={phase} is not a phase; use phase=1 (seq 128) or phase=2 (seq 512)")
+  phase = common.config_args(arg, phase=(1, 2)).phase  # 1: seq 128, 2: seq 512
   c = common.get_config()
   c.model.variant = "base"
   c.model.scan_layers = False
   c.data.vocab_size = BERT_VOCAB_SIZE
   c.optim.schedule_steps = TOTAL_STEPS
-  if phase == "1":
+  if phase == 1:
     c.train.steps = PHASE1_STEPS
   else:
     c.train.steps = TOTAL_STEPS

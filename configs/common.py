@@ -4,6 +4,6 @@ The defaults live in the package (`bertjax.config.defaults`), so that bertjax ne
 these experiment files; this module keeps `from configs import common` working for them.
 """
 
-from bertjax.config.defaults import get_config, parse_arg
+from bertjax.config.defaults import config_args, get_config
 
-__all__ = ["get_config", "parse_arg"]
+__all__ = ["config_args", "get_config"]

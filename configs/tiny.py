@@ -12,7 +12,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  del arg
+  common.config_args(arg)  # takes none
   c = common.get_config()
   c.model.variant = "tiny"
   c.data.source = "builtin"

@@ -6,7 +6,11 @@ XLA_FLAGS must be set before JAX creates its backend, so this runs before any te
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+import traceback
+
+import pytest
 
 from tests.support.xla import FAST_COMPILE
 
@@ -44,8 +48,6 @@ def pytest_collection_modifyitems(config, items):
   """With pytest-xdist (`make test` runs two workers): tests go to whichever worker is free, but
   a file that builds module-scoped fixtures keeps its tests on one worker, so each is built once,
   and tests/finetune shares one worker for its session-wide fine-tuned runs."""
-  import pytest
-
   shares_fixtures = {}
   for item in items:
     path = item.path.relative_to(config.rootpath)
@@ -55,3 +57,26 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.xdist_group("finetune"))
     elif shares_fixtures[path]:
       item.add_marker(pytest.mark.xdist_group(str(path)))
+
+
+# Forks made while JAX runs threads in this process (a deadlock risk: the child inherits locks
+# that no thread will release). JAX only warns; the suite fails the test that did it.
+_FORKS_UNDER_JAX: list[str] = []
+
+
+def _note_fork() -> None:
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  started = getattr(bridge, "backends_are_initialized", None)
+  if started and started():
+    _FORKS_UNDER_JAX.append("".join(traceback.format_stack(limit=12)))
+
+
+os.register_at_fork(before=_note_fork)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+  before = len(_FORKS_UNDER_JAX)
+  yield
+  if len(_FORKS_UNDER_JAX) > before:
+    raise AssertionError(f"{item.nodeid} forked while JAX runs threads, from:\n{_FORKS_UNDER_JAX[-1]}")

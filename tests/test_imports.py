@@ -21,6 +21,7 @@ ALLOWED = {
   "bertjax.errors": (),
   "bertjax.storage": ("bertjax.errors",),
   "bertjax.atomic": ("bertjax.storage",),
+  "bertjax.tasks": (),  # the fine-tuning task tables: what the config checks and the tasks both read
   "bertjax.data": ("bertjax.errors", "bertjax.atomic", "bertjax.storage"),
   "bertjax.model.config": ("bertjax.errors",),
   "bertjax.parallel.layout": ("bertjax.errors",),
@@ -31,7 +32,8 @@ ALLOWED = {
     "bertjax.model.config",
     "bertjax.parallel.layout",
     "bertjax.data.corpus",
-    "bertjax.finetune.tasks",  # the GLUE task table (a leaf: no JAX), which the finetune checks read
+    "bertjax.data.limits",
+    "bertjax.tasks",
   ),
   "bertjax.parallel": ("bertjax.errors",),
   "bertjax.model": ("bertjax.errors", "bertjax.parallel.rules"),
@@ -49,6 +51,7 @@ ALLOWED = {
   # Fine-tuning is built on pretraining: its model, steps, checkpoints, metrics and loop parts.
   "bertjax.finetune": (
     "bertjax.errors",
+    "bertjax.tasks",
     "bertjax.atomic",
     "bertjax.storage",
     "bertjax.config",
@@ -61,6 +64,7 @@ ALLOWED = {
   # Exports of fine-tuned models read their task (classes, head) from bertjax.finetune.
   "bertjax.hf": (
     "bertjax.errors",
+    "bertjax.tasks",
     "bertjax.atomic",
     "bertjax.storage",
     "bertjax.config",

@@ -38,22 +38,25 @@ def _env(**extra) -> dict:
   return env
 
 
-def _interruptible():
-  """In the child, before exec: SIGINT at its default action. A test runner started in the
-  background (`make test &`) ignores SIGINT, its children inherit that, and bash cannot trap a
-  signal that was ignored when it started, so local.sh would never see the tests' Ctrl-C."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Runs the command with SIGINT at its default action. A test runner started in the background
+# (`make test &`) ignores SIGINT, its children inherit that, and bash cannot trap a signal that was
+# ignored when it started, so local.sh would never see the tests' Ctrl-C. (A preexec_fn would do
+# the same in the forked child, but runs Python between fork and exec in a process where JAX has
+# started threads.)
+_INTERRUPTIBLE = [
+  sys.executable,
+  "-c",
+  "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+]
+
+
+def _interruptible(args) -> list[str]:
+  return [*_INTERRUPTIBLE, *(str(a) for a in args)]
 
 
 def _run(args, timeout=60, **env) -> subprocess.CompletedProcess:
   return subprocess.run(
-    [str(a) for a in args],
-    env=_env(**env),
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    cwd=REPO,
-    preexec_fn=_interruptible,
+    _interruptible(args), env=_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO
   )
 
 
@@ -110,13 +113,7 @@ def test_local_sh_stops_the_others_and_fails_when_one_process_fails(fake_process
 
 def _start(args, **env) -> subprocess.Popen:
   return subprocess.Popen(
-    [str(a) for a in args],
-    env=_env(**env),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-    cwd=REPO,
-    preexec_fn=_interruptible,
+    _interruptible(args), env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
   )
 
 

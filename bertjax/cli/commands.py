@@ -155,13 +155,13 @@ def _train(args, overrides) -> int:
       "train: --devices, --device-kind, --topology, --compile, --no-estimate and --json describe a --dry-run; "
       "add --dry-run"
     )
-  from bertjax.train import loop, run
+  from bertjax.train import pretrain, run
 
   data = run.prepare_data(config, args.workdir)  # before JAX starts: tokenising forks
   _prepare_devices(args, config, preemption=True)
   import jax
 
-  result = loop.train(config, args.workdir, data=data, step=args.step)
+  result = pretrain.train(config, args.workdir, data=data, step=args.step)
   if jax.process_index() == 0:
     if result.stopped_by:
       _print_stopped(result, args.workdir)
@@ -177,10 +177,10 @@ def _eval(args, overrides) -> int:
 
   config = _run_config(args, overrides)
   if config.finetune.task:  # a fine-tuning run: its task's dev metrics
-    from bertjax.finetune import loop as finetune_loop
+    from bertjax.finetune import job as finetune_job
 
     _prepare_devices(args, config)
-    print(json.dumps(finetune_loop.evaluate_checkpoint(config, args.workdir, step=args.step)), flush=True)
+    print(json.dumps(finetune_job.evaluate_checkpoint(config, args.workdir, step=args.step)), flush=True)
     return 0
   data = run.prepare_data(config, args.workdir)
   _prepare_devices(args, config)
@@ -244,7 +244,7 @@ def _plot(args, overrides) -> int:
 
 
 def _finetune(args, overrides) -> int:
-  from bertjax.finetune import loop
+  from bertjax.finetune import job
   from bertjax.finetune import run as finetune_run
 
   config = finetune_run.load_config(args.config, overrides, task=args.task, init=args.init)
@@ -253,14 +253,14 @@ def _finetune(args, overrides) -> int:
   _prepare_devices(args, config, preemption=True)
   import jax
 
-  result = loop.finetune(config, args.workdir, data)
+  result = job.finetune(config, args.workdir, data)
   if jax.process_index() == 0:
     if result.stopped_by:
       _print_stopped(result, args.workdir)
     else:
       scores = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
       print(f"{data.spec.name} dev: {scores}", flush=True)
-      print(f"run folder {args.workdir}: {loop.RESULTS_FILE}, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
+      print(f"run folder {args.workdir}: {job.RESULTS_FILE}, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
   return 0
 
 

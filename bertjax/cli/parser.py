@@ -33,7 +33,23 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
   parser = Parser(prog="bertjax", description="Pretrain BERT with JAX/Flax, from one CPU to a TPU pod.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+  for add in (
+    _add_train,
+    _add_eval,
+    _add_export,
+    _add_import_hf,
+    _add_tokenizer,
+    _add_data,
+    _add_bench,
+    _add_plot,
+    _add_finetune,
+    _add_glue,
+  ):
+    add(sub)
+  return parser
 
+
+def _add_train(sub) -> None:
   p = sub.add_parser("train", help="pretrain (resumes from WORKDIR's newest checkpoint)")
   _add_config(p, required=False)
   p.add_argument("--workdir", required=True, help="run folder (local path or gs://...)")
@@ -72,28 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="with --dry-run: print the figures as one JSON line")
   _add_distributed(p)
 
+
+def _add_eval(sub) -> None:
   p = sub.add_parser("eval", help="evaluate a checkpoint on the held-out split; prints one JSON line")
   p.add_argument("--workdir", required=True)
   _add_config(p, required=False)
   p.add_argument("--step", type=int, help="checkpoint step (default: the newest good one)")
   _add_distributed(p)
 
+
+def _add_export(sub) -> None:
   p = sub.add_parser("export", help="write a checkpoint as a transformers BERT folder or as plain params")
   p.add_argument("--workdir", required=True)
   p.add_argument("--format", required=True, choices=("hf", "params"))
   p.add_argument("--out", help="output folder (default: WORKDIR/export/hf or WORKDIR/export/params)")
   p.add_argument("--step", type=int, help="checkpoint step (default: newest)")
 
+
+def _add_import_hf(sub) -> None:
   p = sub.add_parser("import-hf", help="make a workdir from a transformers BERT folder")
   p.add_argument("--hf", required=True, help="folder with config.json and model.safetensors or pytorch_model.bin")
   p.add_argument("--workdir", required=True)
 
+
+def _add_tokenizer(sub) -> None:
   p = sub.add_parser("tokenizer", help="tokenizer tools")
   tok = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", parser_class=Parser, required=True)
   t = tok.add_parser("train", help="train a sentencepiece tokenizer on the configured corpus")
   _add_config(t)
   t.add_argument("--out", required=True, help="folder to write the tokenizer into")
 
+
+def _add_data(sub) -> None:
   p = sub.add_parser("data", help="input-pipeline tools")
   data = p.add_subparsers(dest="data_command", metavar="ACTION", parser_class=Parser, required=True)
   t = data.add_parser("preview", help="write N batches as .npz and print decoded examples")
@@ -140,16 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     "--workers", type=int, default=1, metavar="W", help="with --process_id: worker processes for this process's shards"
   )
 
+
+def _add_bench(sub) -> None:
   p = sub.add_parser("bench", help="time the compiled train step on synthetic batches; one JSON line per shape")
   _add_config(p)
   p.add_argument("--steps", type=int, default=20, metavar="N")
   p.add_argument("--profile", metavar="DIR", help="also trace a few steps into DIR and report the time by kernel")
   _add_distributed(p)
 
+
+def _add_plot(sub) -> None:
   p = sub.add_parser("plot", help="render loss and accuracy curves to a PNG")
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", help="PNG path (default: WORKDIR/curves.png)")
 
+
+def _add_finetune(sub) -> None:
   p = sub.add_parser(
     "finetune", help="fine-tune a pretrained run on classification, regression or extractive QA (resumes)"
   )
@@ -159,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--init", required=True, help="the pretraining or import-hf workdir whose parameters it starts from")
   _add_distributed(p)
 
+
+def _add_glue(sub) -> None:
   p = sub.add_parser("glue", help="fine-tune every GLUE task with several seeds; a results table like the paper's")
   p.add_argument("--init", required=True, help="the pretraining or import-hf workdir to fine-tune")
   p.add_argument("--data", required=True, metavar="GLUE_DIR", help="the GLUE folder (SST-2/, MRPC/, ...)")
@@ -167,7 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seeds", type=int, default=3, metavar="N", help="runs per task, seeds 0..N-1 (default 3)")
   _add_config(p, required=False)  # default: configs/finetune/glue.py
   _add_distributed(p)
-  return parser
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

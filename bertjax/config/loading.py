@@ -74,8 +74,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
     ) from None
   for override in overrides:
     apply_override(config, override)
+  _resolve_tokenizer(config)
   validation.validate(config)
   return config
+
+
+def _resolve_tokenizer(config: config_dict.ConfigDict) -> None:
+  """A warm start keeps the vocabulary it was trained with: without data.tokenizer, that of the
+  train.init_from run. Resolved here, before validation: the validated config is final."""
+  init_tokenizer = epath.Path(config.train.init_from) / "tokenizer" if config.train.init_from else None
+  if not config.data.tokenizer and init_tokenizer is not None and init_tokenizer.exists():
+    config.data.tokenizer = str(init_tokenizer)
 
 
 def _first_line(e: Exception) -> str:

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 
 from ml_collections import config_dict
 
+from bertjax import tasks
 from bertjax.data import corpus
+from bertjax.data.limits import MIN_PAIR_TOKENS
 from bertjax.errors import BertjaxError
-from bertjax.finetune import tasks
-from bertjax.model import config as model_config
+from bertjax.model import config as model_config_lib
 from bertjax.parallel import layout
 
 
@@ -49,8 +50,8 @@ def validate_for_devices(config: config_dict.ConfigDict, device_count: int) -> t
 
 def _check_model(config) -> None:
   m = config.model
-  if m.variant not in model_config.VARIANTS:
-    named = ", ".join(k for k in model_config.VARIANTS if not k.startswith("L"))
+  if m.variant not in model_config_lib.VARIANTS:
+    named = ", ".join(k for k in model_config_lib.VARIANTS if not k.startswith("L"))
     _fail("model.variant", f"{m.variant!r} is unknown", f"choose one of {named} or L{{2,4,..,12}}_H{{128,256,512,768}}")
   _positive(
     config,
@@ -63,7 +64,7 @@ def _check_model(config) -> None:
     "model.layer_norm_eps",
     "model.initializer_range",
   )
-  sizes = model_config.variant_sizes(m)
+  sizes = model_config_lib.variant_sizes(m)
   if sizes.hidden_size % sizes.num_heads:
     _fail(
       "model.hidden_size",
@@ -72,10 +73,10 @@ def _check_model(config) -> None:
     )
   _fraction(config, "model.dropout")
   _fraction(config, "model.attention_dropout")
-  _choice(config, "model.dtype", model_config.DTYPES)
-  _choice(config, "model.attention_impl", model_config.ATTENTION_IMPLS)
-  _choice(config, "model.remat", model_config.REMAT_POLICIES)
-  _choice(config, "model.dropout_impl", model_config.DROPOUT_IMPLS)
+  _choice(config, "model.dtype", model_config_lib.DTYPES)
+  _choice(config, "model.attention_impl", model_config_lib.ATTENTION_IMPLS)
+  _choice(config, "model.remat", model_config_lib.REMAT_POLICIES)
+  _choice(config, "model.dropout_impl", model_config_lib.DROPOUT_IMPLS)
   if m.attention_impl == "cudnn" and m.attention_dropout > 0:
     _fail(
       "model.attention_impl",
@@ -83,7 +84,7 @@ def _check_model(config) -> None:
       "set --config.model.attention_dropout=0, or model.attention_impl=auto to fall back to XLA",
     )
   if m.attention_impl == "pallas":
-    why = model_config.fused_attention_fits(config.data.seq_len, sizes.hidden_size // sizes.num_heads)
+    why = model_config_lib.fused_attention_fits(config.data.seq_len, sizes.hidden_size // sizes.num_heads)
     if why is not None:
       _fail("model.attention_impl", f"'pallas' cannot run here: {why}", "set model.attention_impl=auto")
 
@@ -131,6 +132,12 @@ def _check_data(config) -> None:
   _positive(config, "data.prefetch", "data.max_sentence_chars")
   if d.num_proc < 0:
     _fail("data.num_proc", f"{d.num_proc} is negative", "set it to 0 (one process per core) or more")
+  _check_rows(config)
+
+
+def _check_rows(config) -> None:
+  """How documents become rows: the streaming windows and held-out split, and packing."""
+  d = config.data
   if d.streaming_window_documents < 2:
     _fail(
       "data.streaming_window_documents",
@@ -144,11 +151,12 @@ def _check_data(config) -> None:
       "set it to 0 (no held-out split) or at least 2",
     )
   _positive(config, "data.max_pairs_per_row")
-  if d.pack_pairs and d.max_pairs_per_row > d.seq_len // 5:
+  if d.pack_pairs and d.max_pairs_per_row > d.seq_len // MIN_PAIR_TOKENS:
     _fail(
       "data.max_pairs_per_row",
-      f"{d.max_pairs_per_row} pairs cannot fit in data.seq_len={d.seq_len} (a pair takes at least 5 tokens)",
-      f"set it to at most {d.seq_len // 5}",
+      f"{d.max_pairs_per_row} pairs cannot fit in data.seq_len={d.seq_len} (a pair takes at least "
+      f"{MIN_PAIR_TOKENS} tokens)",
+      f"set it to at most {d.seq_len // MIN_PAIR_TOKENS}",
     )
 
 

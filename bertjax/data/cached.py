@@ -34,7 +34,6 @@ from bertjax.data.base import (
   check_packing_state,
   check_rows,
   keyed_generator,
-  make_examples,
   merge_parts,
   packing_state,
 )
@@ -145,9 +144,6 @@ class CachedPipeline:
         keys_of = lambda i, e=int(e): keyed_random.row_keys(self.seed, e, i)
         made.append((sel, self.layout.examples(self.store.tokens, *self._epoch_data(int(e)), index[sel], keys_of)))
       return merge_parts(made, len(rows))
-
-  def _make(self, pair_index: pairs_lib.PairIndex, keys: np.ndarray) -> dict[str, np.ndarray]:
-    return make_examples(self.store.tokens, pair_index, keys, self.seq_len, self.tokenizer, self.masking)
 
   def eval_batches(self, rows=None) -> list[dict[str, np.ndarray]]:
     """train.eval_batches batches of held-out documents; pairs and masks fixed once.

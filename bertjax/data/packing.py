@@ -32,8 +32,8 @@ import numpy as np
 from bertjax.data import masking
 from bertjax.data import pairs as pairs_lib
 from bertjax.data.base import make_examples
+from bertjax.data.limits import MIN_PAIR_TOKENS  # a row with less room left takes no other pair
 
-MIN_PAIR_TOKENS = 5  # [CLS] a [SEP] b [SEP]: a row with less room left takes no other pair
 # Rows kept open to more pairs. A bounded set keeps packing linear in the pairs (each pair tries
 # at most this many rows) and keeps a row's pairs close in the shuffled stream.
 OPEN_ROWS = 64

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 
 import numpy as np
 from etils import epath
@@ -147,13 +148,34 @@ def _generate_documents(corpus):
 
 
 def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
+  hf_cache = str(tmp / "hf")
+  tokenized = _tokenized(corpus, tokenizer, hf_cache, num_proc)
+  dtype = prepared.token_dtype(tokenizer.vocab_size)
+  n_tokens, n_sents, n_docs = _write_arrays(tokenized, tmp, dtype)
+  shutil.rmtree(hf_cache, ignore_errors=True)
+  if n_docs == 0:
+    raise BertjaxError(f"corpus {corpus.source} is empty after tokenisation: point data.source at some text")
+  warnings = dict(corpus.warnings)
+  for what, count in warnings.items():
+    log.warning("corpus %s: %d %s", corpus.source, count, what)
+  meta = {
+    "format": FORMAT,
+    "corpus": corpus.fingerprint,
+    "source": corpus.source,
+    "tokenizer": tokenizer.fingerprint,
+    "token_dtype": np.dtype(dtype).name,
+    "tokens": n_tokens,
+    "sentences": n_sents,
+    "documents": n_docs,
+    "warnings": warnings,
+  }
+  (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _tokenized(corpus, tokenizer, hf_cache: str, num_proc: int):
+  """The corpus's documents tokenised by `datasets` (in `num_proc` processes when worth it)."""
   import datasets  # heavy; only a cache miss needs it
 
-  features = datasets.Features(
-    {"ids": datasets.Sequence(datasets.Value("int32")), "lengths": datasets.Sequence(datasets.Value("int32"))}
-  )
-  hf_cache = str(tmp / "hf")
-  key = f"{corpus.fingerprint}-{tokenizer.fingerprint}"
   if corpus.kind in ("builtin", "files"):
     if next(iter(corpus.documents()), None) is None:  # datasets refuses an empty generator
       raise BertjaxError(f"corpus {corpus.source} is empty: point data.source at some text")
@@ -172,7 +194,13 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
   if len(docs) == 0:
     raise BertjaxError(f"corpus {corpus.source} is empty: point data.source at some text")
   num_proc = max(1, min(num_proc, len(docs) // 64))  # tiny corpora are not worth the processes
-  tokenized = docs.map(
+  if num_proc > 1 and _jax_started():
+    log.info("tokenising in this process: JAX runs threads here, which forked workers could deadlock on")
+    num_proc = 1
+  features = datasets.Features(
+    {"ids": datasets.Sequence(datasets.Value("int32")), "lengths": datasets.Sequence(datasets.Value("int32"))}
+  )
+  return docs.map(
     _TokenizeDocuments(tokenizer, corpus, column),
     batched=True,
     batch_size=64,
@@ -180,10 +208,21 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
     remove_columns=docs.column_names,
     features=features,
     cache_file_name=os.path.join(hf_cache, "tokens.arrow"),
-    new_fingerprint=f"tok-{key}",
+    new_fingerprint=f"tok-{corpus.fingerprint}-{tokenizer.fingerprint}",
     desc="tokenising",
   )
-  dtype = prepared.token_dtype(tokenizer.vocab_size)
+
+
+def _jax_started() -> bool:
+  """Whether JAX has started its runtime (and its threads) in this process, read without importing
+  JAX: `datasets` forks its workers, which is safe only before then (the CLI tokenises first)."""
+  bridge = sys.modules.get("jax._src.xla_bridge")
+  started = getattr(bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
+def _write_arrays(tokenized, tmp: epath.Path, dtype) -> tuple[int, int, int]:
+  """tokens.bin, sent_start.bin and doc_start.bin from the tokenised table: (tokens, sentences, documents)."""
   n_tokens = n_sents = n_docs = 0
   with (
     open(tmp / "tokens.bin", "wb") as f_tok,
@@ -203,21 +242,4 @@ def _build(corpus, tokenizer, tmp: epath.Path, num_proc: int):
       n_tokens += len(ids)
       n_sents += len(lengths)
       n_docs += len(per_doc)
-  shutil.rmtree(hf_cache, ignore_errors=True)
-  if n_docs == 0:
-    raise BertjaxError(f"corpus {corpus.source} is empty after tokenisation: point data.source at some text")
-  warnings = dict(corpus.warnings)
-  for what, count in warnings.items():
-    log.warning("corpus %s: %d %s", corpus.source, count, what)
-  meta = {
-    "format": FORMAT,
-    "corpus": corpus.fingerprint,
-    "source": corpus.source,
-    "tokenizer": tokenizer.fingerprint,
-    "token_dtype": np.dtype(dtype).name,
-    "tokens": n_tokens,
-    "sentences": n_sents,
-    "documents": n_docs,
-    "warnings": warnings,
-  }
-  (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+  return n_tokens, n_sents, n_docs

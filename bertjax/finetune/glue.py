@@ -24,9 +24,9 @@ import time
 
 from etils import epath
 
-from bertjax import atomic
+from bertjax import atomic, tasks
 from bertjax.errors import BertjaxError
-from bertjax.finetune import loop, sources, tasks
+from bertjax.finetune import job, sources
 from bertjax.finetune import run as run_lib
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_suite(spec: str, overrides, *, init: str, data: str, workdir, task_names
     prepared, started = None, time.perf_counter()
     for seed in range(seeds):
       run_dir = workdir / name / f"seed-{seed}"
-      results = loop.read_results(run_dir)
+      results = job.read_results(run_dir)
       if results is None:
         config = run_lib.load_config(
           spec,
@@ -67,9 +67,9 @@ def run_suite(spec: str, overrides, *, init: str, data: str, workdir, task_names
           init=init,
         )
         prepared = prepared or run_lib.prepare(config)  # the data does not depend on the seed
-        if loop.finetune(config, run_dir, prepared).stopped_by:
+        if job.finetune(config, run_dir, prepared).stopped_by:
           return None
-        results = loop.read_results(run_dir)
+        results = job.read_results(run_dir)
       for metric in tasks.metric_names(tasks.glue_spec(name)):
         values.setdefault(name, {}).setdefault(metric, []).append(float(results[metric]))
     log.info("%s: %d seed(s) in %.0f s", name, seeds, time.perf_counter() - started)

@@ -12,17 +12,16 @@ part of a fine-tuned model. Parameters carry logical axis names from bertjax.par
 (`classes` for the outputs); dropout draws from a key passed at call time, never module state.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bertjax.finetune.tasks import TaskSpec
 from bertjax.model.bert import BertForPreTraining
 from bertjax.model.config import BertConfig
+from bertjax.model.dropout import dropout
 from bertjax.model.layers import Embeddings, Encoder, Pooler
 from bertjax.parallel.rules import constrain
+from bertjax.tasks import TaskSpec
 
 # The parts of BertForPreTraining a fine-tuned model keeps, by parameter path.
 BODY = ("embeddings", "encoder", "pooler")
@@ -65,10 +64,7 @@ class SequenceClassifier(nnx.Module):
     encode_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     h = self.encode(input_ids, segment_ids, attention_mask, dropout_key=encode_key)
     pooled = self.pooler(h[:, 0]).astype(jnp.float32)
-    if head_key is not None and self.rate > 0:
-      keep = jax.random.bernoulli(head_key, 1.0 - self.rate, pooled.shape)
-      pooled = jnp.where(keep, pooled / (1.0 - self.rate), 0.0)
-    return self.classifier(pooled)
+    return self.classifier(dropout(pooled, self.rate, head_key, self.config.dropout_impl))
 
 
 class SpanPredictor(nnx.Module):
@@ -101,24 +97,3 @@ def build(cfg: BertConfig, spec: TaskSpec, head_dropout: float, rngs: nnx.Rngs) 
   if spec.kind == "qa":
     return SpanPredictor(cfg, rngs=rngs)
   return SequenceClassifier(cfg, spec.num_outputs, head_dropout, rngs=rngs)
-
-
-def abstract(cfg: BertConfig, spec: TaskSpec, head_dropout: float) -> nnx.Module:
-  """Shapes, dtypes and logical axes of the task's model, allocating nothing (`build`'s arguments but `rngs`)."""
-  return nnx.eval_shape(lambda: build(cfg, spec, head_dropout, nnx.Rngs(params=0)))
-
-
-@functools.cache
-def _jitted_init(cfg: BertConfig, spec: TaskSpec, head_dropout: float):
-  return jax.jit(lambda seed: nnx.split(build(cfg, spec, head_dropout, nnx.Rngs(params=jax.random.key(seed))))[1])
-
-
-def init(cfg: BertConfig, spec: TaskSpec, head_dropout: float = 0.1, seed: int = 0) -> nnx.Module:
-  """A freshly initialised fine-tuning model (one compiled initializer per config).
-
-  Args:
-    cfg, spec, head_dropout: as in `build`.
-    seed: the parameters' seed; the same seed gives the same parameters.
-  """
-  graphdef, _ = nnx.split(abstract(cfg, spec, head_dropout))
-  return nnx.merge(graphdef, _jitted_init(cfg, spec, head_dropout)(seed))

@@ -11,7 +11,6 @@
 `config` is validated (load_config); nothing here checks it again, except what needs the devices.
 """
 
-import copy
 import dataclasses
 import logging
 import os
@@ -22,17 +21,17 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from bertjax import tasks
 from bertjax.config import loading as config_loading
-from bertjax.config import validation
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
-from bertjax.finetune import answers, features, heads, metrics, sources, squad, tasks
-from bertjax.finetune import steps as steps_lib
+from bertjax.finetune import answers, features, heads, metrics, sources, squad
+from bertjax.finetune.task import Finetune, device_keys
 from bertjax.model.bert import abstract_model
 from bertjax.model.config import BertConfig, resolve_config
-from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel import rules
 from bertjax.train import checkpoint, compatibility
+from bertjax.train import run as train_run
 from bertjax.train.steps import CompiledSteps
 
 log = logging.getLogger(__name__)
@@ -131,55 +130,44 @@ class Run:
   def global_batch(self, rows: np.ndarray, source: dict[str, np.ndarray], keys) -> dict[str, jax.Array]:
     """Step rows of `source` (-1: padding) as global arrays; this process builds only its own."""
     local = features.take(source, rows[self.rows])
-    size = len(rows)
-    return {
-      k: jax.make_array_from_process_local_data(self.steps.batch_sharding, local[k], (size, *local[k].shape[1:]))
-      for k in keys
-    }
+    return train_run.global_batch(self.steps, {k: local[k] for k in keys}, len(rows))
 
   def train_batch(self, step: int) -> dict[str, jax.Array]:
     """The global batch of training step `step` (`TrainOrder.rows`), with its labels."""
-    return self.global_batch(self.order.rows(step), self.data.train, steps_lib.device_keys(self.data.spec, True))
+    return self.global_batch(self.order.rows(step), self.data.train, device_keys(self.data.spec, True))
 
 
 def _optim_config(config, total_steps: int):
   """The optimizer section with BERT's fine-tuning warmup: a fraction of all steps."""
-  optim_cfg = copy.deepcopy(config.optim)
-  optim_cfg.warmup_steps = int(config.finetune.warmup_fraction * total_steps)
-  optim_cfg.schedule_steps = 0
-  return optim_cfg
+  return {
+    **config.optim,
+    "warmup_steps": int(config.finetune.warmup_fraction * total_steps),
+    "schedule_steps": 0,
+  }
 
 
 def setup(config, workdir, data: Data) -> Run:
   """The mesh, the compiled steps and this process's rows (nothing is written).
 
   Args:
-    config: a validated fine-tuning config; for custom classification data, `finetune.labels` is
-      set here to the classes `data` resolved.
+    config: a validated fine-tuning config.
     workdir: the run folder.
-    data: `prepare(config)`'s result.
+    data: `prepare(config)`'s result; its task carries the classes an hf: dataset names.
   Raises:
     BertjaxError: the config does not fit this job's devices.
   """
-  validation.validate_for_devices(config, jax.device_count())
-  workdir = epath.Path(workdir)
-  if data.spec.kind == "classification" and not config.finetune.glue_task and not config.finetune.regression:
-    config.finetune.labels = ",".join(data.spec.labels)  # resolved: export and eval read them here
   model_config = resolve_config(config.model, data.tokenizer.vocab_size, seq_len=config.finetune.max_seq_len)
   t = config.train
   order = features.TrainOrder(len(data.train["input_ids"]), t.batch_size, t.seed)
   total = order.steps_per_epoch * config.finetune.epochs
-  mesh = mesh_lib.make_mesh(config.mesh)
-  steps = steps_lib.compile_steps(
-    model_config, data.spec, config.finetune.head_dropout, _optim_config(config, total), total, t.grad_accum, mesh
-  )
-  rows = mesh_lib.rows_for_sharding(steps.batch_sharding, t.batch_size)
-  return Run(config, workdir, data, model_config, steps, order, total, rows)
+  task = Finetune(data.spec, config.finetune.head_dropout)
+  steps, rows = train_run.compile_for(config, task, model_config, total, _optim_config(config, total))
+  return Run(config, epath.Path(workdir), data, model_config, steps, order, total, rows)
 
 
 def write_run_files(run: Run) -> None:
-  """WORKDIR/config.json (with the classes an hf: dataset named) from process 0, and
-  WORKDIR/tokenizer/, a copy of the init run's (checked against it on resume)."""
+  """WORKDIR/config.json from process 0, and WORKDIR/tokenizer/, a copy of the init run's
+  (checked against it on resume)."""
   if run.is_primary:
     run.workdir.mkdir(parents=True, exist_ok=True)
     config_loading.write_config(run.config, run.workdir)
@@ -196,7 +184,7 @@ def warm_start(run: Run, init: str):
   abstract = nnx.state(abstract_model(run.model_config), nnx.Param)
   shardings = rules.named(run.steps.mesh, rules.param_specs(abstract))
   target = jax.tree.map(
-    lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), abstract.to_pure_dict(), shardings
+    lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(abstract), shardings
   )
   with checkpoint.Checkpoints(init, read_only=True) as source:
     if not source.steps():
@@ -236,7 +224,7 @@ def evaluate(run: Run, params) -> tuple[dict[str, float], dict[str, dict]]:
   for split in spec.dev_splits:
     dev = run.data.dev[split]
     suffix = "" if single else f"_{split}"
-    out = _predict(run, params, dev, steps_lib.device_keys(spec, spec.kind != "qa"))
+    out = _predict(run, params, dev, device_keys(spec, spec.kind != "qa"))
     if spec.kind == "qa":
       questions = run.data.questions[split]
       found, null_odds = answers.decode(

@@ -31,9 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 from etils import epath
 
-from bertjax import storage
+from bertjax import storage, tasks
 from bertjax.errors import BertjaxError
-from bertjax.finetune import tasks
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,10 @@ import safetensors.numpy
 from etils import epath
 from flax.traverse_util import flatten_dict
 
-from bertjax import atomic
+from bertjax import atomic, tasks
 from bertjax.config import loading as config_loading
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
-from bertjax.finetune import tasks
 from bertjax.hf import names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.model.config import BertConfig, resolve_config
@@ -50,6 +49,7 @@ class RunSnapshot:
   tokenizer: tokenizer_lib.Tokenizer
   params: dict
   step: int
+  task: tasks.TaskSpec | None  # a fine-tuning run's, with the classes its data named; None when pretraining
 
 
 def read_run(workdir, step: int | None = None) -> RunSnapshot:
@@ -78,7 +78,17 @@ def read_run(workdir, step: int | None = None) -> RunSnapshot:
       compatibility.check_compatible(meta, model_config, tokenizer.fingerprint, f"--workdir {workdir}")
 
     params, meta = checkpoints.restore_params(step=step, check=check)
-  return RunSnapshot(config, model_config, tokenizer, params, int(meta["step"]))
+  return RunSnapshot(config, model_config, tokenizer, params, int(meta["step"]), _task(config, meta))
+
+
+def _task(config, meta: dict) -> tasks.TaskSpec | None:
+  """A fine-tuning run's task: its config's, with the classes the checkpoint recorded (an hf:
+  dataset names them; the config does not hold them)."""
+  if not config.finetune.task:
+    return None
+  spec = tasks.resolve(config)
+  saved = meta.get("task", {}).get("labels")
+  return dataclasses.replace(spec, labels=tuple(saved)) if saved and not spec.regression else spec
 
 
 def _check_out(out: epath.Path) -> None:
@@ -110,7 +120,7 @@ def _hf_model(run: RunSnapshot) -> tuple[dict, dict[str, np.ndarray]]:
   cfg, pad_id = run.model_config, run.tokenizer.pad_id
   if not run.config.finetune.task:
     return names.hf_config_from_bert(cfg, pad_token_id=pad_id), names.to_hf_state_dict(run.params, cfg)
-  spec = tasks.resolve(run.config)
+  spec = run.task
   head_dropout = run.config.finetune.head_dropout
   hf_config = names.hf_finetune_config(cfg, spec.kind, spec.labels, spec.regression, head_dropout, pad_token_id=pad_id)
   return hf_config, names.to_hf_finetune_state_dict(run.params, cfg, spec.kind)

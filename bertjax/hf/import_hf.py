@@ -29,7 +29,7 @@ from bertjax.errors import BertjaxError
 from bertjax.hf import folders, load, names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.model import bert
-from bertjax.model import config as model_config
+from bertjax.model import config as model_config_lib
 from bertjax.train import checkpoint, compatibility, optim, steps
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class ImportResult:
   """What `import_hf` made: the new run folder and the model it holds."""
 
   workdir: epath.Path
-  config: model_config.BertConfig
+  config: model_config_lib.BertConfig
   vocab_size: int
   fresh_parameters: list[str]  # bertjax paths the checkpoint lacked, initialised fresh
 
@@ -54,16 +54,16 @@ class ImportResult:
     )
 
 
-def _variant_name(cfg: model_config.BertConfig) -> str:
+def _variant_name(cfg: model_config_lib.BertConfig) -> str:
   """The VARIANTS entry with exactly these sizes, for readability (the sizes are set anyway)."""
-  sizes = model_config.Variant(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size)
+  sizes = model_config_lib.Variant(cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size)
   for name in ("base", "large", "tiny", "mini", "small", "medium"):
-    if model_config.VARIANTS[name] == sizes:
+    if model_config_lib.VARIANTS[name] == sizes:
       return name
-  return next((name for name, v in model_config.VARIANTS.items() if v == sizes), "base")
+  return next((name for name, v in model_config_lib.VARIANTS.items() if v == sizes), "base")
 
 
-def run_config_for(cfg: model_config.BertConfig, tokenizer_dir: str, seed: int = 0):
+def run_config_for(cfg: model_config_lib.BertConfig, tokenizer_dir: str, seed: int = 0):
   """The run config of an imported model: bertjax's defaults with the checkpoint's sizes.
 
   Args:
@@ -122,7 +122,7 @@ def import_hf(hf_dir, workdir, *, seed: int = 0) -> ImportResult:
       f"vocab_size is {cfg.vocab_size}; use the tokenizer saved with these weights"
     )
   config = run_config_for(cfg, str(workdir / "tokenizer"), seed)
-  resolved = model_config.resolve_config(config.model, tokenizer.vocab_size, backend="cpu")
+  resolved = model_config_lib.resolve_config(config.model, tokenizer.vocab_size, backend="cpu")
   resolved_sizes, sizes = compatibility.model_sizes(resolved), compatibility.model_sizes(cfg)
   if resolved_sizes != sizes:  # the run must rebuild this model
     raise RuntimeError(f"run config resolves to {resolved_sizes}, not {sizes}")

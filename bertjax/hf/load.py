@@ -17,12 +17,14 @@ from etils import epath
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from bertjax import tasks
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
-from bertjax.finetune import heads, tasks
+from bertjax.finetune.task import Finetune
 from bertjax.hf import folders, names
 from bertjax.hf import tokenizer as hf_tokenizer
 from bertjax.hf.export import PARAMS_FILE, PARAMS_FORMAT, read_run
+from bertjax.model import bert
 from bertjax.model.bert import BertForPreTraining, init_model
 from bertjax.model.config import BertConfig
 from bertjax.train import checkpoint
@@ -142,8 +144,8 @@ def load_finetuned(
   run = read_run(workdir, step)
   if not run.config.finetune.task:
     raise BertjaxError(f"{workdir} is not a fine-tuning run: load it with bertjax.hf.load.from_pretrained")
-  spec = tasks.resolve(run.config)
+  spec = run.task
   cfg = dataclasses.replace(run.model_config, dtype=dtype, attention_impl="xla")
-  model = heads.init(cfg, spec, run.config.finetune.head_dropout)
+  model = bert.initialise(Finetune(spec, run.config.finetune.head_dropout).build, cfg)
   load_params_into(model, run.params)
   return model, run.tokenizer, spec

@@ -12,6 +12,7 @@ time; `dropout_key=None` is deterministic.
 """
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -108,18 +109,36 @@ class BertForPreTraining(nnx.Module):
     return mlm_logits, nsp_logits.reshape(*nsp_positions.shape, 2)
 
 
+Build = Callable[[BertConfig, nnx.Rngs], nnx.Module]
+
+
+def _pretraining(cfg: BertConfig, rngs: nnx.Rngs) -> BertForPreTraining:
+  return BertForPreTraining(cfg, rngs=rngs)
+
+
 @functools.cache
-def _jitted_init(cfg: BertConfig):
-  # One compiled initializer per config: eager init would compile every random op separately.
-  return jax.jit(lambda seed: nnx.split(BertForPreTraining(cfg, rngs=nnx.Rngs(params=jax.random.key(seed))))[1])
+def _jitted_init(build: Build, cfg: BertConfig):
+  # One compiled initializer per (model, config): eager init would compile every random op separately.
+  return jax.jit(lambda seed: nnx.split(build(cfg, nnx.Rngs(params=jax.random.key(seed))))[1])
+
+
+def initialise(build: Build, cfg: BertConfig, seed: int = 0) -> nnx.Module:
+  """`build(cfg, rngs)`'s model, freshly initialised; the same seed gives the same parameters.
+  `build` must hash by value (a module-level function, or a frozen task's bound method)."""
+  graphdef = nnx.graphdef(abstract(build, cfg))
+  return nnx.merge(graphdef, _jitted_init(build, cfg)(seed))
+
+
+def abstract(build: Build, cfg: BertConfig) -> nnx.Module:
+  """Shapes, dtypes and logical axes of `build(cfg, rngs)`'s model, allocating nothing."""
+  return nnx.eval_shape(lambda: build(cfg, nnx.Rngs(params=0)))
 
 
 def init_model(cfg: BertConfig, seed: int = 0) -> BertForPreTraining:
-  """A freshly initialised model; the same seed gives the same parameters."""
-  graphdef, _ = nnx.split(abstract_model(cfg))
-  return nnx.merge(graphdef, _jitted_init(cfg)(seed))
+  """A freshly initialised pretraining model; the same seed gives the same parameters."""
+  return initialise(_pretraining, cfg, seed)
 
 
 def abstract_model(cfg: BertConfig) -> BertForPreTraining:
-  """Shapes, dtypes and logical axes of the model, allocating nothing."""
-  return nnx.eval_shape(lambda: BertForPreTraining(cfg, rngs=nnx.Rngs(params=0)))
+  """Shapes, dtypes and logical axes of the pretraining model, allocating nothing."""
+  return abstract(_pretraining, cfg)

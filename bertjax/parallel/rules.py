@@ -97,7 +97,7 @@ def _is_spec(x) -> bool:
 
 
 def _logical_names(abstract_params: nnx.State) -> dict:
-  return nnx.get_partition_spec(abstract_params).to_pure_dict()
+  return nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
 
 
 def param_specs(abstract_params: nnx.State, rules: Rules | None = None) -> dict:

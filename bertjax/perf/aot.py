@@ -1,7 +1,7 @@
 """The real train step compiled ahead of time for a target: a TPU slice from any machine, or this machine's GPUs.
 
     target(device_count, device_kind, tpu, slices) -> Target   the devices to compile for
-    compile_report(config, model_cfg, target) -> dict   per-chip memory, collectives, XLA's estimate
+    compile_report(config, model_config, target) -> dict   per-chip memory, collectives, XLA's estimate
     program_cost(compiled, clock_hz) -> dict   one loop-free program's two step times, FLOPs, bytes
 
 With libtpu installed, JAX compiles for a TPU topology on a machine without TPUs:
@@ -41,6 +41,7 @@ from bertjax.parallel import mesh as mesh_lib
 from bertjax.perf import hlo
 from bertjax.perf import tpu as tpu_lib
 from bertjax.train import steps as steps_lib
+from bertjax.train.pretraining import Pretraining
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ def target(device_count: int, device_kind: str, tpu: tpu_lib.TpuSlice | None, sl
   return Target(local[:device_count], local[0].device_kind, stats.get("bytes_limit"), f"this machine's {device_kind}")
 
 
-def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool = True) -> dict:
+def compile_report(config, model_config: BertConfig, tgt: Target, *, estimate: bool = True) -> dict:
   """Compile the run's train step for `tgt`; what XLA says about it, per device.
 
   Returns memory (bytes by kind and in all), whether it fits the device's HBM, and, for a step
@@ -86,8 +87,8 @@ def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool
   """
   mesh = mesh_lib.make_mesh(config.mesh, tgt.devices)
   t = config.train
-  steps = steps_lib.compile_steps(model_cfg, config.optim, t.steps, t.grad_accum, mesh)
-  run, oom = _compile(steps, config.data, model_cfg.vocab_size, t.batch_size)
+  steps = steps_lib.compile_steps(Pretraining(), model_config, config.optim, t.steps, t.grad_accum, mesh)
+  run, oom = _compile(steps, config.data, model_config.vocab_size, t.batch_size)
   report = {"hbm_bytes": tgt.hbm_bytes, "compiled_for": tgt.label, "out_of_memory": oom}
   if run is None:
     return {**report, "memory_bytes": _oom_memory(oom), "fits": False, "estimate": None}
@@ -95,7 +96,7 @@ def compile_report(config, model_cfg: BertConfig, tgt: Target, *, estimate: bool
   fits = None if tgt.hbm_bytes is None else memory["total"] <= tgt.hbm_bytes
   report.update(memory_bytes=memory, fits=fits)
   wanted = estimate and fits is not False
-  return {**report, "estimate": _estimate(config, model_cfg, mesh, steps, run, tgt.clock_hz) if wanted else None}
+  return {**report, "estimate": _estimate(config, model_config, mesh, steps, run, tgt.clock_hz) if wanted else None}
 
 
 def _compile(steps: steps_lib.CompiledSteps, data_cfg, vocab_size: int, batch_size: int):
@@ -146,18 +147,18 @@ def _oom_memory(message: str) -> dict[str, int]:
 FIT_LAYERS = (3, 4)
 
 
-def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float | None) -> dict:
+def _estimate(config, model_config: BertConfig, mesh, steps, run, clock_hz: float | None) -> dict:
   """XLA's step times (roofline and scheduled), FLOPs and collectives per device, from loop-free programs."""
-  k, layers = config.train.grad_accum, model_cfg.num_layers
-  if not model_cfg.scan_layers and k == 1:
+  k, layers = config.train.grad_accum, model_config.num_layers
+  if not model_config.scan_layers and k == 1:
     return {**program_cost(run, clock_hz), "method": "the run's program (layers unrolled, one batch: no loops)"}
   micro = config.train.batch_size // k
   (low, high), whole = FIT_LAYERS, layers <= FIT_LAYERS[1]
   method = f"per-layer cost of unrolled {low}- and {high}-layer programs, scaled to {layers} layers"
   method = f"the step with its {layers} layers unrolled" if whole else method
-  vocab = model_cfg.vocab_size
+  vocab = model_config.vocab_size
   depths = (layers,) if whole else FIT_LAYERS
-  programs = [_compile(_unrolled(config, model_cfg, mesh, n), config.data, vocab, micro)[0] for n in depths]
+  programs = [_compile(_unrolled(config, model_config, mesh, n), config.data, vocab, micro)[0] for n in depths]
   if None in programs:
     return {"method": f"none: {method} does not fit", "collectives": {}}
   costs = [program_cost(program, clock_hz) for program in programs]
@@ -169,9 +170,9 @@ def _estimate(config, model_cfg: BertConfig, mesh, steps, run, clock_hz: float |
   return {**_combine(terms), "method": method}
 
 
-def _unrolled(config, model_cfg: BertConfig, mesh, layers: int) -> steps_lib.CompiledSteps:
-  cfg = dataclasses.replace(model_cfg, num_layers=layers, scan_layers=False)
-  return steps_lib.compile_steps(cfg, config.optim, config.train.steps, 1, mesh)
+def _unrolled(config, model_config: BertConfig, mesh, layers: int) -> steps_lib.CompiledSteps:
+  cfg = dataclasses.replace(model_config, num_layers=layers, scan_layers=False)
+  return steps_lib.compile_steps(Pretraining(), cfg, config.optim, config.train.steps, 1, mesh)
 
 
 def _compile_optimizer(steps: steps_lib.CompiledSteps):

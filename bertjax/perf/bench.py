@@ -17,14 +17,13 @@ import time
 import jax
 from etils import epath
 
-from bertjax.config.validation import validate_for_devices
 from bertjax.data.synthetic import synthetic_batch, synthetic_packed_batch
 from bertjax.metrics import flops as flops_lib
 from bertjax.model.config import resolve_config
-from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel.layout import MESH_AXES
 from bertjax.perf.profile import kernel_summary
-from bertjax.train import steps as steps_lib
+from bertjax.train import run as run_lib
+from bertjax.train.pretraining import Pretraining
 
 PROFILED_STEPS = 3
 
@@ -34,6 +33,28 @@ def _synthetic(config) -> dict:
   if d.pack_pairs:
     return synthetic_packed_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size, d.max_pairs_per_row)
   return synthetic_batch(t.batch_size, d.seq_len, d.max_predictions, d.vocab_size)
+
+
+def _compiled(compiled, state, batch):
+  """(the train step compiled for this state and batch, seconds it took)."""
+  start = time.perf_counter()
+  with jax.set_mesh(compiled.mesh):
+    executable = compiled.jitted["train"].lower(state, batch).compile()
+  return executable, time.perf_counter() - start
+
+
+def _timed(step, state, warmup: int, steps: int):
+  """(state, last metrics, seconds of each timed step) after `warmup` untimed steps."""
+  for _ in range(warmup):
+    state, out = step(state)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, out = step(state)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  return state, out, times
 
 
 def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) -> dict:
@@ -51,55 +72,28 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) 
     real tokens, MFU where the chip's peak is known, peak memory where the device reports it).
   """
   d, t = config.data, config.train
-  validate_for_devices(config, jax.device_count())
   model_config = resolve_config(config.model, d.vocab_size, seq_len=d.seq_len)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  compiled = steps_lib.compile_steps(model_config, config.optim, t.steps, t.grad_accum, mesh)
+  compiled, _ = run_lib.compile_for(config, Pretraining(), model_config, t.steps)
+  mesh = compiled.mesh
   state = compiled.init(t.seed)
   host = _synthetic(config) if batch is None else batch
   real_tokens = float(host["attention_mask"].sum())
   pairs = float(host["nsp_weights"].sum()) if "nsp_weights" in host else float(len(host["nsp_labels"]))
   batch = {k: jax.device_put(v, compiled.batch_sharding) for k, v in host.items()}
 
-  start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    executable = compiled.jitted["train"].lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  executable, compile_s = _compiled(compiled, state, batch)
 
   def step(state):
     with jax.set_mesh(mesh):
       return executable(state, batch)
 
-  for _ in range(warmup):
-    state, out = step(state)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, out = step(state)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-
+  state, out, times = _timed(step, state, warmup, steps)
   step_s = statistics.median(times)
   device = jax.local_devices()[0]  # memory_stats needs a device of this process
   flops = flops_lib.flops_per_sequence(model_config, d.seq_len, d.max_predictions)
   peak = flops_lib.peak_flops_per_device(device.device_kind, config.metrics.peak_tflops)
   result = {
-    "variant": config.model.variant,
-    "seq_len": d.seq_len,
-    "batch_size": t.batch_size,
-    "max_predictions": d.max_predictions,
-    "vocab_size": d.vocab_size,
-    "dtype": model_config.dtype,
-    "attention_impl": model_config.attention_impl,
-    "remat": model_config.remat,
-    "scan_layers": model_config.scan_layers,
-    "dropout_impl": model_config.dropout_impl,
-    "dropout": model_config.dropout,
-    "attention_dropout": model_config.attention_dropout,
-    "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
-    "device": device.device_kind,
-    "devices": jax.device_count(),
+    **_described(config, model_config, mesh, device),
     "steps": steps,
     "compile_s": round(compile_s, 2),
     "step_s": round(step_s, 5),
@@ -118,10 +112,37 @@ def run(config, steps: int = 20, warmup: int = 3, profile_dir=None, batch=None) 
   if memory and "peak_bytes_in_use" in memory:
     result["peak_memory_gib"] = round(memory["peak_bytes_in_use"] / 2**30, 3)
   if profile_dir is not None:
-    with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
-      for _ in range(PROFILED_STEPS):
-        state, out = step(state)
-      jax.block_until_ready(out)
-    trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().mtime)
-    result["profile"] = {"trace": str(trace), **kernel_summary(trace, PROFILED_STEPS)}
+    result["profile"] = _profiled(step, state, profile_dir)
   return result
+
+
+def _described(config, model_config, mesh, device) -> dict:
+  """What was timed: the shapes, the model's settings, the mesh and the device."""
+  d = config.data
+  return {
+    "variant": config.model.variant,
+    "seq_len": d.seq_len,
+    "batch_size": config.train.batch_size,
+    "max_predictions": d.max_predictions,
+    "vocab_size": d.vocab_size,
+    "dtype": model_config.dtype,
+    "attention_impl": model_config.attention_impl,
+    "remat": model_config.remat,
+    "scan_layers": model_config.scan_layers,
+    "dropout_impl": model_config.dropout_impl,
+    "dropout": model_config.dropout,
+    "attention_dropout": model_config.attention_dropout,
+    "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
+    "device": device.device_kind,
+    "devices": jax.device_count(),
+  }
+
+
+def _profiled(step, state, profile_dir) -> dict:
+  """PROFILED_STEPS more steps traced into `profile_dir`, and where their time went."""
+  with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+    for _ in range(PROFILED_STEPS):
+      state, out = step(state)
+    jax.block_until_ready(out)
+  trace = max(epath.Path(profile_dir).glob("plugins/profile/*/perfetto_trace.json.gz"), key=lambda p: p.stat().mtime)
+  return {"trace": str(trace), **kernel_summary(trace, PROFILED_STEPS)}

@@ -31,6 +31,7 @@ from bertjax.parallel.layout import MESH_AXES
 from bertjax.perf import aot
 from bertjax.perf import tpu as tpu_lib
 from bertjax.train import steps as steps_lib
+from bertjax.train.pretraining import Pretraining
 
 # Model FLOP utilisation the expected step time assumes. Well-tuned BERT pretraining in JAX and
 # PyTorch reports roughly 40-60% on TPUs and H100s; 50% is a planning figure, not a promise.
@@ -64,13 +65,13 @@ def describe(
   device_count, device_kind = _hardware(device_count, device_kind, tpu, slices)
   peak = _peak_flops(device_kind, config.metrics.peak_tflops)
   mesh_shape = validate_for_devices(config, device_count)
-  model_cfg = resolve_config(
+  model_config = resolve_config(
     config.model, vocab_size or _vocab_size(config), backend=_backend(device_kind), seq_len=config.data.seq_len
   )
-  state = abstract_train_state(model_cfg, config, mesh_shape)
+  state = abstract_train_state(model_config, config, mesh_shape)
   data, fsdp, _ = mesh_shape
   t, d = config.train, config.data
-  flops_per_step = flops_lib.flops_per_sequence(model_cfg, d.seq_len, d.max_predictions) * t.batch_size
+  flops_per_step = flops_lib.flops_per_sequence(model_config, d.seq_len, d.max_predictions) * t.batch_size
   figures = {
     "device_count": device_count,
     "device_kind": device_kind,
@@ -84,7 +85,7 @@ def describe(
     "per_device_microbatch": t.batch_size // (data * fsdp * t.grad_accum),
     "seq_len": d.seq_len,
     "max_predictions": d.max_predictions,
-    "model": _model_summary(config.model.variant, model_cfg),
+    "model": _model_summary(config.model.variant, model_config),
     "parameter_count": sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)),
     "param_bytes_per_device": tree_bytes_per_device(state.params),
     "opt_state_bytes_per_device": tree_bytes_per_device(state.opt_state),
@@ -97,7 +98,7 @@ def describe(
     if tpu is None and kind_given:  # a TPU named by --devices and --device-kind: its slices' shape
       tpu = tpu_lib.tpu_slice(device_kind, device_count // slices)
     report = aot.compile_report(
-      config, model_cfg, aot.target(device_count, device_kind, tpu, slices), estimate=estimate
+      config, model_config, aot.target(device_count, device_kind, tpu, slices), estimate=estimate
     )
     figures.update(_compiled_figures(report, flops_per_step, device_count, peak, t.batch_size * d.seq_len))
     figures["compile_s"] = time.perf_counter() - start
@@ -145,11 +146,11 @@ def _scheduled_figures(
   }
 
 
-def abstract_train_state(model_cfg: BertConfig, config, mesh_shape: tuple[int, int, int]) -> steps_lib.TrainState:
+def abstract_train_state(model_config: BertConfig, config, mesh_shape: tuple[int, int, int]) -> steps_lib.TrainState:
   """Shapes, dtypes and shardings of the train state on a mesh of `mesh_shape`, with no devices."""
   mesh = mesh_lib.abstract_mesh(mesh_shape)
   return steps_lib.compile_steps(
-    model_cfg, config.optim, config.train.steps, config.train.grad_accum, mesh
+    Pretraining(), model_config, config.optim, config.train.steps, config.train.grad_accum, mesh
   ).abstract_state()
 
 

@@ -29,6 +29,8 @@ from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.train import checkpoint, compatibility, losses
 from bertjax.train import steps as steps_lib
+from bertjax.train.pretraining import Pretraining
+from bertjax.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,29 @@ class Run:
 
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows -> one global array per field, sharded over the mesh."""
-    size = self.config.train.batch_size
-    return {
-      k: jax.make_array_from_process_local_data(self.steps.batch_sharding, v, (size, *v.shape[1:]))
-      for k, v in local.items()
-    }
+    return global_batch(self.steps, local, self.config.train.batch_size)
+
+
+def global_batch(steps: steps_lib.CompiledSteps, local: dict[str, np.ndarray], size: int) -> dict[str, jax.Array]:
+  """This process's rows of a `size`-row batch -> one global array per field, sharded over the mesh."""
+  return {
+    k: jax.make_array_from_process_local_data(steps.batch_sharding, v, (size, *v.shape[1:])) for k, v in local.items()
+  }
+
+
+def compile_for(config, task: Task, model_config: BertConfig, total_steps: int, optim_cfg=None):
+  """(the task's steps compiled for this job's mesh, the global batch rows this process feeds).
+
+  Args:
+    config: a validated run config; checked here against the job's device count.
+    task, model_config, total_steps: as `steps.compile_steps` takes them.
+    optim_cfg: the optimizer section; None is `config.optim`.
+  """
+  validation.validate_for_devices(config, jax.device_count())
+  mesh = mesh_lib.make_mesh(config.mesh)
+  t = config.train
+  steps = steps_lib.compile_steps(task, model_config, optim_cfg or config.optim, total_steps, t.grad_accum, mesh)
+  return steps, mesh_lib.rows_for_sharding(steps.batch_sharding, t.batch_size)
 
 
 def check_workdir(workdir: epath.Path) -> None:
@@ -94,9 +114,6 @@ def prepare_data(config, workdir) -> Data:
   """
   workdir = epath.Path(workdir)
   check_workdir(workdir)
-  init_tokenizer = epath.Path(config.train.init_from) / "tokenizer" if config.train.init_from else None
-  if not config.data.tokenizer and init_tokenizer is not None and init_tokenizer.exists():
-    config.data.tokenizer = str(init_tokenizer)  # a warm start keeps the vocabulary it was trained with
   tokenizer = tokenizer_lib.tokenizer_for_run(config, workdir)
   return Data(tokenizer, pipeline_lib.make_pipeline(config, tokenizer, workdir))
 
@@ -111,18 +128,14 @@ def setup(config, workdir, data: Data | None = None, *, write_config: bool = Tru
     write_config: whether process 0 writes WORKDIR/config.json (training does; eval does not).
   """
   data = prepare_data(config, workdir) if data is None else data
-  validation.validate_for_devices(config, jax.device_count())
   workdir = epath.Path(workdir)
+  model_config = resolve_config(config.model, data.tokenizer.vocab_size, seq_len=config.data.seq_len)
+  steps, rows = compile_for(config, Pretraining(), model_config, config.train.steps)  # checks the devices
   if jax.process_index() != 0:
     logging.getLogger("bertjax").setLevel(logging.WARNING)
-  elif write_config:
+  elif write_config:  # once the config is known to fit the job
     config_loading.write_config(config, workdir)
-  tokenizer, pipeline = data.tokenizer, data.pipeline
-  model_config = resolve_config(config.model, tokenizer.vocab_size, seq_len=config.data.seq_len)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  steps = steps_lib.compile_steps(model_config, config.optim, config.train.steps, config.train.grad_accum, mesh)
-  rows = mesh_lib.rows_for_sharding(steps.batch_sharding, config.train.batch_size)
-  return Run(config, workdir, tokenizer, pipeline, model_config, steps, rows)
+  return Run(config, workdir, data.tokenizer, data.pipeline, model_config, steps, rows)
 
 
 def baselines(eval_batches: list[dict[str, np.ndarray]]) -> dict[str, float]:

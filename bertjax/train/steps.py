@@ -1,13 +1,15 @@
-"""TrainState and the pure train and eval steps, jitted once over the mesh.
+"""TrainState and the pure train and eval steps of any task, jitted once over the mesh.
 
-    graphdef, params = nnx.split(model)      once (NNX outside)
+    compile_steps(task, cfg, optim_cfg, total_steps, grad_accum, mesh) -> CompiledSteps
     train_step(state, batch) -> (state, metrics)   pure: no logging, no host sync
-    eval_step(params, batch) -> loss and accuracy sums
+    eval_step(params, batch) -> the task's eval outputs
 
-Both steps are compiled once with explicit in/out shardings derived from the model's logical
-axes (bertjax.sharding), and the train state is donated. Dropout keys are
+A task (`bertjax.train.task.Task`: pretraining, or a fine-tuning head) supplies the model and its
+losses; the state, optimizer, microbatching and gradient accumulation, shardings and RNG handling
+are the same for all. Both steps are compiled once with explicit in/out shardings derived from the
+model's logical axes (`bertjax.parallel.rules`), and the train state is donated. Dropout keys are
 `fold_in(state.rng, state.step)` (then the microbatch index): nothing random is stored in a module.
-The pretraining loop that drives them is `bertjax.train.loop`.
+The loop that drives them is `bertjax.train.loop`.
 """
 
 import dataclasses
@@ -18,16 +20,16 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from bertjax.model.bert import BertForPreTraining, abstract_model
+from bertjax.model import bert
 from bertjax.model.config import BertConfig
 from bertjax.parallel import rules
-from bertjax.train import losses, optim
-
-Batch = dict[str, jax.Array]
+from bertjax.train import optim
+from bertjax.train.task import Batch, Task
 
 
 @flax.struct.dataclass
@@ -58,45 +60,44 @@ def fresh_state(params, tx: optax.GradientTransformation, seed) -> TrainState:
   )
 
 
-def _init_state(cfg: BertConfig, tx: optax.GradientTransformation, seed) -> TrainState:
-  model = BertForPreTraining(cfg, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), _PARAMS_STREAM)))
-  return fresh_state(nnx.state(model, nnx.Param).to_pure_dict(), tx, seed)
+def _init_state(task: Task, cfg: BertConfig, tx: optax.GradientTransformation, seed) -> TrainState:
+  model = task.build(cfg, nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), _PARAMS_STREAM)))
+  return fresh_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), tx, seed)
 
 
-def _microbatches(batch: Batch, k: int) -> Batch:
+def microbatches(batch: Batch, k: int) -> Batch:
   """[B, ...] -> [k, B/k, ...], microbatch j = rows j, j+k, ...: every device keeps its rows."""
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-# A packed batch (data.pack_pairs) carries these too: per-pair positions, pair ids (attention stays
-# within a pair) and each pair's [CLS]; NSP labels and weights are then [B, K], one per pair slot.
-PACKING_ARRAYS = ("position_ids", "pair_ids", "nsp_positions")
+def _grads_and_sums(task: Task, graphdef, params, batch: Batch, totals, key, grad_accum: int):
+  """The objective's gradient and the task's sums over the batch, accumulated over microbatches."""
 
+  def one(params, micro: Batch, index):
+    def objective(p):
+      sums = task.sums(nnx.merge(graphdef, p), micro, jax.random.fold_in(key, index))
+      return task.objective(sums, totals), sums
 
-def _forward_sums(graphdef, params, batch: Batch, dropout_key) -> dict[str, jax.Array]:
-  model = nnx.merge(graphdef, params)
-  mlm, nsp = model(
-    batch["input_ids"],
-    batch["segment_ids"],
-    batch["attention_mask"],
-    batch["masked_positions"],
-    **{k: batch[k] for k in PACKING_ARRAYS if k in batch},
-    dropout_key=dropout_key,
-  )
-  return losses.pretraining_sums(mlm, nsp, batch)
+    (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, sums
 
+  if grad_accum == 1:
+    return one(params, batch, 0)
 
-def _pair_count(batch: Batch) -> jax.Array:
-  """Real NSP pairs in a batch: one a row, or with packing the weighted pair slots."""
-  if "nsp_weights" in batch:
-    return batch["nsp_weights"].astype(jnp.float32).sum()
-  return jnp.float32(batch["nsp_labels"].size)
+  def accumulate(carry, micro_and_index):
+    return jax.tree.map(jnp.add, carry, one(params, *micro_and_index)), None
+
+  first = jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch)
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, params, first, 0))
+  (grads, sums), _ = jax.lax.scan(accumulate, zeros, (microbatches(batch, grad_accum), jnp.arange(grad_accum)))
+  return grads, sums
 
 
 def train_step(
   state: TrainState,
   batch: Batch,
   *,
+  task: Task,
   graphdef,
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
@@ -104,56 +105,28 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch, accumulating `grad_accum` microbatches.
 
-  The objective is normalised by the whole batch's masked weights and pair count (real pairs, not
-  rows, when the batch is packed), so k microbatches give the gradient of one step on the whole
-  batch.
+  The task's objective is divided by its totals over the whole batch, so k microbatches give the
+  gradient of one step on the whole batch.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  mlm_total = jnp.maximum(batch["masked_weights"].astype(jnp.float32).sum(), 1e-8)
-  nsp_total = jnp.maximum(_pair_count(batch), 1.0)
-
-  def grads_and_sums(params, micro: Batch, index):
-    def objective(p):
-      sums = _forward_sums(graphdef, p, micro, jax.random.fold_in(key, index))
-      return sums["mlm_loss_sum"] / mlm_total + sums["nsp_loss_sum"] / nsp_total, sums
-
-    (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return grads, sums
-
-  if grad_accum == 1:
-    grads, sums = grads_and_sums(state.params, batch, 0)
-  else:
-
-    def accumulate(carry, micro_and_index):
-      grads, sums = grads_and_sums(state.params, *micro_and_index)
-      return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-    zeros = jax.tree.map(
-      jnp.zeros_like,
-      jax.eval_shape(grads_and_sums, state.params, jax.tree.map(lambda x: x[: x.shape[0] // grad_accum], batch), 0),
-    )
-    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (_microbatches(batch, grad_accum), jnp.arange(grad_accum)))
-
+  totals = task.totals(batch)
+  grads, sums = _grads_and_sums(task, graphdef, state.params, batch, totals, key, grad_accum)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  consecutive, total = optim.nonfinite_counts(opt_state)
-  real = batch["attention_mask"].astype(jnp.float32)
+  consecutive, skipped = optim.nonfinite_counts(opt_state)
   metrics = {
-    **losses.from_sums(sums),
+    **task.metrics(sums, totals, batch),
     "grad_norm": optax.tree.norm(grads),
     "learning_rate": schedule(state.step),
     "nonfinite_consecutive": consecutive,
-    "skipped_steps": total,
-    "tokens": real.sum(),  # non-padding: the loop's tokens/s counts these
-    "padding_fraction": 1.0 - real.mean(),
-    "pairs_per_row": _pair_count(batch) / real.shape[0],
+    "skipped_steps": skipped,
   }
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, graphdef) -> dict[str, jax.Array]:
-  """Loss and accuracy sums on one batch, deterministic; sum them over batches, then from_sums."""
-  return _forward_sums(graphdef, params, batch, None)
+def eval_step(params, batch: Batch, *, task: Task, graphdef) -> dict[str, jax.Array]:
+  """The task's eval outputs on one batch, deterministic (no dropout)."""
+  return task.evaluate(nnx.merge(graphdef, params), batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,26 +169,39 @@ class CompiledSteps:
 
 
 def compile_steps(
-  cfg: BertConfig, optim_cfg, train_steps: int, grad_accum: int, mesh: Mesh | AbstractMesh
+  task: Task, cfg: BertConfig, optim_cfg, total_steps: int, grad_accum: int, mesh: Mesh | AbstractMesh
 ) -> CompiledSteps:
   """Shardings from the model's logical axes, then jitted init / train / eval over `mesh`.
 
+  Runs that ask for the same task, model, optimizer and mesh (the seeds of a GLUE suite, a run
+  and its resumption in one process) get the same jitted functions, so they compile once.
+
   Args:
+    task: what is trained (`bertjax.train.pretraining.Pretraining`, a fine-tuning task).
     cfg: the resolved model config.
-    optim_cfg: the run config's `optim` section.
-    train_steps: `train.steps`, the schedule's length unless `optim.schedule_steps` is set.
+    optim_cfg: the run config's `optim` section (a fine-tune's with its warmup in it).
+    total_steps: the schedule's length unless `optim.schedule_steps` is set.
     grad_accum: microbatches accumulated into one step.
     mesh: the device mesh, or an abstract one to plan and lower without devices.
   Returns:
     The jitted functions with their shardings. Nothing is compiled until first called or lowered.
   """
-  tx = optim.build_optimizer(optim_cfg, train_steps)
-  schedule = optim.learning_rate_schedule(optim_cfg, train_steps)
+  optim_values = tuple(sorted(optim_cfg.items()))
+  return _compile_steps(task, cfg, optim_values, total_steps, grad_accum, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_steps(task: Task, cfg: BertConfig, optim_values, total_steps: int, grad_accum: int, mesh):
+  optim_cfg = ml_collections.ConfigDict(dict(optim_values))
+  tx = optim.build_optimizer(optim_cfg, total_steps)
+  schedule = optim.learning_rate_schedule(optim_cfg, total_steps)
   return jit_steps(
-    abstract_model(cfg),
-    functools.partial(_init_state, cfg, tx),
-    lambda graphdef: functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum),
-    lambda graphdef: functools.partial(eval_step, graphdef=graphdef),
+    bert.abstract(task.build, cfg),
+    functools.partial(_init_state, task, cfg, tx),
+    lambda graphdef: functools.partial(
+      train_step, task=task, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum
+    ),
+    lambda graphdef: functools.partial(eval_step, task=task, graphdef=graphdef),
     tx,
     schedule,
     mesh,
@@ -224,8 +210,6 @@ def compile_steps(
 
 def jit_steps(abstract, init, make_train, make_eval, tx, schedule, mesh: Mesh | AbstractMesh) -> CompiledSteps:
   """The state's shardings from the model's logical axes, and init / train / eval jitted with them.
-
-  Shared by pretraining and fine-tuning, whose steps differ only in their functions.
 
   Args:
     abstract: the abstract model (`nnx.eval_shape`); its parameters' names give the shardings.

@@ -13,10 +13,6 @@ from configs.finetune import recipe
 
 
 def get_config(arg: str | None = None):
-  args = recipe.parse_arg(arg)
-  lr = args.pop("lr", "2e-5")
-  if args:
-    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes lr=RATE")
-  c = recipe.get_config(lr)
+  c = recipe.recipe(recipe.config_args(arg, lr=2e-5).lr)
   c.finetune.task = "classification"
   return c

@@ -13,11 +13,8 @@ from configs.finetune import recipe
 
 
 def get_config(arg: str | None = None):
-  args = recipe.parse_arg(arg)
-  task, lr = args.pop("task", ""), args.pop("lr", "2e-5")
-  if args:
-    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes task=NAME and lr=RATE")
-  c = recipe.get_config(lr)
-  c.finetune.glue_task = task
+  args = recipe.config_args(arg, task="", lr=2e-5)
+  c = recipe.recipe(args.lr)
+  c.finetune.glue_task = args.task
   c.finetune.task = "classification"
   return c

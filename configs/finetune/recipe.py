@@ -8,15 +8,17 @@ to 0, batch 32, dropout 0.1, 3 epochs, sequences of 128 tokens. The learning rat
 
 from configs import common
 
-parse_arg = common.parse_arg
+config_args = common.config_args
 
 
-def get_config(lr: str = "2e-5"):
+def get_config(arg: str | None = None):
+  """The recipe on its own (`lr=` sets the learning rate); the task files start from `recipe`."""
+  return recipe(config_args(arg, lr=2e-5).lr)
+
+
+def recipe(lr: float):
   c = common.get_config()
-  try:
-    c.optim.lr = float(lr)
-  except ValueError:
-    raise ValueError(f"lr={lr} is not a number; e.g. lr=3e-5") from None
+  c.optim.lr = lr
   c.optim.name = "adamw"
   c.optim.weight_decay = 0.01
   c.optim.clip_norm = 1.0

@@ -12,12 +12,8 @@ from the 20 best starts and ends.
 from configs.finetune import recipe
 
 
-def get_config(arg: str | None = None):
-  args = recipe.parse_arg(arg)
-  lr = args.pop("lr", "3e-5")
-  if args:
-    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes lr=RATE")
-  c = recipe.get_config(lr)
+def get_config(arg: str | None = None, default_lr: float = 3e-5):
+  c = recipe.recipe(recipe.config_args(arg, lr=default_lr).lr)
   c.finetune.task = "qa"
   c.finetune.epochs = 2
   c.finetune.max_seq_len = 384

@@ -13,9 +13,6 @@ from configs.finetune import squad
 
 
 def get_config(arg: str | None = None):
-  args = squad.recipe.parse_arg(arg)
-  c = squad.get_config(f"lr={args.pop('lr', '5e-5')}")
-  if args:
-    raise ValueError(f"unknown config argument {next(iter(args))!r}; this config takes lr=RATE")
+  c = squad.get_config(arg, default_lr=5e-5)
   c.finetune.squad_v2 = True
   return c

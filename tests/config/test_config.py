@@ -116,13 +116,6 @@ def test_missing_config_file_lists_the_packaged_ones():
     config_lib.load_config("nope.py")
 
 
-def test_unknown_phase_argument():
-  with pytest.raises(BertjaxError, match="phase=3 is not a phase"):
-    config_lib.load_config("configs/base.py:phase=3")
-  with pytest.raises(BertjaxError, match="unknown config argument 'fase'"):
-    config_lib.load_config("configs/base.py:fase=2")
-
-
 # (overrides, text the one-line message must contain: the key, and the fix)
 VALIDATION_ERRORS = [
   ({"model.variant": "huge"}, "model.variant='huge' is unknown; choose one of"),

@@ -28,3 +28,33 @@ def test_train_and_eval_each_validate_once_and_check_the_devices_once(tmp_path, 
   counted.update(validate=0, validate_for_devices=0)
   assert cli.main(["eval", "--workdir", str(tmp_path / "run")]) == 0  # the run folder's config.json
   assert counted == {"validate": 1, "validate_for_devices": 1}
+
+
+def test_a_validated_config_is_final_nothing_downstream_writes_into_it(tmp_path, pretrained, task_files):
+  """A warm start (which takes its vocabulary from train.init_from) and a fine-tune of custom
+  classes (which the data resolves) both run on configs frozen right after validation."""
+  from ml_collections import FrozenConfigDict
+
+  from bertjax.config import loading
+  from bertjax.finetune import job
+  from bertjax.train import pretrain
+  from tests.support.finetune import pair_task_config
+  from tests.support.runs import MICRO_OVERRIDES
+
+  root = pretrained.parent
+  warm = loading.load_config(
+    "configs/tiny.py",
+    MICRO_OVERRIDES
+    + [
+      f"data.source=files:{root}/corpus.txt",
+      f"data.cache_dir={root}/cache",
+      f"train.init_from={pretrained}",
+      "train.init_params_only=true",
+      "train.steps=2",
+      "train.eval_every=100",
+    ],
+  )
+  assert warm.data.tokenizer == str(pretrained / "tokenizer")  # resolved before validation
+  assert int(pretrain.train(FrozenConfigDict(warm), tmp_path / "warm").state.step) == 2
+  tune = pair_task_config(pretrained, task_files, "finetune.epochs=1")
+  assert job.finetune(FrozenConfigDict(tune), tmp_path / "tune").final

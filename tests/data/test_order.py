@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from bertjax.data import pairs
+from tests.support.corpora import examples_of
 
 
 def numbered_store(n_docs=40, seed=0):
@@ -128,8 +129,8 @@ def test_epochs_reshuffle_and_remask(make_pipeline):
   step = size // p.batch_size + 1  # wholly in epoch 1
   epochs, index = p._locate(step * p.batch_size + np.arange(p.batch_size))
   assert set(epochs.tolist()) == {1}
-  assert_batches_equal(p.batch(step), p._make(e1.take(index), keyed_random.row_keys(p.seed, 1, index)))
-  as_epoch_0 = p._make(e1.take(index), keyed_random.row_keys(p.seed, 0, index))
+  assert_batches_equal(p.batch(step), examples_of(p, e1.take(index), keyed_random.row_keys(p.seed, 1, index)))
+  as_epoch_0 = examples_of(p, e1.take(index), keyed_random.row_keys(p.seed, 0, index))
   differ = [not np.array_equal(a, b) for a, b in zip(p.batch(step)["masked_positions"], as_epoch_0["masked_positions"])]
   assert sum(differ) >= 0.75 * p.batch_size, differ
 

@@ -7,6 +7,7 @@ import pytest
 
 from bertjax.data import keyed_random, masking, packing
 from bertjax.errors import BertjaxError
+from tests.support.corpora import examples_of
 
 # The session corpus has long sentences for its size: at seq 128 with every document's target
 # drawn short, about half the pairs are short enough to share a row; at 256 some rows hold three.
@@ -71,7 +72,7 @@ def test_packed_rows_lay_out_each_pair_as_it_would_be_alone(make_pipeline):
     b = p.batch(step)
     rows = step * p.batch_size + np.arange(p.batch_size)  # wholly inside epoch 0 at this size
     index, row_of_pair, slot = packed.select(rows)
-    alone = p._make(pairs.take(index), keyed_random.row_keys(p.seed, 0, index))
+    alone = examples_of(p, pairs.take(index), keyed_random.row_keys(p.seed, 0, index))
     assert b["nsp_labels"].shape == b["nsp_positions"].shape == b["nsp_weights"].shape == (8, 4)
     np.testing.assert_array_equal(b["nsp_weights"].sum(1), np.bincount(row_of_pair, minlength=8))
     for j, (r, k) in enumerate(zip(row_of_pair, slot)):
@@ -139,7 +140,7 @@ def test_an_unpacked_batch_is_what_it_was(make_pipeline):
     "nsp_labels",
   }
   index = 2 * p.batch_size + np.arange(p.batch_size)
-  assert_batches_equal(b, p._make(p._epoch(0).take(index), keyed_random.row_keys(p.seed, 0, index)))
+  assert_batches_equal(b, examples_of(p, p._epoch(0).take(index), keyed_random.row_keys(p.seed, 0, index)))
   assert "max_pairs_per_row" not in p.state_for(2)
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bertjax.finetune import loop
+from bertjax.finetune import job as loop
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
 
@@ -21,7 +21,7 @@ def test_the_pair_task_is_learned_and_evaluated_every_epoch(pair_run):
   assert evals[-1]["accuracy"] == result.final["accuracy"]
   train = [r for r in records if r["split"] == "train"]
   assert train[-1]["step"] == 96 and train[0]["learning_rate"] > train[-1]["learning_rate"]  # decaying
-  for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens_per_s", "examples_per_s", "epoch"):
+  for key in ("loss", "accuracy", "grad_norm", "learning_rate", "tokens_per_s", "sequences_per_s", "epoch"):
     assert key in train[-1], key
   assert json.loads((workdir / loop.RESULTS_FILE).read_text()) == {"step": 96, "task": "custom", **result.final}
   assert list((workdir / "tb").glob("events.out.tfevents.*"))

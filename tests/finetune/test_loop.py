@@ -10,7 +10,7 @@ import pytest
 
 from bertjax.cli import main as cli
 from bertjax.errors import BertjaxError
-from bertjax.finetune import loop
+from bertjax.finetune import job as loop
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
 from tests.support.finetune import count_task_config, finetune_config, pair_task_config
@@ -20,7 +20,7 @@ STOP_AT = 40  # a step in the second epoch, between checkpoints
 
 def _records(workdir, split):
   return [
-    {k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "examples_per_s", "step_s")}
+    {k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "sequences_per_s", "step_s", "mfu")}
     for r in writer.read_metrics(workdir)
     if r["split"] == split
   ]

@@ -11,9 +11,10 @@ import re
 import numpy as np
 import pytest
 
+from bertjax import tasks
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
-from bertjax.finetune import features, sources, tasks
+from bertjax.finetune import features, sources
 from tests.support.finetune import write_glue_files
 
 TEXTS = ['He said "yes" and left.', "nan", "null", "It's 5' 10\" tall"]

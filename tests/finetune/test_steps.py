@@ -4,19 +4,23 @@ step is jitted over the same shardings)."""
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec
 
-from bertjax.finetune import steps, tasks
+from bertjax import tasks
+from bertjax.finetune.task import Finetune
 from bertjax.parallel import mesh as mesh_lib
+from bertjax.train import steps
 from tests.support.micro import micro_bert, optim_config
 
 CLASSIFIER = tasks.TaskSpec("classification", "custom", ("a", "b", "c"))
 SPANS = tasks.TaskSpec("qa", "squad")
 
 
-def _steps(spec, shape):
+def _steps(spec, shape, grad_accum=1, head_dropout=0.0):
   mesh = mesh_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), shape)), jax.devices()[: int(np.prod(shape))])
-  return steps.compile_steps(micro_bert(dropout=0.0, attention_dropout=0.0), spec, 0.0, optim_config(), 10, 1, mesh)
+  model = micro_bert(dropout=0.0, attention_dropout=0.0)
+  return steps.compile_steps(Finetune(spec, head_dropout), model, optim_config(), 10, grad_accum, mesh)
 
 
 def _batch(spec, rng):
@@ -54,3 +58,27 @@ def test_the_heads_compute_the_same_on_a_data_fsdp_tensor_mesh_as_data_parallel(
     expected, got = jax.device_get((data_parallel.eval(params, batch), mixed.eval(placed, batch)))
     for key in expected:
       np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_microbatches_take_the_step_of_the_whole_padded_batch():
+  """The loss is divided by the whole batch's real rows, so 2 microbatches (one holding the
+  padding row) give the step of one batch of 8."""
+  for spec in (CLASSIFIER, SPANS):
+    batch = _batch(spec, np.random.default_rng(1))
+    whole, halves = _steps(spec, (2, 1, 1)), _steps(spec, (2, 1, 1), grad_accum=2)
+    state = whole.init(0)
+    (after_whole, m_whole), (after_halves, m_halves) = whole.train(state, batch), halves.train(whole.init(0), batch)
+    assert float(m_halves["loss"]) == pytest.approx(float(m_whole["loss"]), rel=1e-5)
+    assert float(m_halves["examples"]) == float(m_whole["examples"]) == 7.0
+    for a, b in zip(jax.tree.leaves(after_whole.params), jax.tree.leaves(after_halves.params), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_the_classifier_drops_the_pooled_output_with_the_models_dropout():
+  """Head dropout (the model's `dropout`, its `dropout_impl` mask) is on in a train step: with the
+  body's dropout off, a step with head dropout computes another loss than one without."""
+  batch = _batch(CLASSIFIER, np.random.default_rng(2))
+  plain, dropped = _steps(CLASSIFIER, (1, 1, 1)), _steps(CLASSIFIER, (1, 1, 1), head_dropout=0.5)
+  _, without = plain.train(plain.init(0), batch)
+  _, with_dropout = dropped.train(dropped.init(0), batch)
+  assert float(without["loss"]) != float(with_dropout["loss"])

@@ -20,7 +20,7 @@ from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
 from bertjax.hf import export, folders, import_hf, load, names
 from bertjax.model.bert import init_model
-from bertjax.train import checkpoint, loop
+from bertjax.train import checkpoint, pretrain
 from tests.support.corpora import numbered_documents, write_bert_text
 from tests.support.extras import randomise, require
 from tests.support.micro import MICRO
@@ -72,7 +72,7 @@ def _train_config(corpus, *extra):
 def trained(corpus, tmp_path_factory):
   """A micro run trained for 3 steps (its tokenizer trained on the corpus)."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  loop.train(_train_config(corpus, "train.steps=3"), workdir)
+  pretrain.train(_train_config(corpus, "train.steps=3"), workdir)
   return workdir
 
 
@@ -233,8 +233,8 @@ def test_a_plain_bert_model_imports_and_pretraining_continues(tmp_path, corpus, 
   ]:
     if not override.startswith("data.vocab_size"):
       config_lib.apply_override(train_config, override)
-  with caplog.at_level(logging.INFO, logger="bertjax.train.loop"):
-    result = loop.train(train_config, tmp_path / "run")
+  with caplog.at_level(logging.INFO, logger="bertjax.train.pretrain"):
+    result = pretrain.train(train_config, tmp_path / "run")
   assert "resumed from checkpoint step 0" in caplog.text
   assert int(result.state.step) == 2
   with checkpoint.Checkpoints(tmp_path / "run", read_only=True) as checkpoints:

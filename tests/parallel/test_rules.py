@@ -82,7 +82,7 @@ def test_the_default_mesh_rules_are_the_table():
   assert layout.parse_rules("") == layout.RULES
   # Every logical name the model gives its parameters has a rule.
   logical = jax.tree.leaves(
-    nnx.get_partition_spec(_abstract_params()).to_pure_dict(), is_leaf=lambda x: isinstance(x, P)
+    nnx.to_pure_dict(nnx.get_partition_spec(_abstract_params())), is_leaf=lambda x: isinstance(x, P)
   )
   names = {n for spec in logical for n in spec if n is not None}
   assert names <= set(layout.LOGICAL_AXES), names - set(layout.LOGICAL_AXES)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from bertjax.config.defaults import get_config
+from bertjax.data.base import make_examples
 
 _WORDS = """the river runs past an old mill where children play and fishermen talk about
 weather boats markets songs bread stone bridges gardens lanterns quiet mornings evening bells
@@ -124,3 +125,9 @@ def make_streaming(corpus_dir, cache_dir, micro_tokenizer, tmp_path_factory):
     return make_pipeline(streaming_config(path, cache_dir, **data), micro_tokenizer)
 
   return make
+
+
+def examples_of(pipeline, pair_index, keys) -> dict[str, np.ndarray]:
+  """The rows a cached pipeline makes of these pairs with these mask keys, one pair a row."""
+  p = pipeline
+  return make_examples(p.store.tokens, pair_index, keys, p.seq_len, p.tokenizer, p.masking)

@@ -22,7 +22,7 @@ import pytest
 from bertjax.config import loading
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.finetune import run as run_lib
-from bertjax.train import loop as pretrain_loop
+from bertjax.train import pretrain
 from tests.support.corpora import numbered_documents, write_bert_text
 from tests.support.runs import MICRO_OVERRIDES
 
@@ -58,7 +58,7 @@ def pretrained(tmp_path_factory):
     "configs/tiny.py",
     MICRO_OVERRIDES + PRETRAIN_OVERRIDES + [f"data.source=files:{root}/corpus.txt", f"data.cache_dir={root}/cache"],
   )
-  pretrain_loop.train(config, root / "run")
+  pretrain.train(config, root / "run")
   return root / "run"
 
 
@@ -192,7 +192,7 @@ def squad_task_config(pretrained, task_files, *extra):
 @pytest.fixture(scope="session")
 def pair_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the pair task fine-tuned for 3 epochs (96 steps)."""
-  from bertjax.finetune import loop
+  from bertjax.finetune import job as loop
 
   config = pair_task_config(pretrained, task_files)
   workdir = tmp_path_factory.mktemp("pair-run") / "run"
@@ -202,7 +202,7 @@ def pair_run(pretrained, task_files, tmp_path_factory):
 @pytest.fixture(scope="session")
 def squad_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the SQuAD 2.0 task fine-tuned for 2 epochs."""
-  from bertjax.finetune import loop
+  from bertjax.finetune import job as loop
 
   config = squad_task_config(pretrained, task_files)
   workdir = tmp_path_factory.mktemp("squad-run") / "run"
@@ -224,7 +224,7 @@ def count_task_config(pretrained, task_files, *extra):
 @pytest.fixture(scope="session")
 def count_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the count task, a regression, fine-tuned for 3 epochs."""
-  from bertjax.finetune import loop
+  from bertjax.finetune import job as loop
 
   config = count_task_config(pretrained, task_files)
   workdir = tmp_path_factory.mktemp("count-run") / "run"
@@ -267,7 +267,7 @@ LAYOUTS = {
 def write_glue_files(root, name: str, files: dict[str, list[tuple[str, str, str]]]) -> None:
   """ROOT/TASK/FILE with the GLUE download's header and columns for each (first text, second
   text, label as the TSV writes it) row."""
-  from bertjax.finetune import tasks
+  from bertjax import tasks
 
   header, row = LAYOUTS[name]
   folder = root / tasks.GLUE[name].folder

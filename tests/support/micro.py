@@ -13,6 +13,7 @@ from bertjax.model.config import BertConfig
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel.layout import MESH_AXES
 from bertjax.train import steps as steps_lib
+from bertjax.train.pretraining import Pretraining
 
 MICRO = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=128, max_position_embeddings=64)
 MICRO_DATA = dict(seq_len=32, max_predictions=5, vocab_size=256)
@@ -75,5 +76,10 @@ def compiled_steps(mesh_shape, cfg=None, grad_accum=1, devices=None, **optim_cha
   devices = jax.devices()[: int(np.prod(mesh_shape))] if devices is None else devices
   mesh = mesh_lib.make_mesh(mesh_cfg, devices)
   return steps_lib.compile_steps(
-    cfg or micro_bert(dropout=0.0, attention_dropout=0.0), optim_config(**optim_changes), 100, grad_accum, mesh
+    Pretraining(),
+    cfg or micro_bert(dropout=0.0, attention_dropout=0.0),
+    optim_config(**optim_changes),
+    100,
+    grad_accum,
+    mesh,
   )

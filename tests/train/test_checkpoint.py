@@ -19,7 +19,7 @@ from etils import epath
 from bertjax.atomic import os_errno
 from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
-from bertjax.train import checkpoint, compatibility, loop, manifest, optim, save_failures
+from bertjax.train import checkpoint, compatibility, manifest, optim, pretrain, save_failures
 from bertjax.train import run as run_lib
 from tests.support.micro import compiled_steps as _steps
 from tests.support.micro import synthetic_batch
@@ -227,7 +227,7 @@ def test_intact_files_that_fail_to_restore_stop_the_run_and_all_damaged_refuse_a
   with checkpoint.Checkpoints(tmp_path, _CheckpointCfg()) as ckpts:
     assert ckpts.steps() == []
     with pytest.raises(checkpoint.CheckpointError, match="move that folder away to start afresh"):
-      loop.initial_state(run, ckpts)
+      pretrain.initial_state(run, ckpts)
 
 
 def test_a_manifest_without_digests_is_checked_by_its_sizes(tmp_path):
@@ -476,15 +476,15 @@ def test_async_saves_are_complete_when_the_process_exits(tmp_path, corpus_and_to
 
 
 def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corpus_and_tokenizer):
-  first = loop.train(_config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100"), tmp_path / "a")
+  first = pretrain.train(_config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100"), tmp_path / "a")
   phase2 = _config(corpus_and_tokenizer, "train.steps=6", "train.eval_every=100", f"train.init_from={tmp_path / 'a'}")
   warm = run_lib.setup(phase2, tmp_path / "b0")
   with checkpoint.Checkpoints(tmp_path / "b0", phase2.checkpoint) as ckpts:
-    carried, position = loop.initial_state(warm, ckpts)
+    carried, position = pretrain.initial_state(warm, ckpts)
   assert int(carried.step) == 4 and position is None
   _leaves_equal(carried.params, first.state.params)
   _leaves_equal(carried.opt_state, first.state.opt_state)  # Adam's moments and the counters carry over
-  second = loop.train(phase2, tmp_path / "b")
+  second = pretrain.train(phase2, tmp_path / "b")
   records = [r for r in metrics.read_metrics(tmp_path / "b") if r["split"] == "train"]
   assert [r["step"] for r in records] == [5, 6]  # the global step continued
   fresh = _config(
@@ -496,7 +496,7 @@ def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corp
   )
   run = run_lib.setup(fresh, tmp_path / "c")
   with checkpoint.Checkpoints(tmp_path / "c", fresh.checkpoint) as ckpts:
-    state, position = loop.initial_state(run, ckpts)
+    state, position = pretrain.initial_state(run, ckpts)
   assert int(state.step) == 0 and position is None
   _leaves_equal(state.params, first.state.params)
   consecutive, total = (int(x) for x in jax.device_get(optim.nonfinite_counts(state.opt_state)))
@@ -507,12 +507,12 @@ def test_warm_start_carries_step_and_optimizer_or_only_parameters(tmp_path, corp
 
 
 def test_resuming_with_another_model_or_tokenizer_is_refused(tmp_path, corpus_and_tokenizer):
-  loop.train(_config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100"), tmp_path / "run")
+  pretrain.train(_config(corpus_and_tokenizer, "train.steps=2", "train.eval_every=100"), tmp_path / "run")
   bigger = _config(corpus_and_tokenizer, "train.steps=4", "model.intermediate_size=64", "model.num_layers=3")
   with pytest.raises(
     BertjaxError, match=r"differs from the checkpoint's \(num_layers 2 -> 3, intermediate_size 128 -> 64\)"
   ):
-    loop.train(bigger, tmp_path / "run")
+    pretrain.train(bigger, tmp_path / "run")
   meta = {
     "model": compatibility.model_sizes(run_lib.setup(_config(corpus_and_tokenizer), tmp_path / "x").model_config),
     "tokenizer_fingerprint": "something-else",
@@ -525,7 +525,7 @@ def test_resuming_with_another_model_or_tokenizer_is_refused(tmp_path, corpus_an
 
 def test_eval_reads_any_step_and_the_cli_prints_one_json_line(tmp_path, corpus_and_tokenizer):
   config = _config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100", "checkpoint.every_steps=2")
-  loop.train(config, tmp_path / "run")
+  pretrain.train(config, tmp_path / "run")
   at_2 = run_lib.evaluate_checkpoint(config, tmp_path / "run", step=2)
   newest = run_lib.evaluate_checkpoint(config, tmp_path / "run")
   assert at_2["step"] == 2 and newest["step"] == 4

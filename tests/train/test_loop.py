@@ -10,7 +10,7 @@ import pytest
 from bertjax.config import loading as config_lib
 from bertjax.errors import BertjaxError
 from bertjax.metrics import writer as metrics
-from bertjax.train import loop
+from bertjax.train import pretrain
 from bertjax.train import run as run_lib
 from tests.support.runs import MICRO_OVERRIDES, free_port, launch, run_config, train_args
 
@@ -27,7 +27,7 @@ def test_loss_falls_on_the_builtin_corpus_and_everything_is_logged(tmp_path):
       "data.tokenizer_sentences=5000",
     ],
   )
-  result = loop.train(config, tmp_path / "run")
+  result = pretrain.train(config, tmp_path / "run")
   final = result.final
   assert int(result.state.step) == 40
   records = metrics.read_metrics(tmp_path / "run")
@@ -66,14 +66,14 @@ def test_the_nonfinite_guard_stops_the_run_with_its_message(tmp_path, corpus_and
   state = run.steps.init(0)
   poisoned = state.replace(params=jax.tree.map(lambda x: x * np.float32("nan"), state.params))
   with pytest.raises(BertjaxError, match="step 1 went non-finite, and so did every step to step 3: the gradient"):
-    loop.train(config, tmp_path / "run", state=poisoned)
+    pretrain.train(config, tmp_path / "run", state=poisoned)
   logged = metrics.read_metrics(tmp_path / "run")
   assert [r["skipped_steps"] for r in logged if r["split"] == "train"][:2] == [1.0, 2.0]
 
 
 def test_the_profiler_window_writes_a_trace(tmp_path, corpus_and_tokenizer):
   config = run_config(corpus_and_tokenizer, "train.steps=4", "train.eval_every=100", "train.profile_steps=1:3")
-  loop.train(config, tmp_path / "run")
+  pretrain.train(config, tmp_path / "run")
   traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
   assert traces, list((tmp_path / "run").rglob("*"))
   # The steps are annotated (StepTraceAnnotation): their events carry a step_num stat.
@@ -109,7 +109,7 @@ def test_a_full_workdir_fails_before_training(tmp_path, corpus_and_tokenizer, mo
   almost_full = shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024)
   monkeypatch.setattr(save_failures.shutil, "disk_usage", lambda path: almost_full)
   with pytest.raises(BertjaxError, match=r"0 MiB free, but one checkpoint needs about [0-9.,]+ MiB"):
-    loop.train(run_config(corpus_and_tokenizer, "train.steps=2"), tmp_path / "run")
+    pretrain.train(run_config(corpus_and_tokenizer, "train.steps=2"), tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from tests.support.corpora import examples_of
 from tests.support.micro import compiled_steps as _steps
 from tests.support.micro import micro_bert, synthetic_batch
 
@@ -114,7 +115,7 @@ def packed_and_alone(make_pipeline):
   packed = p.batch(step)
   pairs, packing = p._epoch_data(0)
   index, row_of_pair, slot = packing.select(step * p.batch_size + np.arange(p.batch_size))
-  alone = p._make(pairs.take(index), keyed_random.row_keys(p.seed, 0, index))
+  alone = examples_of(p, pairs.take(index), keyed_random.row_keys(p.seed, 0, index))
   assert len(index) >= p.batch_size + 3  # several rows hold more than one pair
   return packed, alone, row_of_pair, slot
 
@@ -124,7 +125,7 @@ def test_a_packed_row_gives_each_pair_the_losses_it_has_alone(packed_and_alone):
   from flax import nnx
 
   from bertjax.model.bert import init_model
-  from bertjax.train.steps import PACKING_ARRAYS
+  from bertjax.train.pretraining import PACKING_ARRAYS
 
   packed, alone, row_of_pair, slot = packed_and_alone
   graphdef, params = nnx.split(init_model(PACKED_MODEL, seed=0))
