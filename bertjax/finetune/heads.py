@@ -19,7 +19,7 @@ from flax import nnx
 from bertjax.model.bert import BertForPreTraining
 from bertjax.model.config import BertConfig
 from bertjax.model.dropout import dropout
-from bertjax.model.layers import Embeddings, Encoder, Pooler
+from bertjax.model.layers import Embeddings, Encoder, Pooler, param
 from bertjax.parallel.rules import constrain
 from bertjax.tasks import TaskSpec
 
@@ -27,18 +27,13 @@ from bertjax.tasks import TaskSpec
 BODY = ("embeddings", "encoder", "pooler")
 
 
-def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
-  # Placement comes from a jitted init with out-shardings derived from the names (as the model's).
-  return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
 class OutputLayer(nnx.Module):
   """A dense layer from the hidden size to the task's outputs, computed in float32."""
 
   def __init__(self, cfg: BertConfig, outputs: int, input_axis: str, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
-    self.kernel = _param(init(rngs.params(), (cfg.hidden_size, outputs)), (input_axis, "classes"))
-    self.bias = _param(jnp.zeros((outputs,), jnp.float32), ("classes",))
+    self.kernel = param(init(rngs.params(), (cfg.hidden_size, outputs)), (input_axis, "classes"))
+    self.bias = param(jnp.zeros((outputs,), jnp.float32), ("classes",))
 
   def __call__(self, x):
     return jnp.einsum("...e,ec->...c", x.astype(jnp.float32), self.kernel[...]) + self.bias[...]

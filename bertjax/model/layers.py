@@ -21,7 +21,7 @@ from bertjax.parallel.rules import constrain
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def _param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+def param(value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
   # No eager sharding: placement comes from a jitted init with out-shardings derived from
   # these names (bertjax.parallel.rules), so the model also builds where no mesh is set.
   return nnx.Param(value, out_sharding=axes, eager_sharding=False)
@@ -35,8 +35,8 @@ class LayerNorm(nnx.Module):
   """LayerNorm with float32 statistics whatever the compute dtype."""
 
   def __init__(self, size: int, cfg: BertConfig, axis_name: str = "embed"):
-    self.scale = _param(jnp.ones((size,), jnp.float32), (axis_name,))
-    self.bias = _param(jnp.zeros((size,), jnp.float32), (axis_name,))
+    self.scale = param(jnp.ones((size,), jnp.float32), (axis_name,))
+    self.bias = param(jnp.zeros((size,), jnp.float32), (axis_name,))
     self.eps = cfg.layer_norm_eps
     self.dtype = cfg.compute_dtype
 
@@ -54,9 +54,9 @@ class Embeddings(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
     h = cfg.hidden_size
-    self.word = _param(init(rngs.params(), (cfg.padded_vocab_size, h)), ("vocab", "embed"))
-    self.position = _param(init(rngs.params(), (cfg.max_position_embeddings, h)), ("position", "embed"))
-    self.segment = _param(init(rngs.params(), (cfg.type_vocab_size, h)), ("segment", "embed"))
+    self.word = param(init(rngs.params(), (cfg.padded_vocab_size, h)), ("vocab", "embed"))
+    self.position = param(init(rngs.params(), (cfg.max_position_embeddings, h)), ("position", "embed"))
+    self.segment = param(init(rngs.params(), (cfg.type_vocab_size, h)), ("segment", "embed"))
     self.norm = LayerNorm(h, cfg)
     self.rate = cfg.dropout
     self.dropout_impl = cfg.dropout_impl
@@ -77,10 +77,10 @@ class SelfAttention(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
     h, n, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    self.qkv_kernel = _param(init(rngs.params(), (h, 3, n, d)), ("embed", "qkv", "heads", "kv"))
-    self.qkv_bias = _param(jnp.zeros((3, n, d), jnp.float32), ("qkv", "heads", "kv"))
-    self.out_kernel = _param(init(rngs.params(), (n, d, h)), ("heads", "kv", "embed"))
-    self.out_bias = _param(jnp.zeros((h,), jnp.float32), ("embed",))
+    self.qkv_kernel = param(init(rngs.params(), (h, 3, n, d)), ("embed", "qkv", "heads", "kv"))
+    self.qkv_bias = param(jnp.zeros((3, n, d), jnp.float32), ("qkv", "heads", "kv"))
+    self.out_kernel = param(init(rngs.params(), (n, d, h)), ("heads", "kv", "embed"))
+    self.out_bias = param(jnp.zeros((h,), jnp.float32), ("embed",))
     self.dtype = cfg.compute_dtype
     self.rate = cfg.attention_dropout
     self.dropout_impl = cfg.dropout_impl
@@ -186,10 +186,10 @@ class FeedForward(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
     h, m = cfg.hidden_size, cfg.intermediate_size
-    self.in_kernel = _param(init(rngs.params(), (h, m)), ("embed", "mlp"))
-    self.in_bias = _param(jnp.zeros((m,), jnp.float32), ("mlp",))
-    self.out_kernel = _param(init(rngs.params(), (m, h)), ("mlp", "embed"))
-    self.out_bias = _param(jnp.zeros((h,), jnp.float32), ("embed",))
+    self.in_kernel = param(init(rngs.params(), (h, m)), ("embed", "mlp"))
+    self.in_bias = param(jnp.zeros((m,), jnp.float32), ("mlp",))
+    self.out_kernel = param(init(rngs.params(), (m, h)), ("mlp", "embed"))
+    self.out_bias = param(jnp.zeros((h,), jnp.float32), ("embed",))
     self.dtype = cfg.compute_dtype
 
   def __call__(self, x_BxLxE):
@@ -283,8 +283,8 @@ class Pooler(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
     h = cfg.hidden_size
-    self.kernel = _param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
-    self.bias = _param(jnp.zeros((h,), jnp.float32), ("embed_out",))
+    self.kernel = param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
+    self.bias = param(jnp.zeros((h,), jnp.float32), ("embed_out",))
     self.dtype = cfg.compute_dtype
 
   def __call__(self, cls_BxE):
@@ -298,10 +298,10 @@ class MaskedLMHead(nnx.Module):
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
     h = cfg.hidden_size
-    self.transform_kernel = _param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
-    self.transform_bias = _param(jnp.zeros((h,), jnp.float32), ("embed_out",))
+    self.transform_kernel = param(init(rngs.params(), (h, h)), ("embed", "embed_out"))
+    self.transform_bias = param(jnp.zeros((h,), jnp.float32), ("embed_out",))
     self.transform_norm = LayerNorm(h, cfg)
-    self.output_bias = _param(jnp.zeros((cfg.padded_vocab_size,), jnp.float32), ("vocab",))
+    self.output_bias = param(jnp.zeros((cfg.padded_vocab_size,), jnp.float32), ("vocab",))
     self.dtype = cfg.compute_dtype
     self.vocab_size = cfg.vocab_size
 
@@ -321,8 +321,8 @@ class NextSentenceHead(nnx.Module):
 
   def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
     init = jax.nn.initializers.truncated_normal(cfg.initializer_range)
-    self.kernel = _param(init(rngs.params(), (cfg.hidden_size, 2)), ("embed_out", "classes"))
-    self.bias = _param(jnp.zeros((2,), jnp.float32), ("classes",))
+    self.kernel = param(init(rngs.params(), (cfg.hidden_size, 2)), ("embed_out", "classes"))
+    self.bias = param(jnp.zeros((2,), jnp.float32), ("classes",))
 
   def __call__(self, pooled_BxE):
     return pooled_BxE.astype(jnp.float32) @ self.kernel[...] + self.bias[...]

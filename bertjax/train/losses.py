@@ -74,15 +74,3 @@ def from_sums(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   }
   metrics["loss"] = metrics["mlm_loss"] + metrics["nsp_loss"]
   return metrics
-
-
-def pretraining_loss(mlm_logits, nsp_logits, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, metrics) for one batch: the differentiable total and everything worth logging.
-
-  Args:
-    mlm_logits, nsp_logits, batch: as in `pretraining_sums`.
-  Returns:
-    (loss, metrics): the scalar MLM + NSP loss, and `from_sums`'s losses and accuracies.
-  """
-  metrics = from_sums(pretraining_sums(mlm_logits, nsp_logits, batch))
-  return metrics["loss"], metrics

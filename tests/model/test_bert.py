@@ -14,8 +14,7 @@ from bertjax.errors import BertjaxError
 from bertjax.model import bert as model_lib
 from bertjax.model import config as model_config
 from bertjax.model import layers
-from bertjax.train import losses
-from tests.support.micro import eager_forward, forward, micro_bert, synthetic_batch
+from tests.support.micro import eager_forward, forward, micro_bert, pretraining_loss, synthetic_batch
 
 
 def _model_cfg(variant: str, **changes):
@@ -102,7 +101,7 @@ def test_initial_loss_is_uniform_over_the_real_vocabulary():
   # 250 real tokens padded to 256 rows: the padded logits must not take probability mass.
   model = model_lib.init_model(micro_bert(vocab_size=250), seed=0)
   batch = synthetic_batch(vocab_size=250)
-  loss, metrics = losses.pretraining_loss(*forward(model, batch), batch)
+  loss, metrics = pretraining_loss(*forward(model, batch), batch)
   assert abs(float(metrics["mlm_loss"]) - math.log(250)) < 0.02
   assert abs(float(metrics["nsp_loss"]) - math.log(2)) < 0.02
   assert abs(float(loss) - (math.log(250) + math.log(2))) < 0.04
@@ -119,7 +118,7 @@ def _train_losses(cfg, steps, seed=0):
   def step(params, opt_state, batch, step_index):
     def loss_fn(p):
       mlm, nsp = eager_forward(nnx.merge(graphdef, p), batch, jax.random.fold_in(rng, step_index))
-      return losses.pretraining_loss(mlm, nsp, batch)
+      return pretraining_loss(mlm, nsp, batch)
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -149,7 +148,7 @@ def test_hand_computed_losses_on_a_tiny_case():
   nsp_logits = jnp.array([[1.0, -1.0], [0.0, 3.0]])
   nsp_labels = jnp.array([1, 1])
   batch = dict(masked_ids=masked_ids, masked_weights=weights, nsp_labels=nsp_labels)
-  _, m = losses.pretraining_loss(mlm_logits, nsp_logits, batch)
+  _, m = pretraining_loss(mlm_logits, nsp_logits, batch)
   mlm = -(2.0 - math.log(math.exp(2) + 1 + math.exp(-1)))
   nsp = (-(-1 - math.log(math.exp(1) + math.exp(-1))) - (3 - math.log(1 + math.exp(3)))) / 2
   np.testing.assert_allclose([m["mlm_loss"], m["nsp_loss"], m["loss"]], [mlm, nsp, mlm + nsp], rtol=1e-6)
@@ -207,7 +206,7 @@ def test_gradients_are_finite_and_reach_every_parameter():
   batch = synthetic_batch(vocab_size=250)
 
   def loss_fn(p):
-    return losses.pretraining_loss(*eager_forward(nnx.merge(graphdef, p), batch, jax.random.key(0)), batch)[0]
+    return pretraining_loss(*eager_forward(nnx.merge(graphdef, p), batch, jax.random.key(0)), batch)[0]
 
   grads = jax.jit(jax.grad(loss_fn))(params)
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -272,7 +271,7 @@ def test_scan_and_unrolled_stacks_compute_the_same_function(remat):
     graphdef, params = nnx.split(model)
 
     def loss_fn(p):
-      return losses.pretraining_loss(*eager_forward(nnx.merge(graphdef, p), batch, key), batch)[0]
+      return pretraining_loss(*eager_forward(nnx.merge(graphdef, p), batch, key), batch)[0]
 
     return jax.jit(jax.value_and_grad(loss_fn))(params)
 

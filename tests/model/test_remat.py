@@ -12,8 +12,7 @@ from jax._src import ad_checkpoint
 
 from bertjax.model import bert, layers
 from bertjax.model import config as model_config
-from bertjax.train import losses
-from tests.support.micro import eager_forward, micro_bert, synthetic_batch
+from tests.support.micro import eager_forward, micro_bert, pretraining_loss, synthetic_batch
 
 BETWEEN = [p for p in model_config.REMAT_POLICIES if p not in ("none", "full")]
 
@@ -27,7 +26,7 @@ def _loss_and_grads(remat: str, scan_layers: bool):
 
   def loss(params):
     mlm, nsp = eager_forward(nnx.merge(graphdef, params), batch, jax.random.key(7))
-    return losses.pretraining_loss(mlm, nsp, batch)[0]
+    return pretraining_loss(mlm, nsp, batch)[0]
 
   return jax.jit(jax.value_and_grad(loss))(params)
 

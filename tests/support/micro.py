@@ -12,6 +12,7 @@ from bertjax.data import synthetic
 from bertjax.model.config import BertConfig
 from bertjax.parallel import mesh as mesh_lib
 from bertjax.parallel.layout import MESH_AXES
+from bertjax.train import losses
 from bertjax.train import steps as steps_lib
 from bertjax.train.pretraining import Pretraining
 
@@ -83,3 +84,9 @@ def compiled_steps(mesh_shape, cfg=None, grad_accum=1, devices=None, **optim_cha
     grad_accum,
     mesh,
   )
+
+
+def pretraining_loss(mlm_logits, nsp_logits, batch):
+  """(loss, metrics) of one batch: MLM + NSP, each the mean over its real predictions or pairs."""
+  metrics = losses.from_sums(losses.pretraining_sums(mlm_logits, nsp_logits, batch))
+  return metrics["loss"], metrics
