@@ -244,10 +244,11 @@ def _plot(args, overrides) -> int:
 
 
 def _finetune(args, overrides) -> int:
+  from bertjax.finetune import init as finetune_init
   from bertjax.finetune import job
   from bertjax.finetune import run as finetune_run
 
-  config = finetune_run.load_config(args.config, overrides, task=args.task, init=args.init)
+  config = finetune_init.load_config(args.config, overrides, task=args.task, init=args.init)
   stores.check_config(config)
   data = finetune_run.prepare(config)  # read and tokenised first: bad data stops before any write
   _prepare_devices(args, config, preemption=True)
@@ -267,12 +268,12 @@ def _finetune(args, overrides) -> int:
 def _glue(args, overrides) -> int:
   from bertjax.config import loading
   from bertjax.finetune import glue
-  from bertjax.finetune import run as finetune_run
+  from bertjax.finetune import init as finetune_init
 
   spec = args.config or str(loading.PACKAGED_CONFIGS / "finetune" / "glue.py")
   names = glue.parse_tasks(args.tasks)
   first = [*overrides, f"finetune.glue_task={names[0]}", f"finetune.data={args.data}"]
-  _prepare_devices(args, finetune_run.load_config(spec, first, task="classification", init=args.init), preemption=True)
+  _prepare_devices(args, finetune_init.load_config(spec, first, task="classification", init=args.init), preemption=True)
   import jax
 
   summary = glue.run_suite(

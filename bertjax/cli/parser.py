@@ -3,6 +3,7 @@
 import argparse
 from collections.abc import Sequence
 
+from bertjax import tasks
 from bertjax.errors import BertjaxError
 
 
@@ -183,9 +184,14 @@ def _add_plot(sub) -> None:
 
 def _add_finetune(sub) -> None:
   p = sub.add_parser(
-    "finetune", help="fine-tune a pretrained run on classification, regression or extractive QA (resumes)"
+    "finetune",
+    help="fine-tune a pretrained run on a task (resumes)",
+    description="Fine-tune the parameters of a pretraining (or import-hf) run, --init, on a task: a head on "
+    "BERT's encoder trained with BERT's recipe on the task's data (the --config file and its overrides), "
+    "evaluated on the dev split at the end of each epoch. The same command resumes an interrupted run. "
+    "WORKDIR gets checkpoints/, metrics.jsonl, tb/ and, once complete, eval_results.json.",
   )
-  p.add_argument("--task", required=True, choices=("classification", "qa"))
+  p.add_argument("--task", required=True, choices=tasks.KINDS, help="the head: " + ", ".join(tasks.KINDS))
   _add_config(p)
   p.add_argument("--workdir", required=True, help="the fine-tuning run's folder (local path or gs://...)")
   p.add_argument("--init", required=True, help="the pretraining or import-hf workdir whose parameters it starts from")

@@ -26,6 +26,7 @@ from etils import epath
 
 from bertjax import atomic, tasks
 from bertjax.errors import BertjaxError
+from bertjax.finetune import init as init_lib
 from bertjax.finetune import job, sources
 from bertjax.finetune import run as run_lib
 
@@ -60,7 +61,7 @@ def run_suite(spec: str, overrides, *, init: str, data: str, workdir, task_names
       run_dir = workdir / name / f"seed-{seed}"
       results = job.read_results(run_dir)
       if results is None:
-        config = run_lib.load_config(
+        config = init_lib.load_config(
           spec,
           [*overrides, f"finetune.glue_task={name}", f"finetune.data={data}", f"train.seed={seed}"],
           task="classification",

@@ -23,6 +23,7 @@ from etils import epath
 from bertjax import atomic
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
+from bertjax.finetune import init as init_lib
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import flops as flops_lib
 from bertjax.train import checkpoint, compatibility
@@ -69,7 +70,7 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
   from finetune.init. `data` is run.prepare's (read before anything is written).
 
   Args:
-    config: a validated fine-tuning config (`run.load_config`).
+    config: a validated fine-tuning config (`init.load_config`).
     workdir: the run folder.
     data: `run.prepare(config)`'s result; None prepares it here.
     step: the checkpoint step to resume from; None takes the newest restorable one.
@@ -79,19 +80,27 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
       usable checkpoint.
   """
   data = run_lib.prepare(config) if data is None else data
+  run = run_lib.setup(config, workdir, data)  # writes nothing
+  # A fresh run reads its --init before anything is written: a refused one leaves no trace.
+  fresh = step is None and not _has_checkpoints(run.workdir)
+  state = init_lib.warm_start(run, config.finetune.init) if fresh else None
   with contextlib.ExitStack() as stack:
-    run, workdir_lock, checkpoints = loop_lib.open_workdir(
-      stack, workdir, config, lambda: run_lib.setup(config, workdir, data)
-    )
-    if checkpoints.steps() or step is not None:
+    _, workdir_lock, checkpoints = loop_lib.open_workdir(stack, workdir, config, lambda: run)
+    if state is None:
       state, meta = checkpoints.restore(
         run.steps.abstract_state(), step, check=_check_resumable(run, f"--workdir {run.workdir}")
       )
       log.info("resumed from checkpoint step %d in %s", meta["step"], checkpoints.dir)
-    else:
-      state = run_lib.warm_start(run, config.finetune.init)
     run_lib.write_run_files(run)  # only once the workdir is known to hold this run (or nothing)
     return loop_lib.fit(job(run), state, checkpoints, workdir_lock, stack)
+
+
+def _has_checkpoints(workdir: epath.Path) -> bool:
+  """Whether the workdir holds a checkpoint step: then the run resumes (read only)."""
+  if not (workdir / checkpoint.CHECKPOINT_DIR).exists():
+    return False
+  with checkpoint.Checkpoints(workdir, read_only=True) as existing:
+    return bool(existing.steps())
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import pytest
 
 from bertjax.config import loading
 from bertjax.data import tokenizer as tokenizer_lib
-from bertjax.finetune import run as run_lib
+from bertjax.finetune import init as init_lib
 from bertjax.train import pretrain
 from tests.support.corpora import numbered_documents, write_bert_text
 from tests.support.runs import MICRO_OVERRIDES
@@ -81,7 +81,7 @@ def whole_words(pretrained) -> list[str]:
 
 def finetune_config(init, *overrides, task="classification", config="configs/finetune/classification.py"):
   """A validated fine-tuning config at micro scale over the `init` run."""
-  return run_lib.load_config(config, [*FINETUNE_OVERRIDES, *overrides], task=task, init=str(init))
+  return init_lib.load_config(config, [*FINETUNE_OVERRIDES, *overrides], task=task, init=str(init))
 
 
 def write_jsonl(path, rows) -> None:
