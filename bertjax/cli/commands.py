@@ -254,7 +254,7 @@ def _finetune(args, overrides) -> int:
   _prepare_devices(args, config, preemption=True)
   import jax
 
-  result = job.finetune(config, args.workdir, data)
+  result = job.finetune(config, args.workdir, data, overwrite=args.overwrite)
   if jax.process_index() == 0:
     if result.stopped_by:
       _print_stopped(result, args.workdir)
@@ -271,13 +271,13 @@ def _glue(args, overrides) -> int:
   from bertjax.finetune import init as finetune_init
 
   spec = args.config or str(loading.PACKAGED_CONFIGS / "finetune" / "glue.py")
-  names = glue.parse_tasks(args.tasks)
+  names, lrs = glue.parse_tasks(args.tasks), glue.parse_lrs(args.lrs)
   first = [*overrides, f"finetune.glue_task={names[0]}", f"finetune.data={args.data}"]
   _prepare_devices(args, finetune_init.load_config(spec, first, task="classification", init=args.init), preemption=True)
   import jax
 
   summary = glue.run_suite(
-    spec, overrides, init=args.init, data=args.data, workdir=args.workdir, task_names=names, seeds=args.seeds
+    spec, overrides, init=args.init, data=args.data, workdir=args.workdir, task_names=names, seeds=args.seeds, lrs=lrs
   )
   if jax.process_index() == 0:
     if summary is None:

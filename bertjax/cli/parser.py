@@ -195,14 +195,36 @@ def _add_finetune(sub) -> None:
   _add_config(p)
   p.add_argument("--workdir", required=True, help="the fine-tuning run's folder (local path or gs://...)")
   p.add_argument("--init", required=True, help="the pretraining or import-hf workdir whose parameters it starts from")
+  p.add_argument(
+    "--overwrite",
+    action="store_true",
+    help="replace the run WORKDIR holds (by default a run of other inputs there is refused, and one of the same "
+    "inputs resumes or reports)",
+  )
   _add_distributed(p)
 
 
 def _add_glue(sub) -> None:
-  p = sub.add_parser("glue", help="fine-tune every GLUE task with several seeds; a results table like the paper's")
+  p = sub.add_parser(
+    "glue",
+    help="fine-tune every GLUE task over a learning-rate grid and several seeds; a results table like the paper's",
+    description="Fine-tune every GLUE task (or --tasks) with each learning rate of --lrs and seeds 0..N-1, select "
+    "each task's rate on the dev set as the paper does, and write the table of the selected runs' medians and "
+    "spreads. A rerun reuses complete runs of the same inputs and trains again those whose inputs changed.",
+  )
   p.add_argument("--init", required=True, help="the pretraining or import-hf workdir to fine-tune")
   p.add_argument("--data", required=True, metavar="GLUE_DIR", help="the GLUE folder (SST-2/, MRPC/, ...)")
-  p.add_argument("--workdir", required=True, help="one run per task and seed goes into WORKDIR/TASK/seed-S")
+  p.add_argument(
+    "--workdir",
+    required=True,
+    help="one run per task, rate and seed: WORKDIR/TASK/lr-LR/seed-S (without --lrs: TASK/seed-S)",
+  )
+  p.add_argument(
+    "--lrs",
+    default="",
+    metavar="LR1,LR2",
+    help="the learning-rate grid, e.g. 5e-5,4e-5,3e-5,2e-5 as the paper (default: the config's one rate)",
+  )
   p.add_argument("--tasks", default="", metavar="T1,T2", help="e.g. sst2,mrpc (default: all nine)")
   p.add_argument("--seeds", type=int, default=3, metavar="N", help="runs per task, seeds 0..N-1 (default 3)")
   _add_config(p, required=False)  # default: configs/finetune/glue.py

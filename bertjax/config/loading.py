@@ -29,17 +29,24 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 CONFIG_FILENAME = "config.json"
 
 
+def packaged_configs() -> list[str]:
+  """The experiment files that ship with bertjax, by the name `--config` takes (`base`, `finetune/glue`)."""
+  files = (p for p in PACKAGED_CONFIGS.rglob("*.py") if not p.name.startswith("_") and p.name != "common.py")
+  return sorted(p.relative_to(PACKAGED_CONFIGS).with_suffix("").as_posix() for p in files)
+
+
 def _config_path(path: str) -> Path:
+  """A config file: a path to one, or a packaged config by name from any working directory
+  (`base`, `finetune/glue.py`, `configs/finetune/glue.py`)."""
   candidate = Path(path)
   if candidate.is_file():
     return candidate
-  # A bare name (`base`, `base.py`) or `configs/base.py` outside a checkout also finds the
-  # configs that ship with bertjax.
-  packaged = PACKAGED_CONFIGS / (candidate.name if candidate.suffix == ".py" else f"{candidate.name}.py")
-  if candidate.parent in (Path("."), Path("configs")) and packaged.is_file():
-    return packaged
-  known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.py") if not p.stem.startswith("_")))
-  raise BertjaxError(f"--config: no config file {path!r}; give a path to a .py file or one of: {known}")
+  name = candidate.as_posix().removeprefix("configs/").removesuffix(".py")
+  if name in packaged_configs():
+    return PACKAGED_CONFIGS / f"{name}.py"
+  raise BertjaxError(
+    f"--config: no config file {path!r}; give a path to a .py file or one of: {', '.join(packaged_configs())}"
+  )
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:

@@ -23,6 +23,7 @@ from etils import epath
 from bertjax import atomic
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
+from bertjax.finetune import fingerprint
 from bertjax.finetune import init as init_lib
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import flops as flops_lib
@@ -65,7 +66,9 @@ def _check_resumable(run: run_lib.Run, source: str):
   return check
 
 
-def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | None = None) -> loop_lib.Result:
+def finetune(
+  config, workdir, data: run_lib.Data | None = None, *, step: int | None = None, overwrite: bool = False
+) -> loop_lib.Result:
   """Fine-tune to finetune.epochs: resume WORKDIR's newest good checkpoint (or `step`), or start
   from finetune.init. `data` is run.prepare's (read before anything is written).
 
@@ -74,25 +77,64 @@ def finetune(config, workdir, data: run_lib.Data | None = None, *, step: int | N
     workdir: the run folder.
     data: `run.prepare(config)`'s result; None prepares it here.
     step: the checkpoint step to resume from; None takes the newest restorable one.
+    overwrite: replace a run of other inputs (or the same) in WORKDIR instead of refusing it.
   Raises:
-    BertjaxError: the task's data is unusable (when `data` is None), the workdir is in use or
-      unwritable, its checkpoint is of another model, tokenizer or task, or the --init run has no
-      usable checkpoint.
+    BertjaxError: the task's data is unusable (when `data` is None), WORKDIR holds a run of other
+      inputs (without `overwrite`), is in use or unwritable, its checkpoint is of another model,
+      tokenizer or task, or the --init run has no usable checkpoint.
   """
   data = run_lib.prepare(config) if data is None else data
+  current = fingerprint.of_run(config)
+  if not overwrite:
+    _check_same_inputs(workdir, current)
   run = run_lib.setup(config, workdir, data)  # writes nothing
   # A fresh run reads its --init before anything is written: a refused one leaves no trace.
-  fresh = step is None and not _has_checkpoints(run.workdir)
+  fresh = overwrite or (step is None and not _has_checkpoints(run.workdir))
   state = init_lib.warm_start(run, config.finetune.init) if fresh else None
+
+  def held():  # the workdir's lease is held: no other run uses what is replaced here
+    if overwrite:
+      _remove_run(run.workdir)
+    return run
+
   with contextlib.ExitStack() as stack:
-    _, workdir_lock, checkpoints = loop_lib.open_workdir(stack, workdir, config, lambda: run)
+    _, workdir_lock, checkpoints = loop_lib.open_workdir(stack, workdir, config, held)
     if state is None:
       state, meta = checkpoints.restore(
         run.steps.abstract_state(), step, check=_check_resumable(run, f"--workdir {run.workdir}")
       )
       log.info("resumed from checkpoint step %d in %s", meta["step"], checkpoints.dir)
     run_lib.write_run_files(run)  # only once the workdir is known to hold this run (or nothing)
+    if run.is_primary:
+      fingerprint.write(run.workdir, current)
     return loop_lib.fit(job(run), state, checkpoints, workdir_lock, stack)
+
+
+def _check_same_inputs(workdir, current: dict) -> None:
+  """Refuse a workdir whose run was made of other inputs: its results would not be this run's."""
+  saved = fingerprint.read(workdir)
+  said = fingerprint.differences(saved, current) if saved is not None else []
+  if said:
+    raise BertjaxError(
+      f"--workdir {workdir} holds a fine-tune of other inputs ({'; '.join(said)}); "
+      "use a new workdir, or --overwrite to replace that run"
+    )
+
+
+# What a fine-tune writes into its workdir (the lease aside): what --overwrite replaces.
+_RUN_FILES = ("checkpoints", "tb", "profile", "tokenizer", "metrics.jsonl", "config.json", fingerprint.FILENAME)
+_RUN_PATTERNS = (RESULTS_FILE, "predictions*.json", "null_odds*.json")
+
+
+def _remove_run(workdir: epath.Path) -> None:
+  doomed = [workdir / name for name in _RUN_FILES]
+  doomed += [path for pattern in _RUN_PATTERNS for path in workdir.glob(pattern)]
+  for path in (p for p in doomed if p.exists()):
+    if path.is_dir():
+      path.rmtree()
+    else:
+      path.unlink()
+  log.info("--overwrite: removed the earlier run's files from %s", workdir)
 
 
 def _has_checkpoints(workdir: epath.Path) -> bool:

@@ -58,3 +58,19 @@ def test_a_bad_argument_is_one_line_naming_it_and_what_the_file_takes(spec, said
   with pytest.raises(BertjaxError) as error:
     loading.load_config(spec, ["finetune.init=/runs/base"] if "finetune" in spec else [])
   assert str(error.value) == said
+
+
+@pytest.mark.parametrize("spec", ["finetune/glue.py:task=mrpc", "configs/finetune/glue.py:task=mrpc", "finetune/glue"])
+def test_packaged_configs_are_found_by_name_from_any_folder(spec, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = loading.load_config(spec, ["finetune.init=/runs/base"])
+  assert config.finetune.task == "classification"
+
+
+def test_an_unknown_config_lists_every_packaged_one(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(BertjaxError) as error:
+    loading.load_config("finetune/nope.py")
+  said = str(error.value)
+  assert said.startswith("--config: no config file 'finetune/nope.py'; give a path to a .py file or one of: ")
+  assert "base" in said and "finetune/glue" in said and "finetune/squad_v2" in said and "common" not in said

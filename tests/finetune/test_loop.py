@@ -68,7 +68,11 @@ def test_a_workdir_holding_another_tasks_run_is_refused_untouched(pair_run, pret
   _, workdir, _ = pair_run
   before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
   config = count_task_config(pretrained, task_files)
-  message = "holds a fine-tune of custom \\(classes no, yes\\), not of custom \\(a regression\\); use a new workdir"
+  message = (
+    r"holds a fine-tune of other inputs \(the data is count-dev.jsonl, count-train.jsonl, not pairs-dev.jsonl, "
+    r"pairs-train.jsonl; finetune.labels is '', not 'no,yes'; finetune.regression is True, not False\); use a new "
+    r"workdir, or --overwrite to replace that run"
+  )
   with pytest.raises(BertjaxError, match=message):
     loop.finetune(config, workdir)
   assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
