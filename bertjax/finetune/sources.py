@@ -107,8 +107,8 @@ def _local_files(config, spec: tasks.TaskSpec, with_train: bool) -> Classificati
   dev = _read_file(config, f.dev_file, "finetune.dev_file")
   first = train or dev  # the train file decides whether the task reads pairs
   pair = f.text_pair_column if f.text_pair_column in first.columns else None
-  if pair is None and f.text_pair_column:
-    log.info("%s has no column %r: single sentences", first.source, f.text_pair_column)
+  if pair is None and f.text_pair_column:  # the usual case for single-sentence data: no news
+    log.debug("%s has no column %r: single sentences", first.source, f.text_pair_column)
   columns = (f.text_column, pair, f.label_column)
   train_examples = _examples(train, *columns, spec) if train is not None else None
   return ClassificationData(spec, train_examples, {"dev": _examples(dev, *columns, spec)})
@@ -224,8 +224,7 @@ def _read_file(config, path: str, key: str) -> _Table:
   options = {"keep_default_na": False} if builder == "csv" else {}
   if file.suffix.lower() == ".tsv":
     options.update(sep="\t", quoting=csv.QUOTE_NONE)
-  if file.stat().length == 0:
-    raise _empty(path)
+  _check_text(file, header=builder == "csv")
   try:
     with _readable_locally(path) as local:
       ds = datasets.load_dataset(builder, data_files=local, split="train", cache_dir=_datasets_cache(config), **options)
@@ -233,6 +232,20 @@ def _read_file(config, path: str, key: str) -> _Table:
     raise BertjaxError(f"{path} cannot be read as {file.suffix} ({_first_line(e)}); fix the file") from None
   first_line = 2 if builder == "csv" else 1  # csv and tsv files start with their header
   return _Table(path, {name: ds[name] for name in ds.column_names}, first_line)
+
+
+def _check_text(file: epath.Path, header: bool) -> None:
+  """A data file is UTF-8 text with at least one example (after its header line, if it has one):
+  what `datasets` would otherwise report as a traceback or an obscure message."""
+  data = file.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[: e.start].count(b"\n") + 1
+    raise BertjaxError(f"{file} line {line} is not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+  lines = [line for line in text.splitlines() if line.strip()]
+  if len(lines) <= int(header):
+    raise _empty(str(file))
 
 
 def _hf_dataset(config, spec: tasks.TaskSpec, glue_dev: dict[str, str] | None, with_train: bool) -> ClassificationData:

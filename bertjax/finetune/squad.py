@@ -37,27 +37,45 @@ class Question:
 
 
 def _from_squad_json(path: epath.Path) -> list[Question]:
+  """The questions of a SQuAD v1.1 / v2.0 file. A question is unanswerable when its `answers` are
+  empty, as the official evaluation scripts decide (not by `is_impossible`)."""
   try:
-    articles = json.loads(path.read_text())["data"]
+    articles = json.loads(path.read_bytes().decode("utf-8"))["data"]
+  except UnicodeDecodeError as e:
+    raise BertjaxError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
   except (ValueError, KeyError, TypeError) as e:
     raise BertjaxError(
       f"{path} is not a SQuAD JSON file ({type(e).__name__}: {e}); give train-v1.1.json etc."
     ) from None
   questions = []
-  for article in articles:
-    for paragraph in article["paragraphs"]:
-      for qa in paragraph["qas"]:
-        answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+  for a, article in enumerate(articles):
+    for p, paragraph in enumerate(_field(article, "paragraphs", path, f"article {a}")):
+      where = f"article {a} paragraph {p}"
+      context = _field(paragraph, "context", path, where)
+      for q, qa in enumerate(_field(paragraph, "qas", path, where)):
         questions.append(
-          Question(
-            str(qa["id"]),
-            qa["question"],
-            paragraph["context"],
-            tuple(a["text"] for a in answers),
-            tuple(int(a["answer_start"]) for a in answers),
-          )
+          _question(qa, context, path, f"{where} question {qa.get('id', q) if isinstance(qa, dict) else q}")
         )
   return questions
+
+
+def _field(record, key: str, path, where: str):
+  if not isinstance(record, dict) or key not in record:
+    raise BertjaxError(f"{path}: {where} has no {key!r}; give a SQuAD-format file (data/paragraphs/qas)")
+  return record[key]
+
+
+def _question(qa, context: str, path, where: str) -> Question:
+  question, answers = _field(qa, "question", path, where), qa.get("answers", [])
+  try:
+    starts = tuple(int(answer["answer_start"]) for answer in answers)
+    texts = tuple(str(answer["text"]) for answer in answers)
+  except (KeyError, TypeError, ValueError) as e:
+    raise BertjaxError(
+      f"{path}: {where} has an answer without a whole-number answer_start and a text ({type(e).__name__}: {e}); "
+      'give each answer {"text": ..., "answer_start": CHARACTER_OFFSET}'
+    ) from None
+  return Question(str(_field(qa, "id", path, where)), str(question), str(context), texts, starts)
 
 
 def _from_hf(name: str, conf: str, split: str, cache_dir: str | None) -> list[Question]:
@@ -110,6 +128,11 @@ def answerable_in_context(questions: list[Question], source: str) -> list[Questi
   """The training questions whose (first) answer is where it says it is in its context; the
   others are counted, reported once, and skipped (google-research/bert skips them too)."""
   kept = [q for q in questions if not q.answers or _answer_in_context(q)]
+  if any(q.answers for q in questions) and not any(q.answers for q in kept):
+    raise BertjaxError(
+      f"{source}: no answer is in its context at its answer_start (the file would train on unanswerable "
+      "questions alone); check the answer_start offsets (characters into the context, from 0)"
+    )
   if len(kept) < len(questions):
     log.warning(
       "%s: %d of %d questions have an answer that is not in their context at its answer_start; skipped them",

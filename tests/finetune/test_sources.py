@@ -15,7 +15,7 @@ from bertjax import tasks
 from bertjax.config import loading
 from bertjax.errors import BertjaxError
 from bertjax.finetune import features, sources
-from tests.support.finetune import write_glue_files
+from tests.support.finetune import write_glue_files, write_jsonl
 
 TEXTS = ['He said "yes" and left.', "nan", "null", "It's 5' 10\" tall"]
 
@@ -282,3 +282,24 @@ def test_the_train_order_is_a_function_of_seed_and_step_and_pads_the_last_batch(
   assert not np.array_equal(order.rows(3), order.rows(0))  # each epoch its own permutation
   batch = features.take({"x": np.arange(10) * 10}, np.array([3, -1]))
   assert batch["x"].tolist() == [30, 0] and batch["weights"].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+  ("name", "content", "said"),
+  [
+    ("train.jsonl", b'{"text": "a", "label": "no"}\n{"text": "caf\xe9", "label": "no"}\n', "line 2 is not UTF-8 text"),
+    ("train.csv", b"text,label\ncaf\xe9,no\n", "line 2 is not UTF-8 text"),
+    ("train.jsonl", b"\n\n  \n", "holds no examples"),
+    ("train.csv", b"text,label\n", "holds no examples"),
+    ("train.tsv", b"text\tlabel\n\n", "holds no examples"),
+  ],
+)
+def test_a_file_that_is_not_utf8_or_holds_no_examples_is_one_line_naming_it(name, content, said, tmp_path):
+  (tmp_path / name).write_bytes(content)
+  write_jsonl(tmp_path / "dev.jsonl", [{"text": "a", "label": "no"}])
+  config = _config(
+    f"finetune.train_file={tmp_path / name}", f"finetune.dev_file={tmp_path}/dev.jsonl", "finetune.labels=no,yes"
+  )
+  with pytest.raises(BertjaxError) as e:
+    sources.read_classification(config)
+  assert _one_line(e).startswith(f"{tmp_path / name} ") and said in _one_line(e)

@@ -11,7 +11,7 @@ import pytest
 from bertjax.config import loading
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
-from bertjax.finetune import answers, squad
+from bertjax.finetune import answers, metrics, squad
 from tests.support.corpora import numbered_documents
 
 TEXT = "  Café  naïve RIVER,  ｆｕｌｌ-width 123!  The mill's wheel."
@@ -177,6 +177,16 @@ def test_reading_squad_files_and_skipping_answers_that_are_not_in_their_context(
       [],
       "has unanswerable questions (SQuAD 2.0): set finetune.squad_v2=true",
     ),
+    (
+      [{"id": "q7", "answers": [{"text": "x", "answer_start": 0}]}],
+      [],
+      "article 0 paragraph 0 question q7 has no 'question'; give a SQuAD-format file",
+    ),
+    (
+      [{"id": "q8", "question": "?", "answers": [{"text": "x", "answer_start": "abc"}]}],
+      [],
+      "article 0 paragraph 0 question q8 has an answer without a whole-number answer_start and a text",
+    ),
   ],
 )
 def test_bad_squad_files_are_one_line(tmp_path, qas, extra, message):
@@ -189,10 +199,48 @@ def test_bad_squad_files_are_one_line(tmp_path, qas, extra, message):
 def test_no_answer_in_any_context_and_a_missing_or_broken_file(tmp_path):
   _squad_file(tmp_path / "train.json", [{"id": "1", "question": "?", "answers": [{"text": "x", "answer_start": 0}]}])
   source, questions = squad.read_questions(_config(tmp_path), "train")
-  with pytest.raises(BertjaxError, match="no question's answer is in its context"):
+  with pytest.raises(BertjaxError, match="no answer is in its context at its answer_start"):
     squad.answerable_in_context(questions, source)
   with pytest.raises(BertjaxError, match="dev_file=.*dev.json does not exist"):
     squad.read_questions(_config(tmp_path), "dev")
   (tmp_path / "dev.json").write_text("[1, 2]")
   with pytest.raises(BertjaxError, match="is not a SQuAD JSON file"):
     squad.read_questions(_config(tmp_path), "dev")
+
+
+def test_a_squad_2_file_whose_answers_are_all_misplaced_is_refused_not_trained_on_its_unanswerables(tmp_path):
+  qas = [
+    {"id": "1", "question": "?", "answers": [{"text": "old mill", "answer_start": 9}]},  # wrong offset
+    {"id": "2", "question": "?", "answers": []},
+  ]
+  _squad_file(tmp_path / "train.json", qas)
+  source, questions = squad.read_questions(_config(tmp_path, "finetune.squad_v2=true"), "train")
+  with pytest.raises(BertjaxError) as e:
+    squad.answerable_in_context(questions, source)
+  assert str(e.value).startswith(f"{tmp_path}/train.json: no answer is in its context at its answer_start (the file")
+
+
+def test_answerability_is_the_official_scripts_a_question_with_answers_has_one(tmp_path):
+  """evaluate-v2.0.py decides by whether `answers` is empty; `is_impossible` may say otherwise."""
+  qas = [
+    {
+      "id": "says-impossible",
+      "question": "?",
+      "answers": [{"text": "old mill", "answer_start": 4}],
+      "is_impossible": True,
+    },
+    {"id": "says-possible", "question": "?", "answers": [], "is_impossible": False},
+  ]
+  _squad_file(tmp_path / "dev.json", qas)
+  _, questions = squad.read_questions(_config(tmp_path, "finetune.squad_v2=true"), "dev")
+  assert {q.id: q.answers for q in questions} == {"says-impossible": ("old mill",), "says-possible": ()}
+  gold = [{"id": q.id, "answers": list(q.answers)} for q in questions]
+  scores = metrics.squad_v2(gold, {"says-impossible": "old mill", "says-possible": ""})
+  assert scores["exact"] == 100.0 and scores["HasAns_total"] == 1 and scores["NoAns_total"] == 1
+
+
+def test_a_squad_file_that_is_not_utf8_is_one_line(tmp_path):
+  (tmp_path / "dev.json").write_bytes(b'{"data": [{"paragraphs": [{"context": "caf\xe9"}]}]}')
+  with pytest.raises(BertjaxError) as e:
+    squad.read_questions(_config(tmp_path), "dev")
+  assert str(e.value) == f"{tmp_path}/dev.json is not UTF-8 text (byte 41); save it as UTF-8"
