@@ -21,7 +21,7 @@ from etils import epath
 from ml_collections import config_dict
 
 from bertjax import atomic
-from bertjax.config import defaults, validation
+from bertjax.config import defaults, paths, validation
 from bertjax.errors import BertjaxError
 
 # The experiment files shipped beside the package (found by bare name: `--config base`).
@@ -81,6 +81,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
     ) from None
   for override in overrides:
     apply_override(config, override)
+  paths.absolute(config)
   _resolve_tokenizer(config)
   validation.validate(config)
   return config
@@ -148,7 +149,8 @@ def to_dict(config: config_dict.ConfigDict) -> dict:
 
 def write_config(config: config_dict.ConfigDict, workdir) -> None:
   """Write the resolved config to WORKDIR/config.json, never half-written."""
-  atomic.write_text(epath.Path(workdir) / CONFIG_FILENAME, json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+  values = paths.to_workdir(to_dict(config), workdir)  # so the folder can move with what it holds
+  atomic.write_text(epath.Path(workdir) / CONFIG_FILENAME, json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(workdir) -> config_dict.ConfigDict:
@@ -161,6 +163,7 @@ def read_config(workdir) -> config_dict.ConfigDict:
     )
   config = defaults.get_config()
   _merge(config, json.loads(source.read_text()), prefix="")
+  paths.from_workdir(config, workdir)
   return config
 
 
@@ -184,6 +187,7 @@ def load_run_config(workdir, overrides: Sequence[str] = ()) -> config_dict.Confi
   config = read_config(workdir)
   for override in overrides:
     apply_override(config, override)
+  paths.absolute(config)
   validation.validate(config)
   return config
 

@@ -60,11 +60,13 @@ def test_a_bad_argument_is_one_line_naming_it_and_what_the_file_takes(spec, said
   assert str(error.value) == said
 
 
-@pytest.mark.parametrize("spec", ["finetune/glue.py:task=mrpc", "configs/finetune/glue.py:task=mrpc", "finetune/glue"])
+@pytest.mark.parametrize(
+  "spec", ["finetune/glue.py:task=mrpc", "configs/finetune/glue.py:task=mrpc,lr=3e-5", "finetune/glue:task=rte"]
+)
 def test_packaged_configs_are_found_by_name_from_any_folder(spec, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  config = loading.load_config(spec, ["finetune.init=/runs/base"])
-  assert config.finetune.task == "classification"
+  config = loading.load_config(spec, ["finetune.init=/runs/base", "finetune.data=glue"])
+  assert config.finetune.task == "classification" and config.finetune.data == str(tmp_path / "glue")
 
 
 def test_an_unknown_config_lists_every_packaged_one(tmp_path, monkeypatch):
