@@ -259,10 +259,16 @@ def _finetune(args, overrides) -> int:
     if result.stopped_by:
       _print_stopped(result, args.workdir)
     else:
-      scores = ", ".join(f"{k} {v:.4f}" for k, v in result.final.items())
+      scores = ", ".join(f"{k} {_number(k, v)}" for k, v in result.final.items())
       print(f"{data.spec.name} dev: {scores}", flush=True)
-      print(f"run folder {args.workdir}: {job.RESULTS_FILE}, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
+      written = ", ".join(job.results_files(args.workdir))
+      print(f"run folder {args.workdir}: {written}, checkpoints/, metrics.jsonl, tb/ (TensorBoard)")
   return 0
+
+
+def _number(name: str, value) -> str:
+  """A metric as people read it: counts (SQuAD 2.0's totals) whole, the rest to four decimals."""
+  return str(int(value)) if name.endswith("total") else f"{value:.4f}"
 
 
 def _glue(args, overrides) -> int:

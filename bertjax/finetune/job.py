@@ -192,6 +192,14 @@ def _write_results(run: run_lib.Run, step: int, final: dict, answered: dict) -> 
       atomic.write_text(run.workdir / NULL_ODDS_FILE.replace(".json", f"{suffix}.json"), json.dumps(found["null_odds"]))
 
 
+def results_files(workdir) -> list[str]:
+  """The results a complete run wrote into `workdir`: eval_results.json, and for QA the predictions
+  and null odds of each dev split."""
+  workdir = epath.Path(workdir)
+  written = [workdir / RESULTS_FILE] + [p for pattern in _RUN_PATTERNS[1:] for p in sorted(workdir.glob(pattern))]
+  return [p.name for p in written if p.exists()]
+
+
 def read_results(workdir) -> dict | None:
   """A complete run's eval_results.json, or None."""
   path = epath.Path(workdir) / RESULTS_FILE

@@ -154,5 +154,5 @@ def _v2_part(exact: dict, f1: dict, ids: list[str], prefix: str) -> dict[str, fl
   return {
     f"{prefix}exact": 100.0 * sum(exact[i] for i in ids) / total if total else 0.0,
     f"{prefix}f1": 100.0 * sum(f1[i] for i in ids) / total if total else 0.0,
-    f"{prefix}total": float(total),
+    f"{prefix}total": total,
   }

@@ -49,3 +49,5 @@ def test_squad_v2_with_several_windows_per_context_is_learned(squad_run):
   right = [predictions[i] == (q.answers[0] if q.answers else "") for i, q in questions.items()]
   assert np.mean(right) * 100 == pytest.approx(final["exact"])  # the answers are the context's own characters
   assert set(json.loads((workdir / loop.NULL_ODDS_FILE).read_text())) == set(questions)
+  # What `bertjax finetune` lists as written.
+  assert loop.results_files(workdir) == [loop.RESULTS_FILE, loop.PREDICTIONS_FILE, loop.NULL_ODDS_FILE]
