@@ -11,7 +11,12 @@ def test_relative_paths_are_made_absolute_where_they_were_typed(tmp_path, monkey
   monkeypatch.chdir(tmp_path)
   config = loading.load_config(
     "finetune/classification",
-    ["finetune.init=runs/base", "finetune.train_file=data/train.jsonl", "finetune.dev_file=gs://b/dev.jsonl"],
+    [
+      "finetune.init=runs/base",
+      "finetune.train_file=data/train.jsonl",
+      "finetune.dev_file=gs://b/dev.jsonl",
+      "finetune.labels=no,yes",
+    ],
   )
   assert config.finetune.init == str(tmp_path / "runs" / "base")
   assert config.finetune.train_file == str(tmp_path / "data" / "train.jsonl")

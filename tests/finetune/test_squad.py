@@ -243,4 +243,4 @@ def test_a_squad_file_that_is_not_utf8_is_one_line(tmp_path):
   (tmp_path / "dev.json").write_bytes(b'{"data": [{"paragraphs": [{"context": "caf\xe9"}]}]}')
   with pytest.raises(BertjaxError) as e:
     squad.read_questions(_config(tmp_path), "dev")
-  assert str(e.value) == f"{tmp_path}/dev.json is not UTF-8 text (byte 41); save it as UTF-8"
+  assert str(e.value) == f"{tmp_path}/dev.json is not UTF-8 text (byte 42); save it as UTF-8"
