@@ -23,6 +23,7 @@ from ml_collections import config_dict
 from bertjax import atomic
 from bertjax.config import defaults, paths, validation
 from bertjax.errors import BertjaxError
+from bertjax.model import config as model_config_lib
 
 # The experiment files shipped beside the package (found by bare name: `--config base`).
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -54,11 +55,17 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
 
   Args:
     spec: a config file path, optionally with `:ARG` for its `get_config(arg)`, or the bare name
-      of a packaged config (`tiny`, `base`, ...).
+      of a packaged config (`tiny`, `base`, `finetune/glue`, ...).
     overrides: `section.key=value` strings, applied in order.
   Raises:
     BertjaxError: one line naming the file or key and the fix.
   """
+  return finish(build_config(spec, overrides))
+
+
+def build_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigDict:
+  """`load_config`'s config before its paths are resolved and it is validated: for a caller that
+  resolves more first (`finish` then makes it final)."""
   path, _, arg = spec.partition(":")
   file = _config_path(path)
   module_spec = importlib.util.spec_from_file_location(f"bertjax_config_{file.stem}", file)
@@ -81,10 +88,36 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> config_dict.ConfigD
     ) from None
   for override in overrides:
     apply_override(config, override)
+  return config
+
+
+def finish(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """What is resolved from the file system (absolute paths, a warm start's tokenizer), then the
+  validation: the config is final from here on."""
   paths.absolute(config)
   _resolve_tokenizer(config)
+  _resolve_learning_rate(config)
   validation.validate(config)
   return config
+
+
+def finetuning_learning_rate(hidden_size: int) -> float:
+  """The fine-tuning learning rate of a model of this width, when the config leaves it to the
+  model (`optim.lr=0`, the fine-tuning recipe's default): BERT-base and large take the paper's
+  2e-5 (appendix A.3 picks among 5e-5, 4e-5, 3e-5 and 2e-5); the compact BERTs of Turc et al.
+  (2019) were fine-tuned with 3e-4, 1e-4, 5e-5 or 3e-5, so widths 256 to 512 take 1e-4; the
+  narrowest (bertjax's tiny, 128 wide and pretrained for minutes by `make train`, and the tests'
+  micro models) learn easy tasks at 1e-3 and not at 2e-5."""
+  if hidden_size >= 768:
+    return 2e-5
+  return 1e-4 if hidden_size >= 256 else 1e-3
+
+
+def _resolve_learning_rate(config: config_dict.ConfigDict) -> None:
+  """A fine-tune's `optim.lr=0`: the rate its model's width calls for (the model's sizes are the
+  --init run's by now)."""
+  if config.finetune.task and not config.optim.lr:
+    config.optim.lr = finetuning_learning_rate(model_config_lib.variant_sizes(config.model).hidden_size)
 
 
 def _resolve_tokenizer(config: config_dict.ConfigDict) -> None:

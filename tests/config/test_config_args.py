@@ -22,7 +22,7 @@ def test_every_packaged_config_builds_without_an_argument(path):
   spec = importlib.util.spec_from_file_location("config_under_test", CONFIGS.parent / path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  assert module.get_config(None).optim.lr > 0
+  assert module.get_config(None).optim.lr >= 0  # 0: by the --init model's width
 
 
 def test_values_are_parsed_like_their_defaults_and_choices_are_checked():
@@ -46,7 +46,7 @@ def test_values_are_parsed_like_their_defaults_and_choices_are_checked():
     (
       "configs/finetune/glue.py:task=mrpc,lr=fast",
       "--config configs/finetune/glue.py:task=mrpc,lr=fast: config argument lr=fast: expected a float; "
-      "this config takes task=, lr=2e-05",
+      "this config takes task=, lr=0.0",
     ),
     (
       "configs/tiny.py:phase=2",
@@ -76,3 +76,15 @@ def test_an_unknown_config_lists_every_packaged_one(tmp_path, monkeypatch):
   said = str(error.value)
   assert said.startswith("--config: no config file 'finetune/nope.py'; give a path to a .py file or one of: ")
   assert "base" in said and "finetune/glue" in said and "finetune/squad_v2" in said and "common" not in said
+
+
+@pytest.mark.parametrize(("variant", "lr"), [("base", 2e-5), ("large", 2e-5), ("small", 1e-4), ("tiny", 1e-3)])
+def test_a_fine_tune_left_to_the_model_takes_the_learning_rate_its_width_calls_for(variant, lr):
+  """The recipe's default lr=0: the paper's 2e-5 for BERT-base and large, Turc et al.'s middle
+  1e-4 for the compact BERTs, 1e-3 for the narrowest (tests/finetune's learnable tasks learn at it)."""
+  data = ["finetune.init=/runs/x", "finetune.train_file=/a.jsonl", "finetune.dev_file=/b.jsonl", "finetune.labels=a,b"]
+  assert loading.load_config("finetune/classification", [*data, f"model.variant={variant}"]).optim.lr == lr
+  glue = loading.load_config(
+    "finetune/glue:task=rte,lr=3e-5", [data[0], "finetune.data=/glue", f"model.variant={variant}"]
+  )
+  assert glue.optim.lr == 3e-5  # asked for
