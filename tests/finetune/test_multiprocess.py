@@ -51,5 +51,6 @@ def test_two_processes_of_two_devices_make_the_run_of_one_process_of_four(pretra
   assert sorted(one) == sorted(two) and len(one) >= 3
   assert [two[s] for s in sorted(two)] == pytest.approx([one[s] for s in sorted(one)], rel=1e-5)
   results = [json.loads((tmp_path / run / "eval_results.json").read_text()) for run in ("alone", "job")]
+  assert results[1].pop("task") == results[0].pop("task") == "custom"
   assert results[1] == pytest.approx(results[0], rel=1e-5)
   assert "custom dev:" in outs[0] and "custom dev:" not in outs[1]  # process 0 reports the results
