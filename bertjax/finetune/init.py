@@ -73,7 +73,7 @@ def warm_start(run: Run, init: str):
     BertjaxError: `init` has no checkpoints, none restores, or its model or tokenizer differs.
   """
   abstract = nnx.state(abstract_model(run.model_config), nnx.Param)
-  shardings = rules.named(run.steps.mesh, rules.param_specs(abstract))
+  shardings = rules.named(run.steps.mesh, rules.param_specs(abstract, rules.from_config(run.config.mesh)))
   target = jax.tree.map(
     lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), nnx.to_pure_dict(abstract), shardings
   )

@@ -38,6 +38,7 @@ from bertjax.data.synthetic import synthetic_batch
 from bertjax.errors import BertjaxError
 from bertjax.model.config import BertConfig
 from bertjax.parallel import mesh as mesh_lib
+from bertjax.parallel import rules
 from bertjax.perf import hlo
 from bertjax.perf import tpu as tpu_lib
 from bertjax.train import steps as steps_lib
@@ -87,7 +88,9 @@ def compile_report(config, model_config: BertConfig, tgt: Target, *, estimate: b
   """
   mesh = mesh_lib.make_mesh(config.mesh, tgt.devices)
   t = config.train
-  steps = steps_lib.compile_steps(Pretraining(), model_config, config.optim, t.steps, t.grad_accum, mesh)
+  steps = steps_lib.compile_steps(
+    Pretraining(), model_config, config.optim, t.steps, t.grad_accum, mesh, rules.from_config(config.mesh)
+  )
   run, oom = _compile(steps, config.data, model_config.vocab_size, t.batch_size)
   report = {"hbm_bytes": tgt.hbm_bytes, "compiled_for": tgt.label, "out_of_memory": oom}
   if run is None:
@@ -172,7 +175,9 @@ def _estimate(config, model_config: BertConfig, mesh, steps, run, clock_hz: floa
 
 def _unrolled(config, model_config: BertConfig, mesh, layers: int) -> steps_lib.CompiledSteps:
   cfg = dataclasses.replace(model_config, num_layers=layers, scan_layers=False)
-  return steps_lib.compile_steps(Pretraining(), cfg, config.optim, config.train.steps, 1, mesh)
+  return steps_lib.compile_steps(
+    Pretraining(), cfg, config.optim, config.train.steps, 1, mesh, rules.from_config(config.mesh)
+  )
 
 
 def _compile_optimizer(steps: steps_lib.CompiledSteps):

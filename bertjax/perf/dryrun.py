@@ -27,6 +27,7 @@ from bertjax.errors import BertjaxError
 from bertjax.metrics import flops as flops_lib
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
+from bertjax.parallel import rules
 from bertjax.parallel.layout import MESH_AXES
 from bertjax.perf import aot
 from bertjax.perf import tpu as tpu_lib
@@ -149,8 +150,9 @@ def _scheduled_figures(
 def abstract_train_state(model_config: BertConfig, config, mesh_shape: tuple[int, int, int]) -> steps_lib.TrainState:
   """Shapes, dtypes and shardings of the train state on a mesh of `mesh_shape`, with no devices."""
   mesh = mesh_lib.abstract_mesh(mesh_shape)
+  t = config.train
   return steps_lib.compile_steps(
-    Pretraining(), model_config, config.optim, config.train.steps, config.train.grad_accum, mesh
+    Pretraining(), model_config, config.optim, t.steps, t.grad_accum, mesh, rules.from_config(config.mesh)
   ).abstract_state()
 
 

@@ -27,6 +27,7 @@ from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.parallel import mesh as mesh_lib
+from bertjax.parallel import rules
 from bertjax.train import checkpoint, compatibility, losses
 from bertjax.train import steps as steps_lib
 from bertjax.train.pretraining import Pretraining
@@ -80,7 +81,8 @@ def compile_for(config, task: Task, model_config: BertConfig, total_steps: int, 
   validation.validate_for_devices(config, jax.device_count())
   mesh = mesh_lib.make_mesh(config.mesh)
   t = config.train
-  steps = steps_lib.compile_steps(task, model_config, optim_cfg or config.optim, total_steps, t.grad_accum, mesh)
+  table = rules.from_config(config.mesh)
+  steps = steps_lib.compile_steps(task, model_config, optim_cfg or config.optim, total_steps, t.grad_accum, mesh, table)
   return steps, mesh_lib.rows_for_sharding(steps.batch_sharding, t.batch_size)
 
 

@@ -28,6 +28,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from bertjax.model import bert
 from bertjax.model.config import BertConfig
 from bertjax.parallel import rules
+from bertjax.parallel.layout import RULES, Rules
 from bertjax.train import optim
 from bertjax.train.task import Batch, Task
 
@@ -169,12 +170,18 @@ class CompiledSteps:
 
 
 def compile_steps(
-  task: Task, cfg: BertConfig, optim_cfg, total_steps: int, grad_accum: int, mesh: Mesh | AbstractMesh
+  task: Task,
+  cfg: BertConfig,
+  optim_cfg,
+  total_steps: int,
+  grad_accum: int,
+  mesh: Mesh | AbstractMesh,
+  axis_rules: Rules = RULES,
 ) -> CompiledSteps:
   """Shardings from the model's logical axes, then jitted init / train / eval over `mesh`.
 
-  Runs that ask for the same task, model, optimizer and mesh (the seeds of a GLUE suite, a run
-  and its resumption in one process) get the same jitted functions, so they compile once.
+  Runs that ask for the same task, model, optimizer, mesh and rules (the seeds of a GLUE suite, a
+  run and its resumption in one process) get the same jitted functions, so they compile once.
 
   Args:
     task: what is trained (`bertjax.train.pretraining.Pretraining`, a fine-tuning task).
@@ -183,60 +190,50 @@ def compile_steps(
     total_steps: the schedule's length unless `optim.schedule_steps` is set.
     grad_accum: microbatches accumulated into one step.
     mesh: the device mesh, or an abstract one to plan and lower without devices.
+    axis_rules: the logical-axis rules (`mesh.rules`: `bertjax.parallel.rules.from_config`) that
+      place parameters, optimizer state, batch and activations.
   Returns:
     The jitted functions with their shardings. Nothing is compiled until first called or lowered.
+  Raises:
+    BertjaxError: the rules leave a large parameter unsplit over a mesh axis they promise it
+      (`rules.check_sharded`).
   """
   optim_values = tuple(sorted(optim_cfg.items()))
-  return _compile_steps(task, cfg, optim_values, total_steps, grad_accum, mesh)
+  return _compile_steps(task, cfg, optim_values, total_steps, grad_accum, mesh, axis_rules)
 
 
 @functools.lru_cache(maxsize=8)
-def _compile_steps(task: Task, cfg: BertConfig, optim_values, total_steps: int, grad_accum: int, mesh):
+def _compile_steps(task, cfg, optim_values, total_steps: int, grad_accum: int, mesh, axis_rules) -> CompiledSteps:
   optim_cfg = ml_collections.ConfigDict(dict(optim_values))
   tx = optim.build_optimizer(optim_cfg, total_steps)
   schedule = optim.learning_rate_schedule(optim_cfg, total_steps)
-  return jit_steps(
-    bert.abstract(task.build, cfg),
-    functools.partial(_init_state, task, cfg, tx),
-    lambda graphdef: functools.partial(
-      train_step, task=task, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum
-    ),
-    lambda graphdef: functools.partial(eval_step, task=task, graphdef=graphdef),
-    tx,
-    schedule,
-    mesh,
-  )
-
-
-def jit_steps(abstract, init, make_train, make_eval, tx, schedule, mesh: Mesh | AbstractMesh) -> CompiledSteps:
-  """The state's shardings from the model's logical axes, and init / train / eval jitted with them.
-
-  Args:
-    abstract: the abstract model (`nnx.eval_shape`); its parameters' names give the shardings.
-    init: seed -> TrainState.
-    make_train, make_eval: graphdef -> the train step (state, batch) -> (state, metrics), and the
-      eval step (params, batch) -> metrics.
-    tx, schedule: the optimizer and its learning-rate schedule.
-    mesh: the device mesh, or an abstract one.
-  """
-  graphdef = nnx.graphdef(abstract)
-  param_shardings = rules.named(mesh, rules.param_specs(nnx.state(abstract, nnx.Param)))
-  abstract_state = jax.eval_shape(init, 0)
+  abstract = bert.abstract(task.build, cfg)
+  graphdef, abstract_params = nnx.graphdef(abstract), nnx.state(abstract, nnx.Param)
+  param_shardings = rules.named(mesh, rules.param_specs(abstract_params, axis_rules))
+  rules.check_sharded(abstract_params, param_shardings, axis_rules)  # a table that leaves FSDP undone fails here
+  init = rules.traced_under(axis_rules, functools.partial(_init_state, task, cfg, tx))
   replicated = NamedSharding(mesh, PartitionSpec())
   state_shardings = TrainState(
     step=replicated,
     params=param_shardings,
     rng=replicated,
-    opt_state=rules.optimizer_shardings(tx, abstract_state.opt_state, param_shardings, mesh),
+    opt_state=rules.optimizer_shardings(tx, jax.eval_shape(init, 0).opt_state, param_shardings, mesh),
   )
-  batch_sharding = rules.batch_sharding(mesh)
+  batch_sharding = rules.batch_sharding(mesh, axis_rules)
+  train_fn = functools.partial(
+    train_step, task=task, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=grad_accum
+  )
   train = jax.jit(
-    make_train(graphdef),
+    rules.traced_under(axis_rules, train_fn),
     in_shardings=(state_shardings, batch_sharding),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )
-  evaluate = jax.jit(make_eval(graphdef), in_shardings=(param_shardings, batch_sharding), out_shardings=replicated)
+  evaluate = jax.jit(
+    rules.traced_under(axis_rules, functools.partial(eval_step, task=task, graphdef=graphdef)),
+    in_shardings=(param_shardings, batch_sharding),
+    out_shardings=replicated,
+  )
   return CompiledSteps(
     mesh=mesh,
     graphdef=graphdef,

@@ -209,3 +209,33 @@ def test_a_train_step_makes_no_implicit_host_transfer():
     assert np.isfinite(jax.device_get(metrics)["loss"])
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
       steps.train(state, local)
+
+
+def test_the_configured_rules_place_the_state_and_a_table_that_leaves_fsdp_undone_is_refused():
+  """`mesh.rules` reaches the compiled steps: parameters follow the table (here `mlp` over fsdp and
+  tensor), and a table that leaves BERT-base's large parameters whole on an fsdp mesh fails, in one
+  line naming a parameter, before anything is compiled."""
+  from jax.sharding import PartitionSpec
+
+  from bertjax.errors import BertjaxError
+  from bertjax.model.config import resolve_config
+  from bertjax.parallel import mesh as mesh_lib
+  from bertjax.parallel.layout import parse_rules
+  from bertjax.train import steps as steps_lib
+  from bertjax.train.pretraining import Pretraining
+  from bertjax.config import defaults
+  from tests.support.micro import optim_config
+
+  base = defaults.get_config().model
+  base.variant = "base"
+  cfg = resolve_config(base, 30522, backend="cpu")
+  mesh = mesh_lib.abstract_mesh((1, 4, 2))
+  placed = steps_lib.compile_steps(
+    Pretraining(), cfg, optim_config(), 10, 1, mesh, parse_rules("mlp=fsdp+tensor")
+  ).state_shardings.params
+  # [layers, mlp, embed]: mlp takes fsdp and tensor, so embed (fsdp by default) stays whole here.
+  assert placed["encoder"]["layers"]["feed_forward"]["out_kernel"].spec == PartitionSpec(None, ("fsdp", "tensor"), None)
+  with pytest.raises(BertjaxError) as error:
+    steps_lib.compile_steps(Pretraining(), cfg, optim_config(), 10, 1, mesh, parse_rules("embed=,embed_out="))
+  said = str(error.value)
+  assert said.startswith("parameter ") and "is not split over mesh axis fsdp (size 4)" in said and "\n" not in said
