@@ -217,13 +217,13 @@ def test_the_configured_rules_place_the_state_and_a_table_that_leaves_fsdp_undon
   line naming a parameter, before anything is compiled."""
   from jax.sharding import PartitionSpec
 
+  from bertjax.config import defaults
   from bertjax.errors import BertjaxError
   from bertjax.model.config import resolve_config
   from bertjax.parallel import mesh as mesh_lib
   from bertjax.parallel.layout import parse_rules
   from bertjax.train import steps as steps_lib
   from bertjax.train.pretraining import Pretraining
-  from bertjax.config import defaults
   from tests.support.micro import optim_config
 
   base = defaults.get_config().model
