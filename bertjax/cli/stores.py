@@ -10,20 +10,11 @@ the path and the fix (exit status 2), before any device work and before anything
 """
 
 from bertjax import storage
+from bertjax.config import paths  # the config keys that name a folder or file
 from bertjax.data import corpus
 
 # Flags of the commands that name a folder or file (`data` is `bertjax glue`'s GLUE folder).
 _PATH_FLAGS = ("workdir", "init", "out", "hf", "data")
-# Config keys that name a folder or file (data.source is read by its own syntax).
-_CONFIG_PATH_KEYS = (
-  "data.tokenizer",
-  "data.cache_dir",
-  "train.init_from",
-  "finetune.init",
-  "finetune.data",
-  "finetune.train_file",
-  "finetune.dev_file",
-)
 
 
 def _check(named) -> None:
@@ -53,7 +44,7 @@ def check_config(config) -> None:
   """
   kind, arg = corpus.parse_source(config.data.source)
   named = [("data.source", arg.split("*", 1)[0])] if kind in ("files", "disk", "prepared") else []
-  for key in _CONFIG_PATH_KEYS:
+  for key in paths.PATH_KEYS:
     section, _, name = key.partition(".")
     named.append((key, config[section].get(name) if section in config else None))
   _check(named)
