@@ -113,21 +113,21 @@ class BertConfig:
     return jnp.dtype(self.dtype)
 
 
-def variant_sizes(model_cfg: Any) -> Variant:
+def variant_sizes(model_section: Any) -> Variant:
   """The variant's sizes with the config's overrides applied (`None` keeps the variant's)."""
-  base = VARIANTS[model_cfg.variant]
-  hidden = model_cfg.hidden_size or base.hidden_size
+  base = VARIANTS[model_section.variant]
+  hidden = model_section.hidden_size or base.hidden_size
   derived = _sized(base.num_layers, hidden) if hidden != base.hidden_size else base
   return Variant(
-    num_layers=model_cfg.num_layers or base.num_layers,
+    num_layers=model_section.num_layers or base.num_layers,
     hidden_size=hidden,
-    num_heads=model_cfg.num_heads or max(derived.num_heads, 1),
-    intermediate_size=model_cfg.intermediate_size or derived.intermediate_size,
+    num_heads=model_section.num_heads or max(derived.num_heads, 1),
+    intermediate_size=model_section.intermediate_size or derived.intermediate_size,
   )
 
 
 def resolve_config(
-  model_cfg: Any, vocab_size: int, backend: str | None = None, seq_len: int | None = None
+  model_section: Any, vocab_size: int, backend: str | None = None, seq_len: int | None = None
 ) -> BertConfig:
   """A BertConfig from the `model` section of a run config, resolving `auto` for `backend`.
 
@@ -139,7 +139,7 @@ def resolve_config(
   threefry on CPU. docs/performance.md has the measurements behind each choice.
 
   Args:
-    model_cfg: the run config's `model` section.
+    model_section: the run config's `model` section.
     vocab_size: the tokenizer's vocabulary size (the embedding table is padded past it).
     backend: `cpu`, `gpu` or `tpu`; None asks JAX for this process's default backend.
     seq_len: the length of the rows the model will see; None keeps `auto` off the fused kernel.
@@ -148,16 +148,16 @@ def resolve_config(
     import jax  # only to ask which platform runs this process
 
     backend = jax.default_backend()
-  sizes = variant_sizes(model_cfg)
-  dtype = model_cfg.dtype
+  sizes = variant_sizes(model_section)
+  dtype = model_section.dtype
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
-  impl = model_cfg.attention_impl
+  impl = model_section.attention_impl
   if impl == "auto":
     fused_ok = seq_len is not None and fused_attention_fits(seq_len, sizes.hidden_size // sizes.num_heads) is None
-    if backend == "gpu" and model_cfg.attention_dropout > 0 and fused_ok:
+    if backend == "gpu" and model_section.attention_dropout > 0 and fused_ok:
       impl = "pallas"
-    elif backend == "gpu" and dtype in ("bfloat16", "float16") and model_cfg.attention_dropout == 0:
+    elif backend == "gpu" and dtype in ("bfloat16", "float16") and model_section.attention_dropout == 0:
       impl = "cudnn"
     else:
       impl = "xla"
@@ -166,7 +166,7 @@ def resolve_config(
       "config model.attention_impl='pallas' is a GPU (Triton) kernel and cannot compile for a TPU; "
       "set model.attention_impl=auto"
     )
-  dropout_impl = model_cfg.dropout_impl
+  dropout_impl = model_section.dropout_impl
   if dropout_impl == "auto":
     dropout_impl = "threefry" if backend == "cpu" else "hash"
   return BertConfig(
@@ -175,15 +175,15 @@ def resolve_config(
     num_layers=sizes.num_layers,
     num_heads=sizes.num_heads,
     intermediate_size=sizes.intermediate_size,
-    max_position_embeddings=model_cfg.max_position_embeddings,
-    type_vocab_size=model_cfg.type_vocab_size,
-    dropout=model_cfg.dropout,
-    attention_dropout=model_cfg.attention_dropout,
-    layer_norm_eps=model_cfg.layer_norm_eps,
-    initializer_range=model_cfg.initializer_range,
+    max_position_embeddings=model_section.max_position_embeddings,
+    type_vocab_size=model_section.type_vocab_size,
+    dropout=model_section.dropout,
+    attention_dropout=model_section.attention_dropout,
+    layer_norm_eps=model_section.layer_norm_eps,
+    initializer_range=model_section.initializer_range,
     dtype=dtype,
     attention_impl=impl,
-    remat=model_cfg.remat,
-    scan_layers=model_cfg.scan_layers,
+    remat=model_section.remat,
+    scan_layers=model_section.scan_layers,
     dropout_impl=dropout_impl,
   )
