@@ -65,7 +65,7 @@ def test_lines_with_another_tag_are_compiled_again(tmp_path):
 )
 def test_with_full_rematerialisation_the_search_starts_higher(remat, limit, asked, batch):
   runs = FakeRuns(limit)
-  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e"], remat=[remat])
+  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e"], remat=[remat], scan=False)
   rows = fit_table.table(runs, args).splitlines()
   assert runs.asked[: len(asked)] == asked and set(runs.asked[len(asked) :]) <= set(asked)
   assert batch in rows[-1]
@@ -83,7 +83,7 @@ def test_the_report_compiles_nothing_and_says_which_cells_are_not_searched_yet(t
     },
   ]
   (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e", "v6e", "v5p"], remat=["none"])
+  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e", "v6e", "v5p"], remat=["none"], scan=False)
   rows = fit_table.table(fit_table.Runs(tmp_path, compile=False), args).splitlines()[2:]
   assert rows[0].startswith("| base | 1 (128) | v5e | none | 256 |")
   assert [r.split(" | ")[2] for r in rows[1:]] == ["v6e", "v5p"] and all("not compiled yet" in r for r in rows[1:])
