@@ -6,6 +6,9 @@
     write_run_files(run)                       WORKDIR/config.json and tokenizer/
     evaluate(run, params)                      dev metrics (and QA answers)
 
+Each task family (`FAMILIES`: classification, qa) reads and scores its own
+data (`bertjax.finetune.family`); this module is the same for all of them.
+
 `config` is validated (`init.load_config`); nothing here checks it again, except what needs the devices.
 """
 
@@ -17,11 +20,11 @@ import jax
 import numpy as np
 from etils import epath
 
-from bertjax import tasks
 from bertjax.config import loading as config_loading
 from bertjax.data import tokenizer as tokenizer_lib
-from bertjax.finetune import answers, features, metrics, sources, squad
-from bertjax.finetune.task import Finetune, device_keys
+from bertjax.finetune import classify, features, qa
+from bertjax.finetune.family import Data, Family
+from bertjax.finetune.task import INPUTS, LABELS, Finetune, device_keys
 from bertjax.model.config import BertConfig, resolve_config
 from bertjax.train import run as train_run
 from bertjax.train.steps import CompiledSteps
@@ -29,37 +32,18 @@ from bertjax.train.steps import CompiledSteps
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class Data:
-  """A task's data, tokenised: train and dev features, and what the dev metrics need."""
-
-  spec: tasks.TaskSpec
-  tokenizer: Any
-  train: dict[str, np.ndarray]
-  dev: dict[str, dict[str, np.ndarray]]  # dev split -> features
-  questions: dict[str, list[squad.Question]]  # QA: dev split -> its questions
+# finetune.task -> its family: how its data is read and tokenised, how its dev outputs are scored.
+FAMILIES: dict[str, Family] = {
+  "classification": classify.FAMILY,
+  "qa": qa.FAMILY,
+}
 
 
 def prepare(config, tokenizer=None, *, with_train: bool = True) -> Data:
   """Read and tokenise the task's data (the dev splits only, without `with_train`). A bad input
   stops here, before anything is written."""
   tokenizer = tokenizer or tokenizer_lib.load_tokenizer(config.data.tokenizer)
-  f = config.finetune
-  no_train = {"input_ids": np.zeros((0, f.max_seq_len), np.int32)}
-  if f.task == "qa":
-    window = dict(max_seq_len=f.max_seq_len, doc_stride=f.doc_stride, max_query_len=f.max_query_len)
-    train = no_train
-    if with_train:
-      source, train_questions = squad.read_questions(config, "train")
-      train_questions = squad.answerable_in_context(train_questions, source)
-      train = squad.windows(train_questions, tokenizer, **window, with_labels=True)
-    _, dev_questions = squad.read_questions(config, "dev")
-    dev = squad.windows(dev_questions, tokenizer, **window, with_labels=False)
-    return Data(tasks.resolve(config), tokenizer, train, {"dev": dev}, {"dev": dev_questions})
-  data = sources.read_classification(config, with_train)
-  encode = lambda examples: features.encode_classification(examples, tokenizer, f.max_seq_len)
-  train = encode(data.train) if data.train is not None else no_train
-  return Data(data.spec, tokenizer, train, {k: encode(v) for k, v in data.dev.items()}, {})
+  return FAMILIES[config.finetune.task].prepare(config, tokenizer, with_train)
 
 
 @dataclasses.dataclass
@@ -142,34 +126,16 @@ def _predict(run: Run, params, source: dict[str, np.ndarray], keys) -> dict[str,
 
 
 def evaluate(run: Run, params) -> tuple[dict[str, float], dict[str, dict]]:
-  """(metrics over every dev split, {split: QA answers and null odds}) of `params`."""
-  spec, f = run.data.spec, run.config.finetune
-  single = len(spec.dev_splits) == 1
-  results, answered = {}, {}
+  """(metrics over every dev split, {split: what the family writes beside them, QA's answers}) of `params`."""
+  spec = run.data.spec
+  family = FAMILIES[spec.kind]
+  results, extras = {}, {}
   for split in spec.dev_splits:
     dev = run.data.dev[split]
-    suffix = "" if single else f"_{split}"
-    out = _predict(run, params, dev, device_keys(spec, spec.kind != "qa"))
-    if spec.kind == "qa":
-      questions = run.data.questions[split]
-      found, null_odds = answers.decode(
-        questions,
-        dev,
-        out["start_logits"],
-        out["end_logits"],
-        n_best=f.n_best,
-        max_answer_len=f.max_answer_len,
-        squad_v2=f.squad_v2,
-        null_score_threshold=f.null_score_threshold,
-      )
-      gold = [{"id": q.id, "answers": q.answers} for q in questions]
-      scores = metrics.squad_v2(gold, found) if f.squad_v2 else metrics.squad_v1(gold, found)
-      answered[split] = {"predictions": found, "null_odds": null_odds}
-    elif spec.regression:
-      scores = metrics.regression(spec.metrics, out["logits"][:, 0], dev["labels"])
-      scores["loss"] = out["loss_sum"] / max(out["weight_sum"], 1.0)
-    else:
-      scores = metrics.classification(spec.metrics, out["logits"].argmax(-1), dev["labels"])
-      scores["loss"] = out["loss_sum"] / max(out["weight_sum"], 1.0)
+    keys = INPUTS + tuple(k for k in LABELS[spec.kind] if k in dev)  # dev labels, where the features hold them
+    scores, extra = family.score(run.config, spec, dev, run.data.gold.get(split), _predict(run, params, dev, keys))
+    suffix = "" if len(spec.dev_splits) == 1 else f"_{split}"
     results.update({f"{name}{suffix}": float(value) for name, value in scores.items()})
-  return results, answered
+    if extra is not None:
+      extras[split] = extra
+  return results, extras
