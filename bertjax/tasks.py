@@ -18,7 +18,10 @@ import dataclasses
 CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
 REGRESSION_METRICS = ("pearson", "spearman")
 METRICS = CLASSIFICATION_METRICS + REGRESSION_METRICS
-KINDS = ("classification", "qa")
+# Token classification reports conlleval's entity-level scores and its token accuracy (percent).
+NER_METRICS = ("precision", "recall", "f1", "accuracy")
+KINDS = ("classification", "qa", "ner", "multiple_choice")
+TAG_SCHEMES = ("iob2", "iob1")  # the entity tags a token classifier is trained to predict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +89,20 @@ GLUE_AVERAGE_EXCLUDES = ("wnli",)
 class TaskSpec:
   """A run's task, resolved from its config: what the head predicts and what is measured."""
 
-  kind: str  # classification | qa
-  name: str  # the GLUE task, "squad", "squad_v2", or "custom"
-  labels: tuple[str, ...] = ()  # class names; () for regression and QA
+  kind: str  # classification | qa | ner | multiple_choice
+  name: str  # the GLUE task, "squad", "squad_v2", "ner", "multiple_choice", or "custom"
+  labels: tuple[str, ...] = ()  # class names (ner: the tags); () for regression, QA and multiple choice
   regression: bool = False
   metrics: tuple[str, ...] = ()  # per dev split (SQuAD 2.0 adds the HasAns/NoAns parts)
   dev_splits: tuple[str, ...] = ("dev",)
 
   @property
   def num_outputs(self) -> int:
-    """Logits per sequence (classification: classes, 1 for regression) or per token (QA: 2)."""
+    """Logits per sequence (classification: classes, 1 for regression), per token (QA: 2; NER: the
+    tags) or per choice (multiple choice: 1)."""
     if self.kind == "qa":
       return 2
-    return 1 if self.regression else len(self.labels)
+    return 1 if self.regression or self.kind == "multiple_choice" else len(self.labels)
 
 
 def split_list(text: str) -> tuple[str, ...]:
@@ -122,6 +126,10 @@ def glue_spec(name: str) -> TaskSpec:
 def resolve(config) -> TaskSpec:
   """The task of a validated config's `finetune` section."""
   f = config.finetune
+  if f.task == "ner":  # the tags: finetune.labels, or the train file's (bertjax.finetune.ner)
+    return TaskSpec("ner", "ner", split_list(f.labels), metrics=NER_METRICS)
+  if f.task == "multiple_choice":
+    return TaskSpec("multiple_choice", "multiple_choice", metrics=("accuracy",))
   if f.task == "qa":
     # The official scripts' names: evaluate-v1.1.py says exact_match, evaluate-v2.0.py exact.
     if f.squad_v2:

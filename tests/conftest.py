@@ -35,6 +35,7 @@ pytest_plugins = [
   "tests.support.corpora",
   "tests.support.runs",
   "tests.support.finetune",
+  "tests.support.finetune_families",
   "tests.support.gcs",
 ]
 

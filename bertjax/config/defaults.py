@@ -204,13 +204,15 @@ def _finetune() -> config_dict.ConfigDict:
   optim.warmup_steps, which warmup_fraction replaces), mesh.* and checkpoint.* apply as in
   pretraining; train.steps does not (finetune.epochs does)."""
   finetune = config_dict.ConfigDict()
-  finetune.task = ""  # classification | qa (`--task` sets it); empty: not a fine-tuning run
+  finetune.task = ""  # classification | qa | ner | multiple_choice (`--task` sets it); empty: not a fine-tuning run
   finetune.init = ""  # the pretraining or import-hf workdir whose parameters start the run (`--init`)
   # Where the data is: a GLUE folder (with glue_task), or hf:NAME[:CONFIG] (online only); empty:
   # train_file and dev_file.
   finetune.data = ""
   finetune.glue_task = ""  # cola | sst2 | mrpc | stsb | qqp | mnli | qnli | rte | wnli; empty: custom data
-  finetune.train_file = ""  # .jsonl / .csv / .tsv (classification) or a SQuAD .json (qa)
+  # .jsonl / .csv / .tsv (classification), a SQuAD .json (qa), CoNLL columns or .jsonl (ner), SWAG's
+  # .csv or .jsonl (multiple_choice)
+  finetune.train_file = ""
   finetune.dev_file = ""
   finetune.train_split = "train"  # the splits of an hf: dataset; dev_split may list several, a,b
   finetune.dev_split = "validation"
@@ -218,7 +220,9 @@ def _finetune() -> config_dict.ConfigDict:
   finetune.text_column = "text"
   finetune.text_pair_column = "text_pair"
   finetune.label_column = "label"
-  finetune.labels = ""  # custom classes as the label column writes them, "neg,pos"; empty: a GLUE task's
+  # Custom classes as the label column writes them, "neg,pos"; empty: a GLUE task's. NER: the tags
+  # ("O,B-PER,I-PER,..."); empty: the train file's in first-seen order, O first.
+  finetune.labels = ""
   finetune.regression = False  # custom data: a real-valued label, mean-squared error
   finetune.metrics = ""  # custom data: accuracy,f1,matthews,pearson,spearman; empty: accuracy or pearson,spearman
   finetune.epochs = 3  # BERT: 3 for GLUE, 2 for SQuAD
@@ -232,4 +236,7 @@ def _finetune() -> config_dict.ConfigDict:
   finetune.n_best = 20  # start and end candidates considered per window
   finetune.max_answer_len = 30  # tokens
   finetune.null_score_threshold = 0.0  # SQuAD 2.0: predict no answer when null - best span > this
+  # NER: the entity tags the model learns (iob2: every entity starts with B-; iob1: with I-, B- only
+  # after an adjacent entity of its type); the files may use either, and are re-tagged.
+  finetune.tag_scheme = "iob2"
   return finetune

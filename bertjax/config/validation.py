@@ -212,7 +212,8 @@ def _check_finetune(config) -> None:
       f"{f.max_seq_len} exceeds model.max_position_embeddings={config.model.max_position_embeddings}",
       "lower finetune.max_seq_len (BERT: 128 for GLUE, 384 for SQuAD)",
     )
-  if f.data and not f.data.startswith("hf:") and not (f.task == "classification" and f.glue_task):
+  reads_data = f.task in ("classification", "qa")  # the others read train_file and dev_file only
+  if f.data and reads_data and not f.data.startswith("hf:") and not (f.task == "classification" and f.glue_task):
     _fail(
       "finetune.data",
       f"{f.data!r} is neither hf:NAME[:CONFIG] nor, with finetune.glue_task, a GLUE folder",
@@ -226,10 +227,42 @@ def _check_finetune(config) -> None:
     )
   if f.data.startswith("hf:") and not (tasks.split_list(f.train_split) and tasks.split_list(f.dev_split)):
     _fail("finetune.dev_split", "names no split", "name the hf: dataset's splits, e.g. train and validation")
-  if f.task == "qa":
-    _check_qa(config)
-  else:
-    _check_classification(config)
+  checks = {"qa": _check_qa, "ner": _check_ner, "multiple_choice": _check_multiple_choice}
+  checks.get(f.task, _check_classification)(config)
+
+
+def _check_file_task(config) -> None:
+  """NER and multiple choice read finetune.train_file and dev_file, and nothing of classification."""
+  f = config.finetune
+  if f.data:
+    _fail("finetune.data", f"{f.data!r} is not read by --task {f.task}", "set finetune.train_file and dev_file")
+  if f.glue_task:
+    _fail("finetune.glue_task", f"{f.glue_task!r} is a classification task", "run it with --task classification")
+  if f.regression:
+    _fail("finetune.regression", f"True does not apply to --task {f.task}", "leave it false")
+
+
+def _check_ner(config) -> None:
+  f = config.finetune
+  _check_file_task(config)
+  _choice(config, "finetune.tag_scheme", tasks.TAG_SCHEMES)
+  tags = tasks.split_list(f.labels)
+  for tag in tags:
+    prefix, dash, kind = tag.partition("-")
+    if tag != "O" and not (prefix in ("B", "I") and dash and kind):
+      _fail("finetune.labels", f"tag {tag!r} is neither O nor B-TYPE / I-TYPE", "list IOB tags, e.g. O,B-PER,I-PER")
+  if len(set(tags)) != len(tags):
+    _fail("finetune.labels", f"{f.labels!r} lists a tag twice", "list each tag once")
+  if f.max_seq_len < 3:  # [CLS] word [SEP]
+    _fail("finetune.max_seq_len", f"{f.max_seq_len} leaves no room for a word", "set it to at least 3 (BERT: 128)")
+
+
+def _check_multiple_choice(config) -> None:
+  _check_file_task(config)
+  if config.finetune.labels:
+    _fail("finetune.labels", f"{config.finetune.labels!r} names classes", "leave it empty: the choices are the labels")
+  if config.finetune.max_seq_len < 5:  # [CLS] context [SEP] choice [SEP]
+    _fail("finetune.max_seq_len", f"{config.finetune.max_seq_len} leaves no room for a choice", "set it to at least 5")
 
 
 def _check_classification(config) -> None:

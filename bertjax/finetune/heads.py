@@ -1,13 +1,18 @@
-"""BERT with a fine-tuning head, in Flax NNX: sequence classification (or regression) and extractive QA.
+"""BERT with a fine-tuning head, in Flax NNX: sequence classification (or regression), extractive QA,
+token classification and multiple choice.
 
     SequenceClassifier   a dense layer on the pooled [CLS] output, after dropout (0.1): one logit
                          per class, or one value for a regression
     SpanPredictor        a dense layer on every final hidden state: start and end logits
+    TokenClassifier      a dense layer on every final hidden state, after dropout: one logit per tag
+    ChoiceScorer         [B, C, L] choices read as [B*C, L] sequences; a SequenceClassifier with one
+                         output scores each, giving [B, C] logits
 
-Both hold BertForPreTraining's embeddings, encoder and (the classifier) pooler under the same
-names, and compute them with its own `encode`, so a pretraining checkpoint's parameters load by
-path, and transformers' BertForSequenceClassification / BertForQuestionAnswering (which has no
-pooler) take them through the one name map (bertjax.hf.names). The MLM and NSP heads are not
+All hold BertForPreTraining's embeddings, encoder and (classifier and choice scorer) pooler under
+the same names, and compute them with its own `encode`, so a pretraining checkpoint's parameters
+load by path, and transformers' BertForSequenceClassification, BertForQuestionAnswering,
+BertForTokenClassification (neither of which has a pooler) and BertForMultipleChoice take them
+through the one name map (bertjax.hf.names). The MLM and NSP heads are not
 part of a fine-tuned model. Parameters carry logical axis names from bertjax.parallel.rules.RULES
 (`classes` for the outputs); dropout draws from a key passed at call time, never module state.
 """
@@ -80,15 +85,54 @@ class SpanPredictor(nnx.Module):
     return logits_BxLx2[..., 0], logits_BxLx2[..., 1]
 
 
+class TokenClassifier(nnx.Module):
+  """[B, L] tokens -> [B, L, C] logits, one per tag (C tags), float32."""
+
+  encode = BertForPreTraining.encode
+
+  def __init__(self, cfg: BertConfig, num_tags: int, head_dropout: float, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    self.encoder = Encoder(cfg, rngs=rngs)
+    self.classifier = OutputLayer(cfg, num_tags, "embed", rngs=rngs)
+    self.rate = head_dropout
+
+  def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    """[B, L, C] float32 logits; `dropout_key` also drops the final hidden states before the classifier."""
+    encode_key, head_key = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    h_BxLxE = self.encode(input_ids, segment_ids, attention_mask, dropout_key=encode_key).astype(jnp.float32)
+    logits_BxLxC = self.classifier(dropout(h_BxLxE, self.rate, head_key, self.config.dropout_impl))
+    return constrain(logits_BxLxC, ("act_batch", "act_length", None))
+
+
+class ChoiceScorer(SequenceClassifier):
+  """[B, C, L] tokens (C choices) -> [B, C] logits, float32: each choice is scored alone, as
+  transformers' BertForMultipleChoice scores it, and a softmax over the C logits picks one."""
+
+  def __init__(self, cfg: BertConfig, head_dropout: float, *, rngs: nnx.Rngs):
+    super().__init__(cfg, 1, head_dropout, rngs=rngs)
+
+  def __call__(self, input_ids, segment_ids, attention_mask, *, dropout_key=None):
+    """[B, C] float32 logits; the arguments are [B, C, L], read by the encoder as [B*C, L]."""
+    b, c, length = input_ids.shape
+    flat = (x.reshape(b * c, length) for x in (input_ids, segment_ids, attention_mask))
+    return super().__call__(*flat, dropout_key=dropout_key).reshape(b, c)
+
+
 def build(cfg: BertConfig, spec: TaskSpec, head_dropout: float, rngs: nnx.Rngs) -> nnx.Module:
   """The fine-tuning model of a task.
 
   Args:
     cfg: the body's BertConfig.
-    spec: the task; `qa` gives a SpanPredictor, else a SequenceClassifier of `spec.num_outputs`.
-    head_dropout: the dropout rate on the pooled output (classification only).
+    spec: the task; `qa` gives a SpanPredictor, `ner` a TokenClassifier of its tags,
+      `multiple_choice` a ChoiceScorer, else a SequenceClassifier of `spec.num_outputs`.
+    head_dropout: the dropout rate before the output layer (all but QA).
     rngs: the parameters' random streams.
   """
   if spec.kind == "qa":
     return SpanPredictor(cfg, rngs=rngs)
+  if spec.kind == "ner":
+    return TokenClassifier(cfg, spec.num_outputs, head_dropout, rngs=rngs)
+  if spec.kind == "multiple_choice":
+    return ChoiceScorer(cfg, head_dropout, rngs=rngs)
   return SequenceClassifier(cfg, spec.num_outputs, head_dropout, rngs=rngs)

@@ -6,7 +6,7 @@
     write_run_files(run)                       WORKDIR/config.json and tokenizer/
     evaluate(run, params)                      dev metrics (and QA answers)
 
-Each task family (`FAMILIES`: classification, qa) reads and scores its own
+Each task family (`FAMILIES`: classification, qa, ner, multiple_choice) reads and scores its own
 data (`bertjax.finetune.family`); this module is the same for all of them.
 
 `config` is validated (`init.load_config`); nothing here checks it again, except what needs the devices.
@@ -22,7 +22,7 @@ from etils import epath
 
 from bertjax.config import loading as config_loading
 from bertjax.data import tokenizer as tokenizer_lib
-from bertjax.finetune import classify, features, qa
+from bertjax.finetune import choice, classify, features, ner, qa
 from bertjax.finetune.family import Data, Family
 from bertjax.finetune.task import INPUTS, LABELS, Finetune, device_keys
 from bertjax.model.config import BertConfig, resolve_config
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, Family] = {
   "classification": classify.FAMILY,
   "qa": qa.FAMILY,
+  "ner": ner.FAMILY,
+  "multiple_choice": choice.FAMILY,
 }
 
 

@@ -3,8 +3,9 @@
     export_hf(workdir, out, step)       a transformers folder: config.json, model.safetensors
                                         (float32, padding rows stripped), tokenizer; a
                                         BertForPreTraining, or for a fine-tuning run a
-                                        BertForSequenceClassification (with its classes) or
-                                        BertForQuestionAnswering
+                                        BertForSequenceClassification (with its classes),
+                                        BertForQuestionAnswering, BertForTokenClassification
+                                        (with its tags) or BertForMultipleChoice
     export_params(workdir, out, step)   bertjax's own flat names in params.safetensors + config.json
     read_run(workdir, step)             a run's parameters with the configs and tokenizer that
                                         describe them (also what `load.from_pretrained` reads)
@@ -128,7 +129,8 @@ def _hf_model(run: RunSnapshot) -> tuple[dict, dict[str, np.ndarray]]:
 
 def export_hf(workdir, out=None, step: int | None = None) -> epath.Path:
   """Write the run's parameters at `step` as a transformers folder (BertForPreTraining, or a
-  fine-tuning run's BertForSequenceClassification / BertForQuestionAnswering).
+  fine-tuning run's BertForSequenceClassification, BertForQuestionAnswering,
+  BertForTokenClassification or BertForMultipleChoice).
 
   Args:
     workdir: the bertjax run folder.

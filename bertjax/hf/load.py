@@ -136,7 +136,8 @@ def load_finetuned(
   workdir, *, dtype: str = "float32", step: int | None = None
 ) -> tuple[nnx.Module, tokenizer_lib.Tokenizer, tasks.TaskSpec]:
   """(model, tokenizer, task) of a fine-tuning run's checkpoint (default: the newest good one):
-  a bertjax.finetune.heads.SequenceClassifier or SpanPredictor computing in `dtype`.
+  a bertjax.finetune.heads.SequenceClassifier, SpanPredictor, TokenClassifier or ChoiceScorer
+  computing in `dtype`.
 
   Raises:
     BertjaxError: `workdir` is not a fine-tuning run, or `read_run`'s.

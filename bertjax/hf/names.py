@@ -93,25 +93,39 @@ def name_map(cfg: BertConfig) -> list[tuple[str, str, tuple, str]]:
 
 
 # Fine-tuned models (bertjax.finetune.heads) keep BertForPreTraining's embeddings, encoder and
-# (classification) pooler under the same paths, and add one output layer. transformers'
-# BertForQuestionAnswering has no pooler.
-_FINETUNE_BODY = {"classification": ("embeddings", "encoder", "pooler"), "qa": ("embeddings", "encoder")}
+# (classification, multiple choice) pooler under the same paths, and add one output layer.
+# transformers' BertForQuestionAnswering and BertForTokenClassification have no pooler.
+_FINETUNE_BODY = {
+  "classification": ("embeddings", "encoder", "pooler"),
+  "qa": ("embeddings", "encoder"),
+  "ner": ("embeddings", "encoder"),
+  "multiple_choice": ("embeddings", "encoder", "pooler"),
+}
+_CLASSIFIER = [
+  ("classifier.weight", "classifier/kernel", (), "kernel"),
+  ("classifier.bias", "classifier/bias", (), "same"),
+]
 _FINETUNE_HEADS = {
-  "classification": [
-    ("classifier.weight", "classifier/kernel", (), "kernel"),
-    ("classifier.bias", "classifier/bias", (), "same"),
-  ],
+  "classification": _CLASSIFIER,
   "qa": [
     ("qa_outputs.weight", "qa_outputs/kernel", (), "kernel"),
     ("qa_outputs.bias", "qa_outputs/bias", (), "same"),
   ],
+  "ner": _CLASSIFIER,
+  "multiple_choice": _CLASSIFIER,
 }
-FINETUNE_ARCHITECTURES = {"classification": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}
+FINETUNE_ARCHITECTURES = {
+  "classification": "BertForSequenceClassification",
+  "qa": "BertForQuestionAnswering",
+  "ner": "BertForTokenClassification",
+  "multiple_choice": "BertForMultipleChoice",
+}
 
 
 def finetune_name_map(cfg: BertConfig, kind: str) -> list[tuple[str, str, tuple, str]]:
-  """name_map's rows for a fine-tuned model of `kind` (classification | qa): transformers'
-  BertForSequenceClassification or BertForQuestionAnswering."""
+  """name_map's rows for a fine-tuned model of `kind` (a `FINETUNE_ARCHITECTURES` key): transformers'
+  BertForSequenceClassification, BertForQuestionAnswering, BertForTokenClassification or
+  BertForMultipleChoice."""
   body = [row for row in name_map(cfg) if row[1].split("/")[0] in _FINETUNE_BODY[kind]]
   return body + _FINETUNE_HEADS[kind]
 
@@ -132,13 +146,13 @@ def to_hf_state_dict(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
 
 
 def to_hf_finetune_state_dict(params: dict, cfg: BertConfig, kind: str) -> dict[str, np.ndarray]:
-  """A fine-tuned model's parameters -> transformers BertForSequenceClassification (kind
-  classification) or BertForQuestionAnswering (qa) tensors.
+  """A fine-tuned model's parameters -> the tensors of its transformers model
+  (`FINETUNE_ARCHITECTURES[kind]`).
 
   Args:
     params: the fine-tuned model's parameter pure dict (`bertjax.finetune.heads` layout).
     cfg: its body's BertConfig.
-    kind: `classification` or `qa`.
+    kind: `classification`, `qa`, `ner` or `multiple_choice`.
   Returns:
     {transformers name: float32 contiguous numpy array}, vocabulary padding rows stripped.
   """
@@ -289,25 +303,26 @@ def hf_finetune_config(
   pad_token_id: int = 0,
 ) -> dict:
   """A transformers config.json dict for a fine-tuned model: the head's architecture; for
-  classification its classes (id2label, label2id) and problem_type (regression: one output).
+  classification its classes (id2label, label2id) and problem_type (regression: one output); for
+  NER its tags (id2label, label2id); the dropout before the output layer (all but QA).
 
   Args:
     cfg: the body's BertConfig.
-    kind: `classification` or `qa`; `labels`, `regression` and `classifier_dropout` apply to classification.
-    labels: the class names, in output order; ignored with `regression` (one output, LABEL_0).
+    kind: a `FINETUNE_ARCHITECTURES` key; `labels` and `regression` apply to classification and
+      `labels` to NER, `classifier_dropout` to all but qa.
+    labels: the class (NER: tag) names, in output order; ignored with `regression` (one output, LABEL_0).
     regression: whether the head has one real-valued output.
     classifier_dropout: written as `classifier_dropout`.
     pad_token_id: the tokenizer's [PAD] id.
   """
   config = {**hf_config_from_bert(cfg, pad_token_id), "architectures": [FINETUNE_ARCHITECTURES[kind]]}
-  if kind == "classification":
+  if kind in ("classification", "ner"):
     names = ["LABEL_0"] if regression else list(labels)
-    config.update(
-      id2label={str(i): name for i, name in enumerate(names)},
-      label2id={name: i for i, name in enumerate(names)},
-      problem_type="regression" if regression else "single_label_classification",
-      classifier_dropout=classifier_dropout,
-    )
+    config.update(id2label={str(i): name for i, name in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+  if kind == "classification":
+    config["problem_type"] = "regression" if regression else "single_label_classification"
+  if kind != "qa":
+    config["classifier_dropout"] = classifier_dropout
   return config
 
 

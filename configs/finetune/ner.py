@@ -6,17 +6,17 @@
         --config.finetune.dev_file=eng.testa
 
 Files are CoNLL-2003's columns (eng.train, eng.testa: a token per line, the tag last) or .jsonl
-rows of tokens and tags. The paper's appendix A.3 gives the grid (lr 5e-5, 3e-5, 2e-5; batch 16
-or 32; 2-4 epochs), not its pick for CoNLL; `lr=` sets the learning rate (default 5e-5). The tags
-are the train file's unless finetune.labels lists them; the model learns them in IOB2
-(finetune.tag_scheme).
+rows of tokens and tags. The paper gives its fine-tuning grid (appendix A.3: lr 5e-5, 3e-5, 2e-5;
+batch 16 or 32; 2-4 epochs), not its pick for CoNLL; `lr=` sets the learning rate, and left out
+the --init model's width decides (2e-5 for BERT-base and large, as GLUE). The tags are the train
+file's unless finetune.labels lists them; the model learns them in IOB2 (finetune.tag_scheme).
 """
 
 from configs.finetune import recipe
 
 
 def get_config(arg: str | None = None):
-  c = recipe.recipe(recipe.config_args(arg, lr=5e-5).lr)
+  c = recipe.recipe(recipe.config_args(arg, lr=recipe.BY_MODEL_SIZE).lr)
   c.finetune.task = "ner"
   c.finetune.tag_scheme = "iob2"
   return c

@@ -8,7 +8,7 @@ BERT's AdamW with 10% warmup, 128 tokens a choice.
 Files are SWAG's official train.csv / val.csv or .jsonl rows of context, start, endings and
 label. Each of an example's four choices is `[CLS] sent1 [SEP] sent2 endingK [SEP]`; the pooled
 [CLS] output of each gives one score, and a softmax over them picks the answer. `lr=` sets the
-learning rate.
+learning rate (the paper's 2e-5 whatever the model, as SQuAD's files keep theirs).
 """
 
 from configs.finetune import recipe
