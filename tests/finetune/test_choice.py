@@ -123,7 +123,8 @@ def test_the_choice_scorer_exports_as_bert_for_multiple_choice(choice_run, whole
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
   contexts = [" ".join(whole_words[1:4])] * 3 + [whole_words[0]] * 3
-  endings = [f"{whole_words[5]} {w}" for w in (whole_words[0], whole_words[6], whole_words[7])] * 2
+  held = (whole_words[0], whole_words[6], whole_words[7], whole_words[2], whole_words[0], whole_words[3])
+  endings = [f"{whole_words[5]} {w}" for w in held]  # example 0's right ending is choice 0, example 1's choice 1
   tokens = hf_tokenizer(contexts, endings, return_tensors="pt", padding=True)
   tokens = {k: v.reshape(2, 3, -1) for k, v in tokens.items()}  # [B=2, C=3, L]
   arrays = tuple(tokens[k].numpy() for k in ("input_ids", "token_type_ids", "attention_mask"))
@@ -134,4 +135,4 @@ def test_the_choice_scorer_exports_as_bert_for_multiple_choice(choice_run, whole
     got = np.asarray(ours(*arrays))
   assert got.shape == expected.shape == (2, 3)
   np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)
-  assert got[0].argmax() == 0  # the ending holding the key word wins
+  assert got.argmax(-1).tolist() == [0, 1]  # the ending holding the key word wins
