@@ -89,6 +89,13 @@ def test_the_choice_task_is_learned(choice_run):
   assert results == {"step": result.state.step, "task": "multiple_choice", **result.final}
 
 
+def test_bertjax_eval_reports_the_runs_dev_metrics(choice_run, capsys):
+  _, workdir, result = choice_run
+  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == {"step": int(result.state.step), "task": "multiple_choice", **result.final}
+
+
 def test_an_interrupted_choice_run_resumes_to_the_metrics_of_an_uninterrupted_one(
   choice_run, pretrained, family_files, tmp_path, monkeypatch
 ):

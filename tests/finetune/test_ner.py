@@ -199,6 +199,13 @@ def test_bad_lines_are_one_line_naming_file_and_line(tmp_path, pretrained, famil
   assert not workdir.exists()
 
 
+def test_a_tag_outside_the_tags_names_its_sentence(tokenizer, tmp_path):
+  dev = tmp_path / "dev.jsonl"
+  dev.write_text('{"tokens": ["river"], "tags": ["O"]}\n{"tokens": ["mill"], "tags": ["B-ORG"]}\n')
+  with pytest.raises(BertjaxError, match=f"^{dev} line 2: tag 'B-ORG' is not one of the tags \\(O, B-PER\\); declare"):
+    ner.encode_sentences(ner.read_sentences(dev, "iob2"), ("O", "B-PER"), tokenizer, 8)
+
+
 def test_a_tag_scheme_that_is_none_is_refused(pretrained, family_files):
   with pytest.raises(BertjaxError, match="config finetune.tag_scheme='bio' is not supported; choose one of iob2, iob1"):
     ner_task_config(pretrained, family_files, "finetune.tag_scheme=bio")
@@ -214,6 +221,13 @@ def test_the_entity_task_is_learned(ner_run):
   evals = [r for r in writer.read_metrics(workdir) if r["split"] == "eval"]
   assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0] and evals[-1]["f1"] == final["f1"]
   assert json.loads((workdir / job.RESULTS_FILE).read_text()) == {"step": result.state.step, "task": "ner", **final}
+
+
+def test_bertjax_eval_reports_the_runs_dev_metrics(ner_run, capsys):
+  _, workdir, result = ner_run
+  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed == {"step": int(result.state.step), "task": "ner", **result.final}
 
 
 def test_an_interrupted_ner_run_resumes_to_the_metrics_of_an_uninterrupted_one(
