@@ -216,7 +216,7 @@ def predicted_tags(spec: tasks.TaskSpec, dev: dict[str, np.ndarray], tag_ids, se
 
 def score(config, spec, dev, sentences, outputs) -> tuple[dict[str, float], None]:
   """conlleval's precision, recall, F1 and token accuracy (percent) over the dev sentences, and the loss."""
-  predicted = predicted_tags(spec, dev, outputs["tag_ids"], sentences)
+  predicted = predicted_tags(spec, dev, outputs["predictions"], sentences)
   scores = entities.conlleval([s.tags for s in sentences], predicted)
   return {**scores, "loss": mean_loss(outputs)}, None
 

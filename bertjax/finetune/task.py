@@ -93,7 +93,7 @@ class Finetune:
   """A fine-tuning head on BERT's body, trained on the task's labelled rows."""
 
   spec: TaskSpec
-  head_dropout: float  # finetune.head_dropout: on the pooled output (classification)
+  head_dropout: float  # finetune.head_dropout: before the output layer (every head but QA's)
 
   def build(self, cfg: BertConfig, rngs: nnx.Rngs) -> nnx.Module:
     return heads.build(cfg, self.spec, self.head_dropout, rngs)
@@ -126,12 +126,12 @@ class Finetune:
 
   def evaluate(self, model, batch: Batch) -> dict[str, jax.Array]:
     """`logits` [B, C] (classification, multiple choice), `start_logits` and `end_logits` [B, L]
-    (QA), or the argmax `tag_ids` [B, L] (NER); but for QA also the loss sums."""
+    (QA), or the argmax tag ids `predictions` [B, L] (NER); but for QA also the loss sums."""
     outputs = _outputs(model, batch, None)
     if self.spec.kind == "qa":
       return {"start_logits": outputs[0], "end_logits": outputs[1]}
     if self.spec.kind == "ner":  # the argmax only: a [B, L, C] transfer is C times larger
-      return {"tag_ids": jnp.argmax(outputs, -1).astype(jnp.int32), **loss_sums(self.spec, outputs, batch)}
+      return {"predictions": jnp.argmax(outputs, -1).astype(jnp.int32), **loss_sums(self.spec, outputs, batch)}
     return {"logits": outputs, **loss_sums(self.spec, outputs, batch)}
 
 
