@@ -206,9 +206,13 @@ def test_a_tag_outside_the_tags_names_its_sentence(tokenizer, tmp_path):
     ner.encode_sentences(ner.read_sentences(dev, "iob2"), ("O", "B-PER"), tokenizer, 8)
 
 
-def test_a_tag_scheme_that_is_none_is_refused(pretrained, family_files):
+def test_config_values_ner_cannot_use_are_refused(pretrained, family_files):
   with pytest.raises(BertjaxError, match="config finetune.tag_scheme='bio' is not supported; choose one of iob2, iob1"):
     ner_task_config(pretrained, family_files, "finetune.tag_scheme=bio")
+  with pytest.raises(BertjaxError, match="config finetune.data='hf:conll2003' is not read by --task ner; set finetune"):
+    ner_task_config(pretrained, family_files, "finetune.data=hf:conll2003")
+  with pytest.raises(BertjaxError, match="config finetune.labels=tag 'PER' is neither O nor B-TYPE / I-TYPE"):
+    ner_task_config(pretrained, family_files, "finetune.labels=O,PER")
 
 
 # -- the entity task -------------------------------------------------------------------------------
