@@ -181,7 +181,7 @@ def test_squad_answers_outside_their_contexts_exit_2_when_none_is_left(init_run,
     config="configs/finetune/squad.py",
   )
   assert cli.main(argv) == 2
-  _assert_one_line(capsys, f"{tmp_path}/train.json: no question's answer is in its context")
+  _assert_one_line(capsys, f"{tmp_path}/train.json: no answer is in its context at its answer_start")
   assert not (tmp_path / "run").exists()
 
 
@@ -194,7 +194,7 @@ def test_squad_answers_outside_their_contexts_exit_2_when_none_is_left(init_run,
       "no-such-run: holds no config.json and tokenizer/",
     ),
     (["glue", "--init", "i", "--data", "d", "--workdir", "w", "--tasks", "sst2,nope"], "'nope' is not a GLUE task"),
-    (["finetune", "--task", "ner", "--config", "x", "--workdir", "w", "--init", "i"], "invalid choice: 'ner'"),
+    (["finetune", "--task", "nope", "--config", "x", "--workdir", "w", "--init", "i"], "invalid choice: 'nope'"),
   ],
 )
 def test_fine_tuning_command_lines_that_cannot_run(argv, message, capsys):

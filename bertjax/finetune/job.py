@@ -49,9 +49,12 @@ def _checkpoint_meta(run: run_lib.Run) -> dict:
 
 
 def _describe(task: dict) -> str:
+  """A saved task for people: `custom (classes no, yes)`, `stsb (a regression)`, `swag (multiple_choice)`."""
   if task.get("regression"):
     return f"{task.get('name')} (a regression)"
-  return f"{task.get('name')} (classes {', '.join(task.get('labels', []))})" if task.get("labels") else str(task)
+  if task.get("labels"):
+    return f"{task.get('name')} (classes {', '.join(task['labels'])})"
+  return f"{task.get('name')} ({task.get('kind')})"
 
 
 def _check_resumable(run: run_lib.Run, source: str):
