@@ -105,9 +105,9 @@ def finetuning_learning_rate(hidden_size: int) -> float:
   """The fine-tuning learning rate of a model of this width, when the config leaves it to the
   model (`optim.lr=0`, the fine-tuning recipe's default): BERT-base and large take the paper's
   2e-5 (appendix A.3 picks among 5e-5, 4e-5, 3e-5 and 2e-5); the compact BERTs of Turc et al.
-  (2019) were fine-tuned with 3e-4, 1e-4, 5e-5 or 3e-5, so widths 256 to 512 take 1e-4; the
-  narrowest (bertjax's tiny, 128 wide and pretrained for minutes by `make train`, and the tests'
-  micro models) learn easy tasks at 1e-3 and not at 2e-5."""
+  (2019) were fine-tuned with 3e-4, 1e-4, 5e-5 or 3e-5, so widths 256 to 512 take 1e-4; narrower
+  ones take 1e-3 (the tests' micro model learns its pair task at 1e-3 and not at 2e-5 or 1e-4;
+  docs/finetuning.md has the figures)."""
   if hidden_size >= 768:
     return 2e-5
   return 1e-4 if hidden_size >= 256 else 1e-3
