@@ -4,16 +4,14 @@ and a workdir holding another task's run is refused before anything in it change
 
 import json
 import os
-import signal
 
 import pytest
 
 from bertjax.cli import main as cli
 from bertjax.errors import BertjaxError
 from bertjax.finetune import job as loop
-from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
-from tests.support.finetune import count_task_config, finetune_config, pair_task_config
+from tests.support.finetune import count_task_config, finetune_config, pair_task_config, stopped_and_resumed
 
 STOP_AT = 40  # a step in the second epoch, between checkpoints
 
@@ -30,21 +28,15 @@ def test_an_interrupted_run_resumes_to_the_metrics_of_an_uninterrupted_one(
   pair_run, pretrained, task_files, tmp_path, monkeypatch
 ):
   _, reference_dir, reference = pair_run
-  config = pair_task_config(pretrained, task_files)
-  train_batch = run_lib.Run.train_batch
+  results = tmp_path / "run" / loop.RESULTS_FILE
+  seen = []  # whether a result existed when the stopped run returned: none until the run is complete
 
-  def signalled_at(run, step):
-    if step == STOP_AT:
-      os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: the step in flight finishes
-    return train_batch(run, step)
+  def config():
+    seen.append(results.exists())
+    return pair_task_config(pretrained, task_files)
 
-  monkeypatch.setattr(run_lib.Run, "train_batch", signalled_at)
-  stopped = loop.finetune(config, tmp_path / "run")
-  assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == STOP_AT + 1
-  assert not (tmp_path / "run" / loop.RESULTS_FILE).exists()  # no result until the run is complete
-  monkeypatch.setattr(run_lib.Run, "train_batch", train_batch)
-
-  resumed = loop.finetune(pair_task_config(pretrained, task_files), tmp_path / "run")
+  stopped, resumed = stopped_and_resumed(config, tmp_path / "run", STOP_AT, monkeypatch)
+  assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == STOP_AT + 1 and seen == [False, False]
   assert resumed.stopped_by is None and int(resumed.state.step) == 96
   assert resumed.final == reference.final
   assert _records(tmp_path / "run", "eval") == _records(reference_dir, "eval")

@@ -4,8 +4,6 @@ tests/support/finetune_families.py learned, resumed to the same metrics and expo
 transformers' BertForTokenClassification with bertjax's logits."""
 
 import json
-import os
-import signal
 
 import jax
 import numpy as np
@@ -17,6 +15,7 @@ from bertjax.errors import BertjaxError
 from bertjax.finetune import entities, job, ner
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
+from tests.support.finetune import stopped_and_resumed
 from tests.support.finetune_families import ner_task_config
 
 TOLERANCE = 1e-4  # what the export promises (tests/finetune/test_export.py)
@@ -239,18 +238,10 @@ def test_an_interrupted_ner_run_resumes_to_the_metrics_of_an_uninterrupted_one(
 ):
   config, _, reference = ner_run
   stop_at = run_lib.setup(config, tmp_path / "probe", run_lib.prepare(config)).order.steps_per_epoch + 3
-  train_batch = run_lib.Run.train_batch
-
-  def signalled_at(run, step):
-    if step == stop_at:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return train_batch(run, step)
-
-  monkeypatch.setattr(run_lib.Run, "train_batch", signalled_at)
-  stopped = job.finetune(ner_task_config(pretrained, family_files), tmp_path / "run")
+  stopped, resumed = stopped_and_resumed(
+    lambda: ner_task_config(pretrained, family_files), tmp_path / "run", stop_at, monkeypatch
+  )
   assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == stop_at + 1
-  monkeypatch.setattr(run_lib.Run, "train_batch", train_batch)
-  resumed = job.finetune(ner_task_config(pretrained, family_files), tmp_path / "run")
   assert resumed.stopped_by is None and resumed.final == reference.final
 
 

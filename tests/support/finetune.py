@@ -298,3 +298,25 @@ def write_learnable_glue(root, words, name: str, train: int, dev: int, seed: int
       ]
     files[file] = rows
   write_glue_files(root, name, files)
+
+
+def stopped_and_resumed(make_config, workdir, stop_at: int, monkeypatch):
+  """(stopped, resumed): a fine-tune of `make_config()` stopped by SIGTERM in step `stop_at` (as a
+  scheduler would: the step in flight finishes and is saved), then the same command again."""
+  import os
+  import signal
+
+  from bertjax.finetune import job
+  from bertjax.finetune import run as run_lib
+
+  train_batch = run_lib.Run.train_batch
+
+  def signalled_at(run, step):
+    if step == stop_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return train_batch(run, step)
+
+  monkeypatch.setattr(run_lib.Run, "train_batch", signalled_at)
+  stopped = job.finetune(make_config(), workdir)
+  monkeypatch.setattr(run_lib.Run, "train_batch", train_batch)
+  return stopped, job.finetune(make_config(), workdir)
