@@ -244,3 +244,41 @@ def test_a_squad_file_that_is_not_utf8_is_one_line(tmp_path):
   with pytest.raises(BertjaxError) as e:
     squad.read_questions(_config(tmp_path), "dev")
   assert str(e.value) == f"{tmp_path}/dev.json is not UTF-8 text (byte 42); save it as UTF-8"
+
+
+def test_a_run_reads_its_windows_with_the_configured_stride_and_question_length(
+  pretrained, task_files, whole_words, tmp_path
+):
+  """doc_stride and max_query_len given different values (5 and 6): each context's window w starts
+  at its context token 5 w, and every question (ten words here) is cut to 6 tokens, as a run
+  prepares them."""
+  from bertjax.finetune import run as run_lib
+  from tests.support.finetune import squad_task_config
+
+  squad_json = json.loads((task_files / "squad-dev.json").read_text())
+  for article in squad_json["data"]:
+    for paragraph in article["paragraphs"]:
+      for qa in paragraph["qas"]:
+        qa["question"] = " ".join(whole_words[2:12])
+  (tmp_path / "dev.json").write_text(json.dumps(squad_json))
+  config = squad_task_config(
+    pretrained,
+    task_files,
+    f"finetune.dev_file={tmp_path}/dev.json",
+    "finetune.doc_stride=5",
+    "finetune.max_query_len=6",
+  )
+  data = run_lib.prepare(config, with_train=False)
+  dev, questions, tokenizer = data.dev["dev"], data.questions["dev"], data.tokenizer
+  sep = np.argmax(dev["input_ids"] == tokenizer.sep_id, axis=1)  # the first [SEP] ends the question
+  assert sep.max() - 1 == 6  # the longest question is cut to max_query_len tokens
+  checked = 0
+  for i, q in enumerate(questions):
+    rows = np.flatnonzero(dev["example_index"] == i)
+    _, char_spans = tokenizer.encode_with_offsets([q.context])[0]
+    context_starts = [start for start, _ in np.asarray(char_spans).reshape(-1, 2)]
+    for w, row in enumerate(rows):
+      first = sep[row] + 1  # the window's first context token
+      assert dev["offsets"][row][first][0] == context_starts[5 * w]
+      checked += 1
+  assert checked > len(questions)  # contexts need several windows
