@@ -137,7 +137,10 @@ def evaluate(run: Run, params) -> tuple[dict[str, float], dict[str, dict]]:
     keys = INPUTS + tuple(k for k in LABELS[spec.kind] if k in dev)  # dev labels, where the features hold them
     scores, extra = family.score(run.config, spec, dev, run.data.gold.get(split), _predict(run, params, dev, keys))
     suffix = "" if len(spec.dev_splits) == 1 else f"_{split}"
-    results.update({f"{name}{suffix}": float(value) for name, value in scores.items()})
+    # Counts (SQuAD 2.0's totals) stay whole numbers; every score is a float.
+    results.update(
+      {f"{name}{suffix}": value if isinstance(value, int) else float(value) for name, value in scores.items()}
+    )
     if extra is not None:
       extras[split] = extra
   return results, extras

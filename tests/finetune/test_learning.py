@@ -39,6 +39,7 @@ def test_squad_v2_with_several_windows_per_context_is_learned(squad_run):
   final = result.final
   assert final["exact"] >= 90 and final["f1"] >= 90, final
   assert final["HasAns_total"] + final["NoAns_total"] == final["total"] == 100
+  assert all(isinstance(final[k], int) for k in ("total", "HasAns_total", "NoAns_total"))  # counts, not 100.0
   assert final["HasAns_exact"] >= 85 and final["NoAns_exact"] >= 85, final
   data = run_lib.prepare(config)
   windows = np.bincount(data.dev["dev"]["example_index"])
