@@ -83,7 +83,9 @@ def _model() -> config_dict.ConfigDict:
   # attention dropout; XLA elsewhere. auto | xla | cudnn | pallas
   model.attention_impl = "auto"
   # What a layer keeps for its backward pass: none | dots | dots_except_mlp_wide |
-  # attention_out_mlp_in | offload_dots | full (bertjax.model.config.REMAT_POLICIES).
+  # attention_out_mlp_in | offload_dots | full (bertjax.model.config.REMAT_POLICIES). none is the
+  # fastest where the batch fits; where it does not, dots_except_mlp_wide first (docs/scaling.md,
+  # "Rematerialisation").
   model.remat = "none"
   # One traced layer under lax.scan (compile time flat in depth) or the layers unrolled (faster
   # steps on GPU and TPU, longer compiles); configs/base.py and large.py unroll.
