@@ -74,12 +74,12 @@ def _results(run_dir: epath.Path, config, label: str, prepared) -> tuple[dict | 
   if results is not None and saved is not None and not said:
     log.info("%s: reusing its complete run (the same inputs)", label)
     return results, prepared
-  if said or (results is not None and saved is None):
+  stale = bool(said) or (results is not None and saved is None)  # a result of other (or unknown) inputs
+  if stale:
     why = "; ".join(said) if said else "no record of its inputs"
     log.info("%s: training again, its earlier run was of other inputs (%s)", label, why)
   prepared = prepared or run_lib.prepare(config)  # the data depends on neither seed nor rate
-  replace = bool(said) or (results is not None and saved is None)
-  if job.finetune(config, run_dir, prepared, overwrite=replace).stopped_by:
+  if job.finetune(config, run_dir, prepared, overwrite=stale, inputs=current).stopped_by:
     return None, prepared
   return job.read_results(run_dir), prepared
 

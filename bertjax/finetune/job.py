@@ -70,7 +70,13 @@ def _check_resumable(run: run_lib.Run, source: str):
 
 
 def finetune(
-  config, workdir, data: run_lib.Data | None = None, *, step: int | None = None, overwrite: bool = False
+  config,
+  workdir,
+  data: run_lib.Data | None = None,
+  *,
+  step: int | None = None,
+  overwrite: bool = False,
+  inputs: dict | None = None,
 ) -> loop_lib.Result:
   """Fine-tune to finetune.epochs: resume WORKDIR's newest good checkpoint (or `step`), or start
   from finetune.init. `data` is run.prepare's (read before anything is written).
@@ -81,13 +87,14 @@ def finetune(
     data: `run.prepare(config)`'s result; None prepares it here.
     step: the checkpoint step to resume from; None takes the newest restorable one.
     overwrite: replace a run of other inputs (or the same) in WORKDIR instead of refusing it.
+    inputs: `fingerprint.of_run(config)` when the caller has it already (it hashes the data files).
   Raises:
     BertjaxError: the task's data is unusable (when `data` is None), WORKDIR holds a run of other
       inputs (without `overwrite`), is in use or unwritable, its checkpoint is of another model,
       tokenizer or task, or the --init run has no usable checkpoint.
   """
   data = run_lib.prepare(config) if data is None else data
-  current = fingerprint.of_run(config)
+  current = fingerprint.of_run(config) if inputs is None else inputs
   if not overwrite:
     _check_same_inputs(workdir, current)
   run = run_lib.setup(config, workdir, data)  # writes nothing

@@ -79,6 +79,14 @@ def whole_words(pretrained) -> list[str]:
   return words
 
 
+def finetuned(config, tmp_path_factory, name: str):
+  """(config, workdir, result) of a fine-tune of `config` in a new folder `name`/run."""
+  from bertjax.finetune import job
+
+  workdir = tmp_path_factory.mktemp(name) / "run"
+  return config, workdir, job.finetune(config, workdir)
+
+
 def finetune_config(init, *overrides, task="classification", config="configs/finetune/classification.py"):
   """A validated fine-tuning config at micro scale over the `init` run."""
   return init_lib.load_config(config, [*FINETUNE_OVERRIDES, *overrides], task=task, init=str(init))
@@ -192,21 +200,13 @@ def squad_task_config(pretrained, task_files, *extra):
 @pytest.fixture(scope="session")
 def pair_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the pair task fine-tuned for 3 epochs (96 steps)."""
-  from bertjax.finetune import job as loop
-
-  config = pair_task_config(pretrained, task_files)
-  workdir = tmp_path_factory.mktemp("pair-run") / "run"
-  return config, workdir, loop.finetune(config, workdir)
+  return finetuned(pair_task_config(pretrained, task_files), tmp_path_factory, "pair-run")
 
 
 @pytest.fixture(scope="session")
 def squad_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the SQuAD 2.0 task fine-tuned for 2 epochs."""
-  from bertjax.finetune import job as loop
-
-  config = squad_task_config(pretrained, task_files)
-  workdir = tmp_path_factory.mktemp("squad-run") / "run"
-  return config, workdir, loop.finetune(config, workdir)
+  return finetuned(squad_task_config(pretrained, task_files), tmp_path_factory, "squad-run")
 
 
 def count_task_config(pretrained, task_files, *extra):
@@ -224,11 +224,7 @@ def count_task_config(pretrained, task_files, *extra):
 @pytest.fixture(scope="session")
 def count_run(pretrained, task_files, tmp_path_factory):
   """(config, workdir, result) of the count task, a regression, fine-tuned for 3 epochs."""
-  from bertjax.finetune import job as loop
-
-  config = count_task_config(pretrained, task_files)
-  workdir = tmp_path_factory.mktemp("count-run") / "run"
-  return config, workdir, loop.finetune(config, workdir)
+  return finetuned(count_task_config(pretrained, task_files), tmp_path_factory, "count-run")
 
 
 # -- GLUE folders ---------------------------------------------------------------------------------

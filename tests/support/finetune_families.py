@@ -20,7 +20,7 @@ import csv
 import numpy as np
 import pytest
 
-from tests.support.finetune import finetune_config, write_jsonl
+from tests.support.finetune import finetune_config, finetuned, write_jsonl
 
 SWAG_HEADER = "video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label".split(",")
 
@@ -129,18 +129,10 @@ def choice_task_config(pretrained, family_files, *extra):
 @pytest.fixture(scope="session")
 def ner_run(pretrained, family_files, tmp_path_factory):
   """(config, workdir, result) of the entity task fine-tuned for 3 epochs."""
-  from bertjax.finetune import job
-
-  config = ner_task_config(pretrained, family_files)
-  workdir = tmp_path_factory.mktemp("ner-run") / "run"
-  return config, workdir, job.finetune(config, workdir)
+  return finetuned(ner_task_config(pretrained, family_files), tmp_path_factory, "ner-run")
 
 
 @pytest.fixture(scope="session")
 def choice_run(pretrained, family_files, tmp_path_factory):
   """(config, workdir, result) of the choice task fine-tuned for 3 epochs."""
-  from bertjax.finetune import job
-
-  config = choice_task_config(pretrained, family_files)
-  workdir = tmp_path_factory.mktemp("choice-run") / "run"
-  return config, workdir, job.finetune(config, workdir)
+  return finetuned(choice_task_config(pretrained, family_files), tmp_path_factory, "choice-run")
