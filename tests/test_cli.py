@@ -80,6 +80,16 @@ def test_every_command_has_help(command, capsys):
       "--workers goes with --process_id",
     ),
     (["nonsense"], "invalid choice: 'nonsense'"),
+    (
+      ["train", "--config", "configs/tiny.py", "--workdir", "w", "--dry-run", "--config.model.attention_impl=pallas"]
+      + ["--config.data.seq_len=24"],
+      "model.attention_impl='pallas' cannot run here: the triton kernel's sequence length 24",
+    ),
+    (
+      ["train", "--config", "configs/tiny.py", "--workdir", "w", "--dry-run", "--topology", "v5p-8"]
+      + ["--config.model.attention_impl=pallas", "--config.data.seq_len=320"],
+      "model.attention_impl='pallas' cannot run here: the mosaic kernel's sequence length 320",
+    ),
   ],
 )
 def test_user_errors_are_one_line_and_exit_2(argv, message, capsys):

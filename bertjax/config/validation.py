@@ -83,10 +83,6 @@ def _check_model(config) -> None:
       "'cudnn' needs model.attention_dropout=0 (cuDNN flash attention has no attention dropout)",
       "set --config.model.attention_dropout=0, or model.attention_impl=auto to fall back to XLA",
     )
-  if m.attention_impl == "pallas":
-    why = model_config_lib.fused_attention_fits(config.data.seq_len, sizes.hidden_size // sizes.num_heads)
-    if why is not None:
-      _fail("model.attention_impl", f"'pallas' cannot run here: {why}", "set model.attention_impl=auto")
 
 
 def _check_data(config) -> None:

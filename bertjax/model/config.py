@@ -45,13 +45,37 @@ VARIANTS.update(
 )
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-# The fused kernel (`pallas`, bertjax.model.fused_attention) tiles the sequence by 64 or by the
-# whole length; its matmuls need a power-of-two head size of at least 16.
+# The fused kernels of `attention_impl=pallas` (bertjax.model.fused_attention), by platform.
+FUSED_KERNELS = {"gpu": "triton", "tpu": "mosaic", "cpu": "triton"}
+# The Triton kernel tiles the sequence by 64 or by the whole length; its matmuls need a
+# power-of-two head size of at least 16.
 FUSED_TILE = 64
+# The Mosaic kernel holds a block of queries' [L, block_q] float32 intermediates in VMEM: this
+# length keeps them within a v5e's default scoped VMEM.
+MOSAIC_MAX_LENGTH = 2048
 
 
-def fused_attention_fits(seq_len: int, head_dim: int) -> str | None:
-  """Why the fused attention kernel cannot run these sizes, or None when it can."""
+def mosaic_block_q(seq_len: int) -> int:
+  """Queries a Mosaic kernel instance takes: the whole row up to 256 (the MXU's width on v6e),
+  else 256, else 128 past 1024 (VMEM)."""
+  return seq_len if seq_len <= 256 else 256 if seq_len <= 1024 else 128
+
+
+def mosaic_head_group(num_heads: int, head_dim: int) -> int:
+  """Heads a Mosaic kernel instance takes side by side: the fewest that fill whole 128-lane rows
+  (two of BERT's 64-wide heads), else all of them (a block as wide as the array)."""
+  return next((g for g in range(1, num_heads + 1) if num_heads % g == 0 and g * head_dim % 128 == 0), num_heads)
+
+
+def fused_attention_fits(seq_len: int, head_dim: int, kernel: str = "triton") -> str | None:
+  """Why the fused attention kernel `kernel` (triton | mosaic) cannot run these sizes, or None."""
+  if kernel == "mosaic":
+    if seq_len % 8 or seq_len > MOSAIC_MAX_LENGTH or seq_len % mosaic_block_q(seq_len):
+      return (
+        f"sequence length {seq_len} is not a multiple of 8 up to 256, of 256 up to 1024 or of 128 up to "
+        f"{MOSAIC_MAX_LENGTH}"
+      )
+    return None
   if not (seq_len % FUSED_TILE == 0 or (seq_len >= 16 and seq_len & (seq_len - 1) == 0)):
     return f"sequence length {seq_len} is neither a multiple of {FUSED_TILE} nor a power of two from 16"
   if head_dim < 16 or head_dim & (head_dim - 1):
@@ -93,6 +117,7 @@ class BertConfig:
   initializer_range: float = 0.02
   dtype: str = "float32"  # compute dtype; parameters are always float32
   attention_impl: str = "xla"  # xla | cudnn | pallas
+  fused_kernel: str = "triton"  # pallas's kernel: triton (GPUs) | mosaic (TPUs); interpreted on CPU
   remat: str = "none"
   scan_layers: bool = True
   dropout_impl: str = "threefry"  # threefry | hash: how dropout masks are drawn (bertjax.model.dropout)
@@ -131,9 +156,10 @@ def resolve_config(
 ) -> BertConfig:
   """A BertConfig from the `model` section of a run config, resolving `auto` for `backend`.
 
-  `auto` dtype is bfloat16 on accelerators and float32 on CPU. `auto` attention on NVIDIA GPUs is
-  the fused kernel with dropout inside (`pallas`) when there is attention dropout and the kernel's
-  tiles fit `seq_len`, cuDNN flash attention when there is none (16-bit compute), else XLA.
+  `auto` dtype is bfloat16 on accelerators and float32 on CPU. `auto` attention on GPUs and TPUs
+  is the platform's fused kernel with dropout inside (`pallas`: Triton, Mosaic) when there is
+  attention dropout and the kernel takes `seq_len`; on GPUs cuDNN flash attention when there is
+  none (16-bit compute); else XLA.
   `auto` dropout masks are the counter-based hash on GPUs (the fused kernel's; measured faster
   there) and TPUs (a quarter fewer cycles for BERT-large's layer by libtpu's estimates), and
   threefry on CPU. docs/performance.md has the measurements behind each choice.
@@ -153,17 +179,19 @@ def resolve_config(
   if dtype == "auto":
     dtype = "float32" if backend == "cpu" else "bfloat16"
   impl = model_section.attention_impl
+  kernel = FUSED_KERNELS.get(backend, "triton")
+  head_dim = sizes.hidden_size // sizes.num_heads
   if impl == "auto":
-    fused_ok = seq_len is not None and fused_attention_fits(seq_len, sizes.hidden_size // sizes.num_heads) is None
-    if backend == "gpu" and model_section.attention_dropout > 0 and fused_ok:
+    fused_ok = seq_len is not None and fused_attention_fits(seq_len, head_dim, kernel) is None
+    if backend in ("gpu", "tpu") and model_section.attention_dropout > 0 and fused_ok:
       impl = "pallas"
     elif backend == "gpu" and dtype in ("bfloat16", "float16") and model_section.attention_dropout == 0:
       impl = "cudnn"
     else:
       impl = "xla"
-  if impl == "pallas" and backend == "tpu":
+  if impl == "pallas" and seq_len is not None and (why := fused_attention_fits(seq_len, head_dim, kernel)):
     raise BertjaxError(
-      "config model.attention_impl='pallas' is a GPU (Triton) kernel and cannot compile for a TPU; "
+      f"config model.attention_impl='pallas' cannot run here: the {kernel} kernel's {why}; "
       "set model.attention_impl=auto"
     )
   dropout_impl = model_section.dropout_impl
@@ -183,6 +211,7 @@ def resolve_config(
     initializer_range=model_section.initializer_range,
     dtype=dtype,
     attention_impl=impl,
+    fused_kernel=kernel,
     remat=model_section.remat,
     scan_layers=model_section.scan_layers,
     dropout_impl=dropout_impl,

@@ -85,6 +85,7 @@ class SelfAttention(nnx.Module):
     self.rate = cfg.attention_dropout
     self.dropout_impl = cfg.dropout_impl
     self.impl = cfg.attention_impl
+    self.fused_kernel = cfg.fused_kernel
 
   def __call__(self, x_BxLxE, mask_Bx1xLxL, kv_lengths_B, dropout_key=None, *, pair_ids_BxL=None):
     """[B, L, E] attention output in the compute dtype.
@@ -96,7 +97,7 @@ class SelfAttention(nnx.Module):
         mask; None for packed rows, where only the mask describes padding.
       dropout_key: a PRNG key for attention-probability dropout, or None for none.
       pair_ids_BxL: the pair id of each token, 0 on padding (the mask's source), which the fused
-        kernel (`attention_impl=pallas`) takes instead of the mask.
+        kernels (`attention_impl=pallas`) take instead of the mask.
     """
     dt = self.dtype
     qkv = jnp.einsum("ble,ekhd->blkhd", x_BxLxE, self.qkv_kernel[...].astype(dt)) + self.qkv_bias[...].astype(dt)
@@ -109,7 +110,7 @@ class SelfAttention(nnx.Module):
       # Dropout inside the kernel; its mask is the `hash` one whatever `dropout_impl` says.
       if pair_ids_BxL is None:
         raise ValueError("attention_impl=pallas needs pair_ids_BxL")
-      ctx = fused_attention.attention(q, k, v, pair_ids_BxL, dropout_key, self.rate)
+      ctx = fused_attention.attention(q, k, v, pair_ids_BxL, dropout_key, self.rate, kernel=self.fused_kernel)
     elif dropout_key is not None and self.rate > 0.0:
       ctx = attention_with_dropout(q, k, v, mask_Bx1xLxL, dropout_key, self.rate, self.dropout_impl)
     elif self.impl == "cudnn" and kv_lengths_B is not None:

@@ -76,18 +76,43 @@ def test_auto_resolution_picks_cudnn_only_where_it_applies():
   assert fp32_gpu.attention_impl == "xla"  # cuDNN flash attention is 16-bit only
 
 
-def test_auto_resolution_on_gpus_is_the_fused_kernel_with_hash_masks_where_its_tiles_fit():
-  gpu = dict(backend="gpu", vocab_size=100)
+def test_auto_resolution_on_gpus_and_tpus_is_the_fused_kernel_with_hash_masks_where_it_fits():
+  gpu, tpu = dict(backend="gpu", vocab_size=100), dict(backend="tpu", vocab_size=100)
   fused = model_config.resolve_config(_model_cfg("tiny"), **gpu, seq_len=128)
-  assert (fused.attention_impl, fused.dropout_impl) == ("pallas", "hash")
+  assert (fused.attention_impl, fused.fused_kernel, fused.dropout_impl) == ("pallas", "triton", "hash")
+  fused = model_config.resolve_config(_model_cfg("tiny"), **tpu, seq_len=512)
+  assert (fused.attention_impl, fused.fused_kernel, fused.dropout_impl) == ("pallas", "mosaic", "hash")
   assert model_config.resolve_config(_model_cfg("tiny"), **gpu, seq_len=100).attention_impl == "xla"
+  assert model_config.resolve_config(_model_cfg("tiny"), **tpu, seq_len=100).attention_impl == "xla"
   no_attention_dropout = _model_cfg("tiny", attention_dropout=0.0)
   assert model_config.resolve_config(no_attention_dropout, **gpu, seq_len=128).attention_impl == "cudnn"
-  for backend, masks in (("cpu", "threefry"), ("tpu", "hash")):
-    other = model_config.resolve_config(_model_cfg("tiny"), backend=backend, vocab_size=100, seq_len=128)
-    assert (other.attention_impl, other.dropout_impl) == ("xla", masks)
-  with pytest.raises(BertjaxError, match="'pallas' is a GPU"):
-    model_config.resolve_config(_model_cfg("tiny", attention_impl="pallas"), backend="tpu", vocab_size=100)
+  assert model_config.resolve_config(no_attention_dropout, **tpu, seq_len=128).attention_impl == "xla"
+  cpu = model_config.resolve_config(_model_cfg("tiny"), backend="cpu", vocab_size=100, seq_len=128)
+  assert (cpu.attention_impl, cpu.dropout_impl) == ("xla", "threefry")
+
+
+def test_pallas_is_the_platforms_fused_kernel_where_its_tiles_fit():
+  assert [model_config.mosaic_head_group(n, d) for n, d in ((16, 64), (12, 64), (2, 16), (4, 128), (3, 48))] == [
+    2,  # BERT's heads: two fill 128 lanes
+    2,
+    2,  # narrower than 128 lanes together: all of them
+    1,
+    3,
+  ]
+  pallas = _model_cfg("tiny", attention_impl="pallas")
+  for backend, kernel in (("gpu", "triton"), ("tpu", "mosaic"), ("cpu", "triton")):
+    cfg = model_config.resolve_config(pallas, backend=backend, vocab_size=100, seq_len=128)
+    assert (cfg.attention_impl, cfg.fused_kernel) == ("pallas", kernel)
+  # Lengths one kernel takes and the other refuses, each named with the kernel and the fix.
+  assert model_config.resolve_config(pallas, backend="tpu", vocab_size=100, seq_len=24).fused_kernel == "mosaic"
+  with pytest.raises(BertjaxError, match="the triton kernel's sequence length 24 is neither .*attention_impl=auto"):
+    model_config.resolve_config(pallas, backend="gpu", vocab_size=100, seq_len=24)
+  with pytest.raises(BertjaxError, match="the mosaic kernel's sequence length 320 is not a multiple of 8 up to 256"):
+    model_config.resolve_config(pallas, backend="tpu", vocab_size=100, seq_len=320)
+  assert model_config.resolve_config(pallas, backend="gpu", vocab_size=100, seq_len=320).fused_kernel == "triton"
+  with pytest.raises(BertjaxError, match="the triton kernel's head size 8 is not a power of two"):
+    narrow_heads = _model_cfg("tiny", attention_impl="pallas", num_heads=16)
+    model_config.resolve_config(narrow_heads, backend="gpu", vocab_size=100, seq_len=128)
 
 
 def test_size_overrides_rederive_heads_and_intermediate():
