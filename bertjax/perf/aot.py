@@ -212,6 +212,7 @@ def program_cost(compiled, clock_hz: float | None) -> dict:
     "flops": float(cost.get("flops", 0.0)),
     "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
     "collectives": hlo.collectives(text),
+    "kernels": hlo.kernels(text),
   }
 
 
@@ -240,5 +241,13 @@ def _combine(terms: list[tuple[int, dict]]) -> dict:
       for field in ("count", "bytes")
     }
     for kind in kinds
+  }
+  names = sorted({name for _, cost in terms for name in cost["kernels"]})
+  out["kernels"] = {
+    name: {
+      field: round(sum(c * cost["kernels"].get(name, {}).get(field, 0) for c, cost in terms))
+      for field in ("count", "flops", "bytes")
+    }
+    for name in names
   }
   return out

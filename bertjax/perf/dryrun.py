@@ -129,6 +129,7 @@ def _compiled_figures(
     "estimated_mfu": flops_per_step / (step_s * device_count * peak) if usable and peak else None,
     **_scheduled_figures(estimate, flops_per_step, device_count, peak, tokens_per_step),
     "collectives": estimate.get("collectives", {}),
+    "kernels": estimate.get("kernels", {}),
   }
 
 
@@ -344,4 +345,12 @@ def _compiled_lines(d: dict[str, Any]) -> list[str]:
     lines.append(f"collectives per step and chip: {listed}")
   elif d["estimate_method"]:
     lines.append("collectives none")
+  if d.get("kernels"):
+    listed = ", ".join(
+      f"{k} {v['count']} x ({v['flops'] / 1e9:,.1f} GFLOP, {_mib(v['bytes'])} in all)" for k, v in d["kernels"].items()
+    )
+    lines.append(
+      f"kernels     per step and chip: {listed}; as declared: the roofline prices them so, the scheduled time "
+      "leaves them out"
+    )
   return lines

@@ -1,6 +1,7 @@
 """What an optimised HLO module's text says.
 
 collectives(text) -> {kind: {count, bytes}}     the collectives it runs, with their bytes
+kernels(text) -> {name: {count, flops, bytes}}  its Mosaic kernels, with the cost they declare
 scheduled_cycles(text) -> {matmul, other} | None  libtpu's per-instruction cycle estimates, summed
 """
 
@@ -76,3 +77,31 @@ def scheduled_cycles(hlo_text: str) -> dict[str, int] | None:
     dot = " convolution(" in line or " dot(" in line or any(has_dot(c) for c in _CALLS.findall(line))
     out["matmul" if dot else "other"] += int(cycles.group(1))
   return out
+
+
+# A Mosaic kernel is a custom call to "tpu_custom_call" named after its pallas_call, with the
+# cost the kernel declares (`pl.CostEstimate`) in its backend config.
+_KERNEL_NAME = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w-]+?)(?:\.\d+)? = ")
+_KERNEL_COST = re.compile(
+  r'"cost_estimate":\{"flops":"(?P<flops>\d+)","transcendentals":"\d+","bytes_accessed":"(?P<bytes>\d+)"'
+)
+
+
+def kernels(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Mosaic kernels in the entry computation, by name: how many, and the FLOPs and HBM bytes they declare.
+
+  libtpu's cost models do not look inside a kernel: the roofline prices it at these declared
+  figures, and the scheduled time (`scheduled_cycles`) has no estimate for it at all. A kernel
+  that declares nothing counts 0 FLOPs and bytes.
+  """
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  found: dict[str, dict[str, int]] = {}
+  for line in entry.group(0).splitlines() if entry else ():
+    if 'custom_call_target="tpu_custom_call"' not in line or (name := _KERNEL_NAME.match(line)) is None:
+      continue
+    cost = _KERNEL_COST.search(line)
+    entry_cost = found.setdefault(name.group("name"), {"count": 0, "flops": 0, "bytes": 0})
+    entry_cost["count"] += 1
+    entry_cost["flops"] += int(cost.group("flops")) if cost else 0
+    entry_cost["bytes"] += int(cost.group("bytes")) if cost else 0
+  return found

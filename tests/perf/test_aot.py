@@ -83,6 +83,50 @@ def test_scheduled_cycles_sum_the_entry_instructions_and_find_matmuls_in_nested_
   assert hlo.scheduled_cycles(HLO) is None  # no cycle estimates: a GPU's program
 
 
+_DECLARED = '"cost_estimate":{"flops":"1000","transcendentals":"10","bytes_accessed":"4096"'
+_MOSAIC = 'custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"body":"x"'
+KERNEL_HLO = f"""
+ENTRY %main (p0: bf16[8,128]) -> bf16[8,128] {{
+  %attend_forward.1 = bf16[8,128]{{1,0}} custom-call(%p0), {_MOSAIC},{_DECLARED}}}}}
+  %attend_forward.2 = bf16[8,128]{{1,0}} custom-call(%attend_forward.1), {_MOSAIC},{_DECLARED}}}}}
+  %plain = bf16[8,128]{{1,0}} custom-call(%attend_forward.2), {_MOSAIC}}}}}
+  ROOT %other = bf16[8,128]{{1,0}} custom-call(%plain), custom_call_target="Sharding"
+}}
+"""
+
+
+def test_kernels_are_counted_by_name_with_the_cost_they_declare():
+  assert hlo.kernels(KERNEL_HLO) == {
+    "attend_forward": {"count": 2, "flops": 2000, "bytes": 8192},
+    "plain": {"count": 1, "flops": 0, "bytes": 0},  # declares nothing
+  }
+
+
+def test_the_mosaic_attention_kernel_compiles_into_the_train_step_for_a_tpu():
+  """`model.attention_impl=pallas` on a TPU: the micro model's two layers call the forward and
+  backward Mosaic kernels once each, and the roofline counts the FLOPs they declare."""
+  _require_libtpu()
+  overrides = [*MICRO_OVERRIDES, "model.scan_layers=false"]
+  fused, written_out = (
+    dryrun.describe(
+      loading.load_config("configs/tiny.py", [*overrides, f"model.attention_impl={impl}"]),
+      topology="v5p-8",
+      compile_step=True,
+    )
+    for impl in ("pallas", "xla")
+  )
+  assert fused["fits"] and fused["kernels"].keys() == {
+    "bert_attention_dropout_forward_tpu",
+    "bert_attention_dropout_backward_tpu",
+  }
+  assert {k["count"] for k in fused["kernels"].values()} == {2}
+  # 2 sequences a chip, 32 tokens, 32 features (2 heads of 16): 2 matmuls forward, 5 backward.
+  assert fused["kernels"]["bert_attention_dropout_forward_tpu"]["flops"] == 2 * 2 * 2 * 2 * 32 * 32 * 32
+  assert fused["kernels"]["bert_attention_dropout_backward_tpu"]["flops"] == 2 * 5 * 2 * 2 * 32 * 32 * 32
+  assert written_out["kernels"] == {}
+  assert "kernels     per step and chip: bert_attention_dropout_forward_tpu 2 x" in dryrun.format_report(fused)
+
+
 def test_compiled_for_the_smallest_v5p_slice_the_report_has_memory_collectives_and_an_estimate():
   """The micro model (6 layers, scanned) on v5p-8: 4 chips, data-parallel."""
   _require_libtpu()
