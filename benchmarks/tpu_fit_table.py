@@ -1,7 +1,7 @@
 """The per-chip batch that fits a TPU chip, and XLA's step time there: docs/scaling.md's table.
 
     python benchmarks/tpu_fit_table.py OUT_DIR [--models base,large] [--phases 1,2]
-        [--chips v5e,v5p,v6e] [--remat none,full] [--scan] [--report]
+        [--chips v5e,v5p,v6e] [--remat none,full] [--attention auto] [--scan] [--report]
 
 Every figure comes from `bertjax train --dry-run --compile --json` (libtpu, no TPU needed), run
 as a subprocess on a 4-chip data-parallel slice of each generation; per-chip memory under data
@@ -15,7 +15,8 @@ doubled. Every compile reports XLA's estimates too (for the unrolled layers of `
 and `large.py` they come from the compiled program itself, at no extra cost), so the row's
 figures are those of its largest fitting compile.
 
-`--remat` takes any of `model.remat`'s policies (bertjax.model.config.REMAT_POLICIES). `--scan`
+`--remat` takes any of `model.remat`'s policies (bertjax.model.config.REMAT_POLICIES), and
+`--attention` any `model.attention_impl` (`pallas`: the Mosaic kernel with the dropout inside). `--scan`
 compiles the layers scanned (`model.scan_layers=true`): one traced layer, so a compile takes a
 fraction of the unrolled one's time. The search then compiles without estimates
 (`--no-estimate`, memory only), and the largest fitting batch once more with them, which
@@ -59,10 +60,21 @@ RECORDS = "hash masks, hand-written attention backward, two estimates"
 
 
 def command(
-  model: str, phase: str, chip: str, remat: str, per_chip: int, scan: bool = False, estimate=True
+  model: str,
+  phase: str,
+  chip: str,
+  remat: str,
+  per_chip: int,
+  scan: bool = False,
+  estimate=True,
+  attention: str = "auto",
+  layers: int | None = None,
 ) -> list[str]:
   """The `bertjax train --dry-run --compile --json` command of one table cell."""
   scanned = ["--config.model.scan_layers=true"] + ([] if estimate else ["--no-estimate"])
+  # Flags that keep their defaults are left out, so that a command's line in runs.jsonl is the same.
+  extra = [] if attention == "auto" else [f"--config.model.attention_impl={attention}"]
+  extra += [] if layers is None else [f"--config.model.num_layers={layers}"]
   return [
     "bertjax",
     "train",
@@ -78,6 +90,7 @@ def command(
     f"--config.train.batch_size={per_chip * CHIPS}",
     f"--config.model.remat={remat}",
     *(scanned if scan else []),
+    *extra,
   ]
 
 
@@ -117,12 +130,12 @@ class Runs:
 
 
 def largest_fitting(
-  runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int, scan: bool = False
+  runs: Runs, model: str, phase: str, chip: str, remat: str, guess: int, scan: bool = False, attention: str = "auto"
 ) -> int | None:
   """The largest power-of-two batch per chip that fits: halving from `guess`, doubling if `guess` fits."""
 
   def fits(per_chip: int) -> bool:
-    return runs.get(command(model, phase, chip, remat, per_chip, scan, estimate=not scan))["fits"]
+    return runs.get(command(model, phase, chip, remat, per_chip, scan, not scan, attention))["fits"]
 
   per_chip = guess
   if fits(per_chip):
@@ -138,9 +151,9 @@ def largest_fitting(
 
 def table(runs: Runs, args) -> str:
   rows = [
-    "| model | phase (seq) | chip | remat | batch per chip | memory per chip / HBM | step time: roofline "
+    "| model | phase (seq) | chip | remat | attention | batch per chip | memory per chip / HBM | step time: roofline "
     "| step time: scheduled | tokens/s per chip (scheduled) | MFU: roofline | MFU: scheduled |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   chips = sorted(args.chips, key=lambda c: tpu_lib.GENERATIONS[c].hbm_gib)  # the smallest HBM first
   for model in args.models:
@@ -149,13 +162,16 @@ def table(runs: Runs, args) -> str:
       for remat in args.remat:
         guess = min(MAX_PER_CHIP, FIRST_GUESS[seq] * REMAT_HEADROOM[remat])
         for i, chip in enumerate(chips):
-          cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} |"
+          cell = f"| {model} | {phase} ({seq}) | {chip} | {remat} | {args.attention} |"
           try:
-            per_chip = largest_fitting(runs, model, phase, chip, remat, guess, args.scan)
-            f = None if per_chip is None else runs.get(command(model, phase, chip, remat, per_chip, args.scan))
+            per_chip = largest_fitting(runs, model, phase, chip, remat, guess, args.scan, args.attention)
+            f = None
+            if per_chip is not None:
+              f = runs.get(command(model, phase, chip, remat, per_chip, args.scan, attention=args.attention))
           except NotCompiled:  # and the next chips' searches start from this one's result
             rows.extend(
-              f"| {model} | {phase} ({seq}) | {c} | {remat} | not compiled yet | | | | | | |" for c in chips[i:]
+              f"| {model} | {phase} ({seq}) | {c} | {remat} | {args.attention} | not compiled yet | | | | | | |"
+              for c in chips[i:]
             )
             break
           if per_chip is None:
@@ -192,6 +208,7 @@ def main():
   parser.add_argument("--phases", default="1,2")
   parser.add_argument("--chips", default="v5e,v5p,v6e")
   parser.add_argument("--remat", default="none,full")
+  parser.add_argument("--attention", default="auto", help="model.attention_impl: auto | xla | pallas")
   parser.add_argument("--scan", action="store_true", help="layers scanned (model.scan_layers=true): faster compiles")
   parser.add_argument("--report", action="store_true", help="the table of OUT_DIR/runs.jsonl alone: compile nothing")
   args = parser.parse_args()

@@ -65,7 +65,7 @@ def test_lines_with_another_tag_are_compiled_again(tmp_path):
 )
 def test_with_full_rematerialisation_the_search_starts_higher(remat, limit, asked, batch):
   runs = FakeRuns(limit)
-  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e"], remat=[remat], scan=False)
+  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e"], remat=[remat], scan=False, attention="auto")
   rows = fit_table.table(runs, args).splitlines()
   assert runs.asked[: len(asked)] == asked and set(runs.asked[len(asked) :]) <= set(asked)
   assert batch in rows[-1]
@@ -83,7 +83,25 @@ def test_the_report_compiles_nothing_and_says_which_cells_are_not_searched_yet(t
     },
   ]
   (tmp_path / "runs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-  args = argparse.Namespace(models=["base"], phases=["1"], chips=["v5e", "v6e", "v5p"], remat=["none"], scan=False)
+  args = argparse.Namespace(
+    models=["base"], phases=["1"], chips=["v5e", "v6e", "v5p"], remat=["none"], scan=False, attention="auto"
+  )
   rows = fit_table.table(fit_table.Runs(tmp_path, compile=False), args).splitlines()[2:]
-  assert rows[0].startswith("| base | 1 (128) | v5e | none | 256 |")
+  assert rows[0].startswith("| base | 1 (128) | v5e | none | auto | 256 |")
   assert [r.split(" | ")[2] for r in rows[1:]] == ["v6e", "v5p"] and all("not compiled yet" in r for r in rows[1:])
+
+
+def test_an_attention_implementation_is_searched_as_its_own_cells():
+  """`--attention pallas` compiles with that override; `auto` leaves the command as it was, so
+  the lines already in runs.jsonl still match."""
+  assert fit_table.command("base", "1", "v5e", "none", 256) == fit_table.command(
+    "base", "1", "v5e", "none", 256, attention="auto"
+  )
+  pallas = fit_table.command("base", "1", "v5e", "none", 256, attention="pallas")
+  assert pallas[-1] == "--config.model.attention_impl=pallas"
+  runs = FakeRuns(300)
+  args = argparse.Namespace(
+    models=["base"], phases=["1"], chips=["v5e"], remat=["none"], scan=False, attention="pallas"
+  )
+  rows = fit_table.table(runs, args).splitlines()
+  assert rows[-1].startswith("| base | 1 (128) | v5e | none | pallas | 256 |")
