@@ -39,7 +39,8 @@ from bertjax.model.dropout import close_chain, keep_threshold, mix_coordinate
 
 # Masked logits: far below any real one but finite, so that no inf - inf arises.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-# k @ q.T and its kin: contract the last axes; an output that puts queries first: the first axes.
+# dot_general contracting both operands' last axes (k @ q.T), or both first axes (P.T @ v, whose
+# result has the queries first).
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
 
