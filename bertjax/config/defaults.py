@@ -79,8 +79,8 @@ def _model() -> config_dict.ConfigDict:
   model.layer_norm_eps = 1e-12
   model.initializer_range = 0.02
   model.dtype = "auto"  # auto: bfloat16 on accelerators, float32 on CPU
-  # auto: on GPUs and TPUs the fused kernel with attention dropout inside (pallas: Triton, Mosaic),
-  # on GPUs cuDNN without attention dropout; XLA elsewhere. auto | xla | cudnn | pallas
+  # auto: with attention dropout, the fused kernel with it inside (pallas) on GPUs, and on TPUs
+  # from 512 tokens; cuDNN on GPUs without attention dropout; XLA elsewhere. auto | xla | cudnn | pallas
   model.attention_impl = "auto"
   # What a layer keeps for its backward pass: none | dots | dots_except_mlp_wide |
   # attention_out_mlp_in | offload_dots | full (bertjax.model.config.REMAT_POLICIES). none is the

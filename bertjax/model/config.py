@@ -55,6 +55,13 @@ FUSED_TILE = 64
 MOSAIC_MAX_LENGTH = 2048
 
 
+# `auto` takes the Mosaic kernel on TPUs from this length. At 512 tokens it fits a larger batch
+# and costs less by both of XLA's estimates on every chip measured; at 128 XLA's attention is
+# small already, and with the kernel BERT-base fits no more and costs as much or more by the
+# roofline on v5p (docs/performance.md, "Attention on TPUs").
+MOSAIC_AUTO_MIN_LENGTH = 512
+
+
 def mosaic_block_q(seq_len: int) -> int:
   """Queries a Mosaic kernel instance takes: the whole row up to 256 (the MXU's width on v6e),
   else 256, else 128 past 1024 (VMEM)."""
@@ -156,10 +163,10 @@ def resolve_config(
 ) -> BertConfig:
   """A BertConfig from the `model` section of a run config, resolving `auto` for `backend`.
 
-  `auto` dtype is bfloat16 on accelerators and float32 on CPU. `auto` attention on GPUs and TPUs
-  is the platform's fused kernel with dropout inside (`pallas`: Triton, Mosaic) when there is
-  attention dropout and the kernel takes `seq_len`; on GPUs cuDNN flash attention when there is
-  none (16-bit compute); else XLA.
+  `auto` dtype is bfloat16 on accelerators and float32 on CPU. `auto` attention is the platform's
+  fused kernel with dropout inside (`pallas`) when there is attention dropout and the kernel
+  takes `seq_len`: Triton on GPUs, Mosaic on TPUs from `MOSAIC_AUTO_MIN_LENGTH` tokens; on GPUs
+  cuDNN flash attention when there is none (16-bit compute); else XLA.
   `auto` dropout masks are the counter-based hash on GPUs (the fused kernel's; measured faster
   there) and TPUs (a quarter fewer cycles for BERT-large's layer by libtpu's estimates), and
   threefry on CPU. docs/performance.md has the measurements behind each choice.
@@ -183,7 +190,8 @@ def resolve_config(
   head_dim = sizes.hidden_size // sizes.num_heads
   if impl == "auto":
     fused_ok = seq_len is not None and fused_attention_fits(seq_len, head_dim, kernel) is None
-    if backend in ("gpu", "tpu") and model_section.attention_dropout > 0 and fused_ok:
+    long_enough = backend == "gpu" or (backend == "tpu" and seq_len is not None and seq_len >= MOSAIC_AUTO_MIN_LENGTH)
+    if model_section.attention_dropout > 0 and fused_ok and long_enough:
       impl = "pallas"
     elif backend == "gpu" and dtype in ("bfloat16", "float16") and model_section.attention_dropout == 0:
       impl = "cudnn"
