@@ -1,7 +1,7 @@
 """Multiple choice (SWAG): SWAG's CSV and .jsonl read alike, each choice as [CLS] context [SEP] start
 ending [SEP] in a [B, C, L] batch, bad rows named by file and line, and the choice task of
-tests/support/finetune_families.py learned, resumed to the same metrics and exported to
-transformers' BertForMultipleChoice with bertjax's logits."""
+tests/support/finetune_families.py learned and exported to
+transformers' BertForMultipleChoice with bertjax's logits (its eval and resume: test_families.py)."""
 
 import json
 
@@ -13,10 +13,8 @@ from bertjax.cli import main as cli
 from bertjax.data import tokenizer as tokenizer_lib
 from bertjax.errors import BertjaxError
 from bertjax.finetune import choice, job
-from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
-from tests.support.finetune import stopped_and_resumed
-from tests.support.finetune_families import SWAG_HEADER, choice_task_config, write_swag
+from tests.support.finetune_families import SWAG_HEADER, write_swag
 
 TOLERANCE = 1e-4  # what the export promises (tests/finetune/test_export.py)
 ROWS = [
@@ -86,25 +84,6 @@ def test_the_choice_task_is_learned(choice_run):
   assert train[-1]["loss"] < train[0]["loss"] and "accuracy" in train[-1]
   results = json.loads((workdir / job.RESULTS_FILE).read_text())
   assert results == {"step": result.state.step, "task": "multiple_choice", **result.final}
-
-
-def test_bertjax_eval_reports_the_runs_dev_metrics(choice_run, capsys):
-  _, workdir, result = choice_run
-  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
-  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert printed == {"step": int(result.state.step), "task": "multiple_choice", **result.final}
-
-
-def test_an_interrupted_choice_run_resumes_to_the_metrics_of_an_uninterrupted_one(
-  choice_run, pretrained, family_files, tmp_path, monkeypatch
-):
-  config, _, reference = choice_run
-  stop_at = run_lib.setup(config, tmp_path / "probe", run_lib.prepare(config)).order.steps_per_epoch + 3
-  stopped, resumed = stopped_and_resumed(
-    lambda: choice_task_config(pretrained, family_files), tmp_path / "run", stop_at, monkeypatch
-  )
-  assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == stop_at + 1
-  assert resumed.stopped_by is None and resumed.final == reference.final
 
 
 def test_the_choice_scorer_exports_as_bert_for_multiple_choice(choice_run, whole_words):

@@ -1,7 +1,7 @@
 """Token classification (NER): conlleval's entity scores on hand-computed cases, a tag on each word's
 first sub-token only, CoNLL and .jsonl files and their bad lines, and the entity task of
-tests/support/finetune_families.py learned, resumed to the same metrics and exported to
-transformers' BertForTokenClassification with bertjax's logits."""
+tests/support/finetune_families.py learned and exported to
+transformers' BertForTokenClassification with bertjax's logits (its eval and resume: test_families.py)."""
 
 import json
 
@@ -15,7 +15,6 @@ from bertjax.errors import BertjaxError
 from bertjax.finetune import entities, job, ner
 from bertjax.finetune import run as run_lib
 from bertjax.metrics import writer
-from tests.support.finetune import stopped_and_resumed
 from tests.support.finetune_families import ner_task_config
 
 TOLERANCE = 1e-4  # what the export promises (tests/finetune/test_export.py)
@@ -224,25 +223,6 @@ def test_the_entity_task_is_learned(ner_run):
   evals = [r for r in writer.read_metrics(workdir) if r["split"] == "eval"]
   assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0] and evals[-1]["f1"] == final["f1"]
   assert json.loads((workdir / job.RESULTS_FILE).read_text()) == {"step": result.state.step, "task": "ner", **final}
-
-
-def test_bertjax_eval_reports_the_runs_dev_metrics(ner_run, capsys):
-  _, workdir, result = ner_run
-  assert cli.main(["eval", "--workdir", str(workdir)]) == 0
-  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert printed == {"step": int(result.state.step), "task": "ner", **result.final}
-
-
-def test_an_interrupted_ner_run_resumes_to_the_metrics_of_an_uninterrupted_one(
-  ner_run, pretrained, family_files, tmp_path, monkeypatch
-):
-  config, _, reference = ner_run
-  stop_at = run_lib.setup(config, tmp_path / "probe", run_lib.prepare(config)).order.steps_per_epoch + 3
-  stopped, resumed = stopped_and_resumed(
-    lambda: ner_task_config(pretrained, family_files), tmp_path / "run", stop_at, monkeypatch
-  )
-  assert stopped.stopped_by == "SIGTERM" and int(stopped.state.step) == stop_at + 1
-  assert resumed.stopped_by is None and resumed.final == reference.final
 
 
 def test_the_token_classifier_exports_as_bert_for_token_classification(ner_run, whole_words):
