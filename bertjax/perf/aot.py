@@ -229,25 +229,20 @@ def _unpriced_seconds(hlo_text: str) -> float:
 
 
 def _combine(terms: list[tuple[int, dict]]) -> dict:
-  """sum(coefficient * cost) over the terms, collectives included (None where a term has none)."""
+  """sum(coefficient * cost) over the terms, collectives and kernels included (None where a term has none)."""
   out = {
     key: None if any(cost[key] is None for _, cost in terms) else sum(c * cost[key] for c, cost in terms)
     for key in ("step_s", "scheduled_s", "scheduled_matmul_s", "flops", "bytes_accessed")
   }
-  kinds = sorted({kind for _, cost in terms for kind in cost["collectives"]})
-  out["collectives"] = {
-    kind: {
-      field: round(sum(c * cost["collectives"].get(kind, {}).get(field, 0) for c, cost in terms))
-      for field in ("count", "bytes")
-    }
-    for kind in kinds
-  }
-  names = sorted({name for _, cost in terms for name in cost["kernels"]})
-  out["kernels"] = {
-    name: {
-      field: round(sum(c * cost["kernels"].get(name, {}).get(field, 0) for c, cost in terms))
-      for field in ("count", "flops", "bytes")
-    }
+  out["collectives"] = _combine_tallies(terms, "collectives", ("count", "bytes"))
+  out["kernels"] = _combine_tallies(terms, "kernels", ("count", "flops", "bytes"))
+  return out
+
+
+def _combine_tallies(terms: list[tuple[int, dict]], key: str, fields: tuple[str, ...]) -> dict:
+  """{name: {field: sum(coefficient * tally)}} of a per-name tally (`hlo.collectives`, `hlo.kernels`)."""
+  names = sorted({name for _, cost in terms for name in cost[key]})
+  return {
+    name: {field: round(sum(c * cost[key].get(name, {}).get(field, 0) for c, cost in terms)) for field in fields}
     for name in names
   }
-  return out
